@@ -1,0 +1,162 @@
+//! The generation loop, shared by local runs and the swarm client: embeddings and LM head
+//! here, the blocks behind a [`BlockRunner`] (local spans, or remote servers).
+
+use std::ops::ControlFlow;
+
+use burn::prelude::*;
+
+use crate::cache::SpanCache;
+use crate::error::ModelError;
+use crate::model::{BlockSpan, Embeddings, LmHead, to_host};
+use crate::sampling::{Sampler, SamplingError, SamplingParams};
+
+/// Runs hidden states through every block of the model, keeping per-session state.
+pub trait BlockRunner<B: Backend> {
+    type Error: From<ModelError> + From<SamplingError>;
+
+    /// Starts a session for a batch whose rows are left-padded by `pad[row]` tokens and will
+    /// hold at most `max_length` tokens.
+    fn start(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), Self::Error>;
+
+    /// Feeds the next positions of every row.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[batch, new, hidden]`
+    /// - returns `[batch, new, hidden]`, the last block's raw output
+    fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, Self::Error>;
+}
+
+/// Errors of a local generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+}
+
+/// Blocks run in this process: spans covering `[0, num_layers)` in order.
+pub struct LocalBlocks<'a, B: Backend> {
+    spans: &'a [BlockSpan<B>],
+    caches: Vec<SpanCache<B>>,
+}
+
+impl<'a, B: Backend> LocalBlocks<'a, B> {
+    pub fn new(spans: &'a [BlockSpan<B>]) -> Result<Self, ModelError> {
+        let mut next = 0;
+        for span in spans {
+            if span.range().start != next {
+                return Err(ModelError::Invalid(format!("spans are not contiguous: expected block {next}, got {:?}", span.range())));
+            }
+            next = span.range().end;
+        }
+        match spans.first() {
+            Some(first) if next == first.config().num_layers => Ok(Self { spans, caches: Vec::new() }),
+            _ => Err(ModelError::Invalid(format!("spans cover blocks 0..{next}, not the whole model"))),
+        }
+    }
+}
+
+impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
+    type Error = GenerateError;
+
+    fn start(&mut self, pad: Vec<usize>, _max_length: usize) -> Result<(), GenerateError> {
+        self.caches = self.spans.iter().map(|s| s.new_cache(pad.clone())).collect();
+        Ok(())
+    }
+
+    fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, GenerateError> {
+        let mut h = hidden;
+        for (span, cache) in self.spans.iter().zip(self.caches.iter_mut()) {
+            h = span.forward(h, cache)?;
+        }
+        Ok(h)
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Tokens that end a row (EOS, end-of-turn); the stop token is kept in the output.
+    pub stop_ids: Vec<u32>,
+    /// Never stop before `max_new_tokens`.
+    pub ignore_eos: bool,
+}
+
+/// One generated token, as it is produced.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent {
+    pub row: usize,
+    pub token: u32,
+    /// Whether this token ends the row (a stop token).
+    pub last: bool,
+}
+
+/// Generates up to `max_new_tokens` for each prompt (rows may differ in length: they are
+/// left-padded). `on_token` sees every token as it comes and may stop a row early (stop
+/// strings, a user's Stop button) by returning `Break`.
+///
+/// Returns the new tokens of each row.
+pub fn generate<B: Backend, R: BlockRunner<B>>(
+    embeddings: &Embeddings<B>,
+    head: &LmHead<B>,
+    blocks: &mut R,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    mut on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Vec<Vec<u32>>, R::Error> {
+    let batch = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if batch == 0 || prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Invalid("every prompt needs at least one token".into()).into());
+    }
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    // Padding positions are masked out; any valid id will do for them.
+    let pad_id = prompts[0][0];
+    let padded: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&pad)
+        .map(|(p, &n)| std::iter::repeat_n(pad_id, n).chain(p.iter().copied()).collect())
+        .collect();
+    let mut samplers = (0..batch)
+        .map(|_| Sampler::new(params.sampling.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut history: Vec<Vec<u32>> = prompts.to_vec();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); batch];
+    let mut done = vec![false; batch];
+    if params.max_new_tokens == 0 {
+        return Ok(out);
+    }
+
+    blocks.start(pad, longest + params.max_new_tokens)?;
+    let mut input = padded;
+    loop {
+        let hidden = blocks.step(embeddings.forward(&input)?)?;
+        let t = hidden.dims()[1];
+        let logits = to_host(head.forward(hidden.narrow(1, t - 1, 1)));
+        let vocab = logits.shape[2];
+        let mut next = Vec::with_capacity(batch);
+        for row in 0..batch {
+            if done[row] {
+                // Finished rows keep stepping with their last token; nothing is recorded.
+                next.push(vec![*history[row].last().unwrap_or(&pad_id)]);
+                continue;
+            }
+            let mut row_logits = logits.data[row * vocab..(row + 1) * vocab].to_vec();
+            let token = samplers[row].sample(&mut row_logits, &history[row]);
+            history[row].push(token);
+            out[row].push(token);
+            let stop = !params.ignore_eos && params.stop_ids.contains(&token);
+            let full = out[row].len() >= params.max_new_tokens;
+            let flow = on_token(TokenEvent { row, token, last: stop || full });
+            done[row] = stop || full || flow.is_break();
+            next.push(vec![token]);
+        }
+        if done.iter().all(|&d| d) {
+            return Ok(out);
+        }
+        input = next;
+    }
+}

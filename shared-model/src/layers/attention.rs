@@ -1,0 +1,80 @@
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::linear::{Linear, LinearWeights};
+use super::positions::{StepContext, apply_rope};
+use crate::cache::LayerCache;
+use crate::config::AttentionConfig;
+
+/// Host weights of an attention layer, q/k/v already fused as `[q heads | k heads | v heads]`.
+#[derive(Debug, Clone)]
+pub struct AttentionWeights {
+    pub qkv: LinearWeights,
+    pub out: LinearWeights,
+}
+
+/// Multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code with
+/// different `num_kv_heads`), rotary or ALiBi positions, and an external KV cache.
+#[derive(Debug, Clone)]
+pub struct Attention<B: Backend> {
+    config: AttentionConfig,
+    qkv: Linear<B>,
+    out: Linear<B>,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn new(config: AttentionConfig, weights: &AttentionWeights, device: &B::Device) -> Self {
+        Self {
+            config,
+            qkv: weights.qkv.to_linear(device),
+            out: weights.out.to_linear(device),
+        }
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`
+    /// - cache holds `[batch, kv_heads, past, head_dim]` keys and values and grows by `new`
+    /// - returns `[batch, new, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: &StepContext<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+        let AttentionConfig {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            ..
+        } = self.config;
+        let group = nh / nkv;
+        let [b, t, _] = x.dims();
+        let qkv = self.qkv.forward(x);
+        let q = qkv.clone().narrow(2, 0, nh * hd).reshape([b, t, nh, hd]);
+        let k = qkv.clone().narrow(2, nh * hd, nkv * hd).reshape([b, t, nkv, hd]);
+        let v = qkv.narrow(2, (nh + nkv) * hd, nkv * hd).reshape([b, t, nkv, hd]);
+        let (q, k) = match &ctx.rope {
+            Some((cos, sin)) => (apply_rope(q, cos, sin), apply_rope(k, cos, sin)),
+            None => (q, k),
+        };
+        let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2));
+        let s = k.dims()[2];
+
+        // Query heads sharing a KV head are stacked along the sequence axis, so GQA needs no
+        // copy of the keys: head h uses KV head h / group, as HF's `repeat_kv`.
+        let q = q
+            .reshape([b, t, nkv, group, hd])
+            .permute([0, 2, 3, 1, 4])
+            .reshape([b, nkv, group * t, hd]);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
+        let mut scores = scores.reshape([b, nkv, group, t, s]);
+        if let Some(alibi) = &ctx.alibi {
+            scores = scores + alibi.clone();
+        }
+        if let Some(mask) = &ctx.mask {
+            scores = scores + mask.clone();
+        }
+        let probs = softmax(scores, 4).reshape([b, nkv, group * t, s]);
+        let y = probs
+            .matmul(v)
+            .reshape([b, nkv, group, t, hd])
+            .permute([0, 3, 1, 2, 4])
+            .reshape([b, t, nh * hd]);
+        self.out.forward(y)
+    }
+}

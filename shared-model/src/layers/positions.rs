@@ -1,0 +1,229 @@
+//! Per-step position data shared by every block of a span: rotary angles, ALiBi biases and
+//! the attention mask, all derived once from where the new tokens sit in their sequences.
+
+use burn::prelude::*;
+
+use crate::config::{ModelConfig, PositionKind, RopeConfig, RopeScaling};
+
+/// Where a step's tokens sit: `batch` rows, each left-padded by `pad[row]` tokens, with `past`
+/// tokens already in the KV cache and `new` tokens in this step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqLayout {
+    pub pad: Vec<usize>,
+    pub past: usize,
+    pub new: usize,
+}
+
+impl SeqLayout {
+    /// A batch without padding.
+    pub fn unpadded(batch: usize, past: usize, new: usize) -> Self {
+        Self {
+            pad: vec![0; batch],
+            past,
+            new,
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.pad.len()
+    }
+
+    /// Keys visible to this step (cached + new).
+    pub fn total(&self) -> usize {
+        self.past + self.new
+    }
+
+    /// The position id of the token at cache index `index` in `row`: padding does not count.
+    fn position(&self, row: usize, index: usize) -> usize {
+        index.saturating_sub(self.pad[row])
+    }
+}
+
+/// Tensors every block of a span needs for one step.
+#[derive(Debug, Clone)]
+pub struct StepContext<B: Backend> {
+    /// `cos`, `sin`: `[batch, new, 1, rope_dim / 2]`.
+    pub rope: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Additive ALiBi bias `[batch, kv_heads, heads_per_kv, 1, total]`.
+    pub alibi: Option<Tensor<B, 5>>,
+    /// Additive mask `[batch, 1, 1, new, total]` (0 or a large negative); `None` when every
+    /// key is visible to every query.
+    pub mask: Option<Tensor<B, 5>>,
+}
+
+/// Large enough to zero a softmax weight, small enough that a row with every key masked
+/// (a padding query) stays finite instead of turning into NaN.
+const MASKED: f32 = -1.0e30;
+
+impl<B: Backend> StepContext<B> {
+    pub fn new(config: &ModelConfig, layout: &SeqLayout, device: &B::Device) -> Self {
+        let (batch, new, total) = (layout.batch(), layout.new, layout.total());
+        let rope = match config.position {
+            PositionKind::Rope(rope) => Some(rope_tables(&rope, layout, device)),
+            PositionKind::Alibi => None,
+        };
+        let alibi = match config.position {
+            PositionKind::Alibi => {
+                let heads = config.attention.num_heads;
+                let slopes = alibi_slopes(heads);
+                let mut data = Vec::with_capacity(batch * heads * total);
+                for row in 0..batch {
+                    for slope in &slopes {
+                        for k in 0..total {
+                            data.push(slope * layout.position(row, k) as f32);
+                        }
+                    }
+                }
+                let kv = config.attention.num_kv_heads;
+                Some(Tensor::from_data(TensorData::new(data, [batch, kv, heads / kv, 1, total]), device))
+            }
+            PositionKind::Rope(_) => None,
+        };
+        let window = config.attention.sliding_window;
+        let needs_mask = new > 1
+            || layout.pad.iter().any(|&p| p > 0)
+            || window.is_some_and(|w| total > w);
+        let mask = needs_mask.then(|| {
+            let mut data = Vec::with_capacity(batch * new * total);
+            for row in 0..batch {
+                for q in layout.past..total {
+                    for k in 0..total {
+                        let visible = k <= q && k >= layout.pad[row] && window.is_none_or(|w| q - k < w);
+                        data.push(if visible { 0.0 } else { MASKED });
+                    }
+                }
+            }
+            Tensor::from_data(TensorData::new(data, [batch, 1, 1, new, total]), device)
+        });
+        Self { rope, alibi, mask }
+    }
+}
+
+/// Inverse frequencies, scaled as the config says (HF's `_compute_*_parameters`).
+pub fn inv_freq(rope: &RopeConfig) -> Vec<f32> {
+    let half = rope.dim / 2;
+    (0..half)
+        .map(|i| {
+            let base = 1.0 / rope.theta.powf((2 * i) as f64 / rope.dim as f64);
+            let scaled = match rope.scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: old,
+                } => {
+                    let wavelen = 2.0 * std::f64::consts::PI / base;
+                    let low_wavelen = old / low_freq_factor;
+                    let high_wavelen = old / high_freq_factor;
+                    if wavelen > low_wavelen {
+                        base / factor
+                    } else if wavelen < high_wavelen {
+                        base
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            };
+            scaled as f32
+        })
+        .collect()
+}
+
+fn rope_tables<B: Backend>(rope: &RopeConfig, layout: &SeqLayout, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let freqs = inv_freq(rope);
+    let half = freqs.len();
+    let (batch, new) = (layout.batch(), layout.new);
+    let mut cos = Vec::with_capacity(batch * new * half);
+    let mut sin = Vec::with_capacity(batch * new * half);
+    for row in 0..batch {
+        for t in 0..new {
+            let pos = layout.position(row, layout.past + t) as f32;
+            for f in &freqs {
+                // The angle is rounded to f32 first, as HF computes it.
+                let angle = (pos * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let shape = [batch, new, 1, half];
+    (
+        Tensor::from_data(TensorData::new(cos, shape), device),
+        Tensor::from_data(TensorData::new(sin, shape), device),
+    )
+}
+
+/// Rotates the first `rope_dim` features of each head (rotate-half layout).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, heads, head_dim]`
+/// - `cos`, `sin`: `[batch, seq, 1, rope_dim / 2]`
+/// - returns `[batch, seq, heads, head_dim]`
+pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let half = cos.dims()[3];
+    let head_dim = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let r2 = x2 * cos.clone() + x1 * sin.clone();
+    if 2 * half == head_dim {
+        Tensor::cat(vec![r1, r2], 3)
+    } else {
+        let rest = x.narrow(3, 2 * half, head_dim - 2 * half);
+        Tensor::cat(vec![r1, r2, rest], 3)
+    }
+}
+
+/// BLOOM's ALiBi slopes: a geometric sequence per head, interleaved when the head count is
+/// not a power of two.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let base = 2f64.powf(-(2f64.powf(-((closest as f64).log2() - 3.0))));
+    let mut slopes: Vec<f32> = (1..=closest).map(|p| base.powi(p as i32) as f32).collect();
+    if closest != heads {
+        let extra_base = 2f64.powf(-(2f64.powf(-((2.0 * closest as f64).log2() - 3.0))));
+        let remaining = (heads - closest).min(closest);
+        slopes.extend((0..remaining).map(|i| extra_base.powi((1 + 2 * i) as i32) as f32));
+    }
+    slopes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_match_bloom() {
+        // From BLOOM's build_alibi_tensor for 4 and 6 heads.
+        let s4 = alibi_slopes(4);
+        assert_eq!(s4, vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert_eq!(&s6[..4], &s4[..]);
+        assert!((s6[4] - 0.5).abs() < 1e-7 && (s6[5] - 0.125).abs() < 1e-7, "{s6:?}");
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let plain = RopeConfig {
+            theta: 500_000.0,
+            dim: 128,
+            scaling: RopeScaling::None,
+        };
+        let scaled = RopeConfig {
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0,
+            },
+            ..plain
+        };
+        let (a, b) = (inv_freq(&plain), inv_freq(&scaled));
+        assert_eq!(a[0], b[0]);
+        assert!((a[63] / 8.0 - b[63]).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,123 @@
+//! Opening a model from disk: an HF folder (config.json + safetensors + optional
+//! tokenizer files) or a single GGUF file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::gguf::GgufModel;
+use crate::model::{BlockSpan, Embeddings, LmHead, check_coverage};
+use crate::tokenizer::{ChatTemplate, Tokenizer, TokenizerError};
+use crate::weights::{SafetensorsSource, WeightError, WeightSource};
+
+/// Everything on disk about one model, with tensors not yet read.
+pub struct ModelFiles {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub weights: Arc<dyn WeightSource>,
+    pub tokenizer: Option<Tokenizer>,
+    pub chat_template: Option<ChatTemplate>,
+    /// Tokens that end a generation (EOS and end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+}
+
+impl ModelFiles {
+    /// Opens an HF-layout folder or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let meta = std::fs::metadata(path).map_err(|source| WeightError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() { Self::open_hf_dir(path) } else { Self::open_gguf(path) }
+    }
+
+    fn open_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = Arc::new(SafetensorsSource::open_dir(dir)?);
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = if tokenizer_path.exists() {
+            Some(Tokenizer::from_file(&tokenizer_path)?)
+        } else {
+            None
+        };
+        let template_path = dir.join("tokenizer_config.json");
+        let chat_template = if template_path.exists() {
+            match ChatTemplate::from_tokenizer_config(&template_path) {
+                Ok(template) => Some(template),
+                Err(TokenizerError::NoChatTemplate(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let mut stop_ids = generation_eos(&dir.join("generation_config.json"))?.unwrap_or_else(|| config.eos_token_ids.clone());
+        stop_ids.dedup();
+        Ok(Self {
+            path: dir.to_path_buf(),
+            config,
+            weights,
+            tokenizer,
+            chat_template,
+            stop_ids,
+        })
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self, ModelError> {
+        let model = GgufModel::open(path)?;
+        let config = ModelConfig::from_json_value(model.hf_config()?)?;
+        let tokenizer = Tokenizer::from_gguf(model.file())?;
+        let chat_template = tokenizer.chat_template()?;
+        let mut stop_ids = tokenizer.end_of_turn_ids();
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            weights: Arc::new(model),
+            tokenizer: Some(tokenizer),
+            chat_template,
+            stop_ids,
+        })
+    }
+}
+
+/// `eos_token_id` of `generation_config.json`, if the file exists and names one.
+fn generation_eos(path: &Path) -> Result<Option<Vec<u32>>, ModelError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(crate::config::ConfigError::from)?;
+    let ids = match json.get("eos_token_id") {
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        None => return Ok(None),
+    };
+    Ok(Some(ids))
+}
+
+/// A whole model in one process: what `corolla generate` runs without a swarm.
+pub struct LocalModel<B: Backend> {
+    pub embeddings: Embeddings<B>,
+    pub spans: Vec<BlockSpan<B>>,
+    pub head: LmHead<B>,
+}
+
+impl<B: Backend> LocalModel<B> {
+    /// Loads every part, failing on tensors that no part reads.
+    pub fn load(files: &ModelFiles, device: &B::Device) -> Result<Self, ModelError> {
+        let source = files.weights.as_ref();
+        check_coverage(&files.config, source)?;
+        Ok(Self {
+            embeddings: Embeddings::load(&files.config, source, device)?,
+            spans: vec![BlockSpan::load(&files.config, source, 0..files.config.num_layers, device)?],
+            head: LmHead::load(&files.config, source, device)?,
+        })
+    }
+}

@@ -1,0 +1,287 @@
+//! The model split the way a swarm needs it: [`Embeddings`] and [`LmHead`] on the client,
+//! [`BlockSpan`]s on servers. Each part loads on its own, reading only its own tensors.
+
+use std::ops::Range;
+
+use burn::prelude::*;
+
+use crate::cache::{LayerCache, SpanCache};
+use crate::checkpoint::{self, LM_HEAD};
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::layers::block::Block;
+use crate::layers::linear::to_device;
+use crate::layers::norm::Norm;
+use crate::layers::positions::{SeqLayout, StepContext};
+use crate::weights::{HostTensor, TensorReader, WeightError, WeightSource};
+
+/// Token embeddings, plus BLOOM's embedding LayerNorm.
+#[derive(Debug, Clone)]
+pub struct Embeddings<B: Backend> {
+    weight: Tensor<B, 2>,
+    norm: Option<Norm<B>>,
+    vocab: usize,
+    hidden: usize,
+}
+
+impl<B: Backend> Embeddings<B> {
+    pub fn load(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self, ModelError> {
+        let mut reader = TensorReader::new(source);
+        let name = checkpoint::embedding_name(config.family);
+        let weight = reader.take(&name, &[config.vocab_size, config.hidden_size])?;
+        let norm_prefix = checkpoint::embedding_norm_prefix(config.family);
+        let norm = if config.embedding_norm {
+            Some(checkpoint::read_norm(&mut reader, config, &norm_prefix)?.to_norm(config.norm, device))
+        } else {
+            None
+        };
+        reader.finish(&[name, norm_prefix])?;
+        Ok(Self {
+            weight: to_device(&weight, device),
+            norm,
+            vocab: config.vocab_size,
+            hidden: config.hidden_size,
+        })
+    }
+
+    /// Looks the tokens up, before any embedding norm: the "inputs_embeds" of HF, and what
+    /// prompt tuning trains against.
+    ///
+    /// # Shapes
+    /// - `ids`: `batch` rows of equal length `seq`
+    /// - returns `[batch, seq, hidden]`
+    pub fn embed_raw(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
+        let batch = ids.len();
+        let seq = ids.first().map_or(0, Vec::len);
+        if batch == 0 || seq == 0 || ids.iter().any(|r| r.len() != seq) {
+            return Err(ModelError::Shape {
+                actual: ids.iter().map(Vec::len).collect(),
+                expected: "a non-empty batch of equal-length rows".into(),
+            });
+        }
+        let mut flat = Vec::with_capacity(batch * seq);
+        for &id in ids.iter().flatten() {
+            if id as usize >= self.vocab {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.vocab });
+            }
+            flat.push(id as i64);
+        }
+        let device = self.weight.device();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [batch * seq]), &device);
+        Ok(self.weight.clone().select(0, index).reshape([batch, seq, self.hidden]))
+    }
+
+    /// Applies what comes between the lookup and block 0 (BLOOM's LayerNorm).
+    pub fn finish(&self, raw: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.norm {
+            Some(norm) => norm.forward(raw),
+            None => raw,
+        }
+    }
+
+    /// # Shapes
+    /// - returns `[batch, seq, hidden]`, the input of block 0
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>, ModelError> {
+        Ok(self.finish(self.embed_raw(ids)?))
+    }
+}
+
+/// Blocks `[start, end)` of a model.
+#[derive(Debug, Clone)]
+pub struct BlockSpan<B: Backend> {
+    config: ModelConfig,
+    range: Range<usize>,
+    blocks: Vec<Block<B>>,
+}
+
+impl<B: Backend> BlockSpan<B> {
+    /// Loads the span's blocks, and fails on any missing, misshapen or unused tensor of them.
+    pub fn load(config: &ModelConfig, source: &dyn WeightSource, range: Range<usize>, device: &B::Device) -> Result<Self, ModelError> {
+        if range.start >= range.end || range.end > config.num_layers {
+            return Err(ModelError::BadSpan {
+                start: range.start,
+                end: range.end,
+                layers: config.num_layers,
+            });
+        }
+        let mut reader = TensorReader::new(source);
+        let mut blocks = Vec::with_capacity(range.len());
+        for index in range.clone() {
+            let weights = checkpoint::read_block(&mut reader, config, index)?;
+            blocks.push(Block::new(config, &weights, device)?);
+        }
+        let prefixes: Vec<String> = range.clone().map(|i| checkpoint::block_prefix(config.family, i)).collect();
+        reader.finish(&prefixes)?;
+        tracing::debug!(start = range.start, end = range.end, "loaded block span");
+        Ok(Self {
+            config: config.clone(),
+            range,
+            blocks,
+        })
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A fresh KV cache for a session over this span.
+    pub fn new_cache(&self, pad: Vec<usize>) -> SpanCache<B> {
+        SpanCache::new(self.blocks.len(), pad)
+    }
+
+    /// Runs the new tokens through every block, extending the session's cache.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`, `batch` equal to the cache's
+    /// - returns `[batch, new, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, cache: &mut SpanCache<B>) -> Result<Tensor<B, 3>, ModelError> {
+        self.forward_inspect(x, cache, |_, _| {})
+    }
+
+    /// Like [`Self::forward`], handing each block's output to `inspect` (block index, output).
+    pub fn forward_inspect(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut SpanCache<B>,
+        mut inspect: impl FnMut(usize, &Tensor<B, 3>),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let [batch, new, hidden] = x.dims();
+        if batch != cache.batch() || hidden != self.config.hidden_size || new == 0 || cache.layers.len() != self.blocks.len() {
+            return Err(ModelError::Shape {
+                actual: vec![batch, new, hidden],
+                expected: format!("[{}, >0, {}]", cache.batch(), self.config.hidden_size),
+            });
+        }
+        if let Some(context) = self.config.max_position_embeddings
+            && cache.len + new > context + cache.pad.iter().copied().min().unwrap_or(0)
+        {
+            return Err(ModelError::ContextTooLong {
+                tokens: cache.len + new,
+                context,
+            });
+        }
+        let layout = SeqLayout {
+            pad: cache.pad.clone(),
+            past: cache.len,
+            new,
+        };
+        let ctx = StepContext::new(&self.config, &layout, &x.device());
+        let mut h = x;
+        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+            h = block.forward(h, &ctx, layer_cache);
+            inspect(self.range.start + i, &h);
+        }
+        cache.len += new;
+        Ok(h)
+    }
+
+    /// A stateless forward over whole sequences (training, verification): nothing is cached.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `pad` has one entry per row
+    /// - returns `[batch, seq, hidden]`
+    pub fn forward_full(&self, x: Tensor<B, 3>, pad: Vec<usize>) -> Result<Tensor<B, 3>, ModelError> {
+        let mut cache = SpanCache {
+            layers: (0..self.blocks.len()).map(|_| LayerCache::scratch()).collect(),
+            pad,
+            len: 0,
+        };
+        self.forward(x, &mut cache)
+    }
+}
+
+/// Final norm and the projection to vocabulary logits (tied to the embeddings or not).
+#[derive(Debug, Clone)]
+pub struct LmHead<B: Backend> {
+    norm: Norm<B>,
+    /// `[hidden, vocab]`
+    weight: Tensor<B, 2>,
+}
+
+impl<B: Backend> LmHead<B> {
+    pub fn load(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self, ModelError> {
+        let mut reader = TensorReader::new(source);
+        let norm_prefix = checkpoint::final_norm_prefix(config.family);
+        let norm = checkpoint::read_norm(&mut reader, config, &norm_prefix)?.to_norm(config.norm, device);
+        let shape = [config.vocab_size, config.hidden_size];
+        let weight = if reader.contains(LM_HEAD) {
+            reader.take(LM_HEAD, &shape)?
+        } else if config.tie_word_embeddings {
+            reader.take(&checkpoint::embedding_name(config.family), &shape)?
+        } else {
+            return Err(WeightError::Missing { name: LM_HEAD.into() }.into());
+        };
+        reader.finish(&[norm_prefix, LM_HEAD.into()])?;
+        Ok(Self {
+            norm,
+            weight: to_device::<B, 2>(&weight, device).transpose(),
+        })
+    }
+
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` (the last block's raw output)
+    /// - returns `[batch, seq, vocab]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = x.dims();
+        let h = self.norm.forward(x).reshape([b * t, d]);
+        let logits = h.matmul(self.weight.clone());
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
+    }
+}
+
+/// Fails if the checkpoint holds tensors that no part of the model reads.
+pub fn check_coverage(config: &ModelConfig, source: &dyn WeightSource) -> Result<(), WeightError> {
+    let known_top = [
+        checkpoint::embedding_name(config.family),
+        checkpoint::embedding_norm_prefix(config.family),
+        checkpoint::final_norm_prefix(config.family),
+        LM_HEAD.to_string(),
+    ];
+    let blocks: Vec<String> = (0..config.num_layers).map(|i| checkpoint::block_prefix(config.family, i)).collect();
+    let unused: Vec<String> = source
+        .names()
+        .into_iter()
+        .filter(|n| !known_top.iter().chain(blocks.iter()).any(|p| n.starts_with(p.as_str())))
+        .collect();
+    if unused.is_empty() {
+        Ok(())
+    } else {
+        Err(WeightError::Unused { names: unused })
+    }
+}
+
+/// Mean next-token cross-entropy: logits at position `t` predict token `t + 1` (HF's causal-LM
+/// loss without ignored labels).
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`; `ids`: `batch` rows of `seq` tokens
+/// - returns a one-element tensor
+pub fn next_token_loss<B: Backend>(logits: Tensor<B, 3>, ids: &[Vec<u32>]) -> Result<Tensor<B, 1>, ModelError> {
+    let [b, t, v] = logits.dims();
+    if ids.len() != b || t < 2 || ids.iter().any(|r| r.len() != t) {
+        return Err(ModelError::Shape {
+            actual: vec![ids.len(), ids.first().map_or(0, Vec::len)],
+            expected: format!("{b} rows of {t} >= 2 tokens"),
+        });
+    }
+    let targets: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().map(|&id| id as i64)).collect();
+    if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
+        return Err(ModelError::TokenOutOfRange { id: bad as u32, vocab: v });
+    }
+    let n = b * (t - 1);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());
+    let logp = burn::tensor::activation::log_softmax(logits.narrow(1, 0, t - 1).reshape([n, v]), 1);
+    Ok(logp.gather(1, targets).mean().neg())
+}
+
+/// Copies a tensor to the host as f32.
+pub fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    HostTensor::new(shape, data)
+}

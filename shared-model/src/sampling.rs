@@ -1,0 +1,219 @@
+//! Choosing the next token from logits: greedy, or seeded sampling with temperature, top-k,
+//! top-p and a repetition penalty, in the order HF's logits processors apply them.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Sampling settings. `temperature == 0` means greedy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    /// HF's `repetition_penalty`: 1.0 leaves logits alone.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+/// Errors in sampling settings.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top-p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("top-k must be at least 1")]
+    TopK,
+    #[error("repetition penalty must be a finite number > 0, got {0}")]
+    RepetitionPenalty(f32),
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(SamplingError::TopP(p));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingError::TopK);
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == Some(1)
+    }
+}
+
+/// A seeded sampler: the same seed and logits give the same tokens on every machine.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        let rng = ChaCha8Rng::seed_from_u64(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    /// Picks the next token. `history` (prompt and generated tokens) feeds the repetition
+    /// penalty. `logits` is modified in place.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in history {
+                if let Some(s) = seen.get_mut(t as usize)
+                    && !*s
+                {
+                    *s = true;
+                    let l = &mut logits[t as usize];
+                    *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                }
+            }
+        }
+        if p.is_greedy() {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / p.temperature;
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
+        // Highest first; ties keep the lower id first, so the order is deterministic.
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if let Some(k) = p.top_k {
+            candidates.truncate(k.max(1));
+        }
+        let max = candidates[0].1;
+        let mut probs: Vec<f64> = candidates.iter().map(|&(_, l)| ((l - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if let Some(top_p) = p.top_p {
+            // Keep the smallest prefix whose mass reaches top_p (at least one token).
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (i, q) in probs.iter().enumerate() {
+                mass += q;
+                if mass >= top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            candidates.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= total);
+        }
+        let mut r: f64 = self.rng.random::<f64>();
+        for (i, q) in probs.iter().enumerate() {
+            if r < *q {
+                return candidates[i].0;
+            }
+            r -= q;
+        }
+        candidates[probs.len() - 1].0
+    }
+}
+
+/// Index of the largest logit; the first one on ties (as `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: 7,
+            ..SamplingParams::greedy()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(s.sample(&mut [0.0, 3.0, 3.0, 1.0], &[]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) }).unwrap();
+            (0..64).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        // Sampling, not argmax: more than one distinct token over 64 draws.
+        let draws = run(7);
+        assert!(draws.iter().any(|&t| t != draws[0]));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_candidates() {
+        let logits = vec![5.0, 4.0, 3.0, -10.0, -10.0];
+        let mut s = Sampler::new(SamplingParams { top_k: Some(2), ..params(10.0) }).unwrap();
+        for _ in 0..200 {
+            assert!(s.sample(&mut logits.clone(), &[]) < 2);
+        }
+        // exp(5)/(sum) ~ 0.665: top_p 0.5 leaves only token 0.
+        let mut s = Sampler::new(SamplingParams { top_p: Some(0.5), ..params(1.0) }).unwrap();
+        for _ in 0..200 {
+            assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        let mut logits = vec![4.0, 3.0, -1.0];
+        // Token 0 is penalised to 2.0, below token 1.
+        assert_eq!(s.sample(&mut logits, &[0, 0, 2]), 1);
+        assert_eq!(logits, vec![2.0, 3.0, -2.0]);
+    }
+
+    #[test]
+    fn bad_settings_are_rejected() {
+        assert_eq!(Sampler::new(params(-1.0)).unwrap_err(), SamplingError::Temperature(-1.0));
+        assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..params(1.0) }).is_err());
+        assert!(Sampler::new(SamplingParams { top_k: Some(0), ..params(1.0) }).is_err());
+        assert!(Sampler::new(SamplingParams { repetition_penalty: 0.0, ..params(1.0) }).is_err());
+    }
+}

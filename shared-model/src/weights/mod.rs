@@ -1,0 +1,116 @@
+//! Weight sources: where a module's tensors come from.
+//!
+//! Every source speaks Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so
+//! the modules load from safetensors checkpoints and from GGUF files through one path.
+
+mod host_tensor;
+mod safetensors_source;
+
+pub use host_tensor::HostTensor;
+pub use safetensors_source::SafetensorsSource;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// Errors while reading weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+    #[error("{path} is not a valid shard index: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    Missing { name: String },
+    #[error("tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tensor `{name}` has unsupported dtype {dtype}")]
+    Dtype { name: String, dtype: String },
+    #[error("tensors the model does not use: {names:?}")]
+    Unused { names: Vec<String> },
+    #[error("GGUF: {0}")]
+    Gguf(#[from] crate::gguf::GgufError),
+}
+
+/// A checkpoint that hands out tensors by their Hugging Face name, as f32 on the host.
+///
+/// Implementations read lazily: only the tensors asked for are read (and, for sharded
+/// checkpoints, only the shards that hold them are opened).
+pub trait WeightSource: Send + Sync {
+    /// Every tensor name the checkpoint holds.
+    fn names(&self) -> BTreeSet<String>;
+    /// Reads one tensor, converted to f32 (dequantized where stored quantized).
+    fn read(&self, name: &str) -> Result<HostTensor, WeightError>;
+}
+
+/// Reads tensors from a source and records which names were taken, so a loader can fail on
+/// tensors that are missing, misshapen or left unused.
+pub struct TensorReader<'a> {
+    source: &'a dyn WeightSource,
+    taken: BTreeSet<String>,
+}
+
+impl<'a> TensorReader<'a> {
+    pub fn new(source: &'a dyn WeightSource) -> Self {
+        Self {
+            source,
+            taken: BTreeSet::new(),
+        }
+    }
+
+    /// Whether the checkpoint holds `name` (for optional tensors such as an untied LM head).
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.names().contains(name)
+    }
+
+    /// Reads `name` and checks its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor, WeightError> {
+        let tensor = self.source.read(name)?;
+        if tensor.shape != shape {
+            return Err(WeightError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: tensor.shape,
+            });
+        }
+        self.taken.insert(name.to_string());
+        Ok(tensor)
+    }
+
+    /// Names taken so far.
+    pub fn taken(&self) -> &BTreeSet<String> {
+        &self.taken
+    }
+
+    /// Fails if any tensor under one of `prefixes` was not taken: a checkpoint with extra
+    /// tensors for the part we load means we misread the architecture.
+    pub fn finish(self, prefixes: &[String]) -> Result<(), WeightError> {
+        let unused: Vec<String> = self
+            .source
+            .names()
+            .into_iter()
+            .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+            .filter(|n| !self.taken.contains(n))
+            .filter(|n| !is_ignorable(n))
+            .collect();
+        if unused.is_empty() {
+            Ok(())
+        } else {
+            Err(WeightError::Unused { names: unused })
+        }
+    }
+}
+
+/// Buffers some checkpoints carry that are derived, not learned.
+fn is_ignorable(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq") || name.ends_with(".attn.masked_bias") || name.ends_with(".attn.bias")
+}
