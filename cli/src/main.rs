@@ -1,1 +1,39 @@
-fn main() {}
+//! `corolla`: run a model locally (later: through the swarm), inspect its outputs, or chat
+//! with the demo model.
+
+#![allow(clippy::print_stdout)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod args;
+mod backend;
+mod demo;
+mod fetch;
+mod forward;
+mod generate;
+
+use args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("COROLLA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Forward(args) => forward::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Fetch(args) => fetch::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a user can act on: the whole cause chain, colon-separated.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

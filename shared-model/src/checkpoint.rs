@@ -50,7 +50,11 @@ pub fn final_norm_prefix(family: Family) -> String {
 pub const LM_HEAD: &str = "lm_head.weight";
 
 /// Reads a norm; LayerNorms have a bias, RMSNorms do not.
-pub fn read_norm(reader: &mut TensorReader<'_>, config: &ModelConfig, prefix: &str) -> Result<NormWeights, WeightError> {
+pub fn read_norm(
+    reader: &mut TensorReader<'_>,
+    config: &ModelConfig,
+    prefix: &str,
+) -> Result<NormWeights, WeightError> {
     let d = config.hidden_size;
     let weight = reader.take(&format!("{prefix}weight"), &[d])?;
     let bias = match config.norm {
@@ -110,7 +114,10 @@ fn reorder_heads(w: &LinearWeights, order: &[usize], head_dim: usize) -> LinearW
     }
     LinearWeights {
         weight: HostTensor::new(w.weight.shape.clone(), weight),
-        bias: w.bias.as_ref().map(|_| HostTensor::new(vec![order.len() * head_dim], bias)),
+        bias: w
+            .bias
+            .as_ref()
+            .map(|_| HostTensor::new(vec![order.len() * head_dim], bias)),
     }
 }
 
@@ -138,7 +145,11 @@ fn fused_order(layout: QkvLayout, heads: usize, kv_heads: usize) -> Vec<usize> {
 }
 
 /// Reads block `index` and converts it to canonical form.
-pub fn read_block(reader: &mut TensorReader<'_>, config: &ModelConfig, index: usize) -> Result<BlockWeights, WeightError> {
+pub fn read_block(
+    reader: &mut TensorReader<'_>,
+    config: &ModelConfig,
+    index: usize,
+) -> Result<BlockWeights, WeightError> {
     let p = block_prefix(config.family, index);
     let d = config.hidden_size;
     let a = config.attention;
@@ -150,7 +161,9 @@ pub fn read_block(reader: &mut TensorReader<'_>, config: &ModelConfig, index: us
             read_norm(reader, config, &format!("{p}ln_attn."))?,
             Some(read_norm(reader, config, &format!("{p}ln_mlp."))?),
         ),
-        (_, BlockLayout::Parallel { shared_norm: true }) => (read_norm(reader, config, &format!("{p}input_layernorm."))?, None),
+        (_, BlockLayout::Parallel { shared_norm: true }) => {
+            (read_norm(reader, config, &format!("{p}input_layernorm."))?, None)
+        }
         _ => (
             read_norm(reader, config, &format!("{p}input_layernorm."))?,
             Some(read_norm(reader, config, &format!("{p}post_attention_layernorm."))?),
@@ -180,7 +193,9 @@ pub fn read_block(reader: &mut TensorReader<'_>, config: &ModelConfig, index: us
     };
 
     let mlp = match config.mlp {
-        MlpKind::Gated { intermediate: i, bias, .. } => {
+        MlpKind::Gated {
+            intermediate: i, bias, ..
+        } => {
             let m = format!("{p}mlp.");
             MlpWeights::Gated {
                 gate_up: concat_rows(vec![
@@ -190,7 +205,9 @@ pub fn read_block(reader: &mut TensorReader<'_>, config: &ModelConfig, index: us
                 down: read_linear(reader, &format!("{m}down_proj"), d, i, bias)?,
             }
         }
-        MlpKind::Plain { intermediate: i, bias, .. } => {
+        MlpKind::Plain {
+            intermediate: i, bias, ..
+        } => {
             let m = format!("{p}mlp.");
             MlpWeights::Plain {
                 up: read_linear(reader, &format!("{m}dense_h_to_4h"), i, d, bias)?,
@@ -198,7 +215,9 @@ pub fn read_block(reader: &mut TensorReader<'_>, config: &ModelConfig, index: us
             }
         }
         MlpKind::Moe {
-            experts, intermediate: i, ..
+            experts,
+            intermediate: i,
+            ..
         } => {
             let m = format!("{p}block_sparse_moe.");
             let router = read_linear(reader, &format!("{m}gate"), experts, d, false)?;

@@ -177,9 +177,17 @@ pub enum BlockLayout {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MlpKind {
     /// `down(act(gate(x)) * up(x))`.
-    Gated { intermediate: usize, act: Activation, bias: bool },
+    Gated {
+        intermediate: usize,
+        act: Activation,
+        bias: bool,
+    },
     /// `down(act(up(x)))`.
-    Plain { intermediate: usize, act: Activation, bias: bool },
+    Plain {
+        intermediate: usize,
+        act: Activation,
+        bias: bool,
+    },
     /// Top-k routed gated experts (Mixtral).
     Moe {
         experts: usize,
@@ -295,9 +303,7 @@ impl ModelConfig {
         let eos_token_ids = token_ids("eos_token_id", hf.eos_token_id.as_ref())?;
         let bos_token_id = token_ids("bos_token_id", hf.bos_token_id.as_ref())?.first().copied();
         let config = match family {
-            Family::Llama | Family::Mistral | Family::Mixtral | Family::Qwen2 => {
-                llama_like(hf, family, vocab_size)?
-            }
+            Family::Llama | Family::Mistral | Family::Mixtral | Family::Qwen2 => llama_like(hf, family, vocab_size)?,
             Family::Bloom => bloom(hf, vocab_size)?,
             Family::Falcon => falcon(hf, vocab_size)?,
         };
@@ -315,7 +321,10 @@ impl ModelConfig {
         if a.num_heads % a.num_kv_heads != 0 {
             return Err(ConfigError::Invalid {
                 key: "num_key_value_heads",
-                reason: format!("{} query heads are not a multiple of {} KV heads", a.num_heads, a.num_kv_heads),
+                reason: format!(
+                    "{} query heads are not a multiple of {} KV heads",
+                    a.num_heads, a.num_kv_heads
+                ),
             });
         }
         if let PositionKind::Rope(rope) = self.position {
@@ -340,7 +349,12 @@ impl ModelConfig {
                 reason: format!("{top_k} of {experts} experts"),
             });
         }
-        if let Some(id) = self.eos_token_ids.iter().chain(self.bos_token_id.iter()).find(|&&id| id as usize >= self.vocab_size) {
+        if let Some(id) = self
+            .eos_token_ids
+            .iter()
+            .chain(self.bos_token_id.iter())
+            .find(|&&id| id as usize >= self.vocab_size)
+        {
             return Err(ConfigError::Invalid {
                 key: "eos_token_id",
                 reason: format!("token {id} is outside the vocabulary of {}", self.vocab_size),
@@ -364,7 +378,9 @@ fn family_of(hf: &HfConfig) -> Result<Family, ConfigError> {
         return Family::from_model_type(model_type).ok_or_else(|| ConfigError::UnknownArchitecture(model_type.clone()));
     }
     match hf.architectures.as_deref() {
-        Some([arch, ..]) => Family::from_architecture(arch).ok_or_else(|| ConfigError::UnknownArchitecture(arch.clone())),
+        Some([arch, ..]) => {
+            Family::from_architecture(arch).ok_or_else(|| ConfigError::UnknownArchitecture(arch.clone()))
+        }
         _ => Err(ConfigError::NoArchitecture),
     }
 }
@@ -653,7 +669,9 @@ fn rope(hf: &HfConfig, dim: usize, default_theta: f64) -> Result<RopeConfig, Con
     };
     let scaling = match rope_type {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: need("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: need("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: need("factor")?,
             low_freq_factor: need("low_freq_factor")?,
@@ -691,7 +709,9 @@ mod tests {
         let v5 = ModelConfig::from_json_str(LLAMA_V5).unwrap();
         let v4 = ModelConfig::from_json_str(LLAMA_V4).unwrap();
         assert_eq!(v5.position, v4.position);
-        let PositionKind::Rope(rope) = v5.position else { panic!("llama uses rope") };
+        let PositionKind::Rope(rope) = v5.position else {
+            panic!("llama uses rope")
+        };
         assert_eq!(rope.theta, 500000.0);
         assert_eq!(rope.dim, 16);
         assert!(matches!(rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
@@ -701,8 +721,11 @@ mod tests {
 
     #[test]
     fn rope_theta_defaults_and_legacy_type_key() {
-        let text = LLAMA_V4.replace(r#""rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
-        "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#, r#""rope_scaling":{"type":"linear","factor":2.0}"#);
+        let text = LLAMA_V4.replace(
+            r#""rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
+        "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+            r#""rope_scaling":{"type":"linear","factor":2.0}"#,
+        );
         let c = ModelConfig::from_json_str(&text).unwrap();
         assert_eq!(
             c.position,
@@ -718,9 +741,13 @@ mod tests {
     fn unknown_architecture_is_named() {
         let err = ModelConfig::from_json_str(r#"{"model_type":"gpt_neox","vocab_size":10}"#).unwrap_err();
         assert!(err.to_string().contains("gpt_neox"), "{err}");
-        let err = ModelConfig::from_json_str(r#"{"architectures":["T5ForConditionalGeneration"],"vocab_size":10}"#).unwrap_err();
+        let err = ModelConfig::from_json_str(r#"{"architectures":["T5ForConditionalGeneration"],"vocab_size":10}"#)
+            .unwrap_err();
         assert!(err.to_string().contains("T5ForConditionalGeneration"), "{err}");
-        assert!(matches!(ModelConfig::from_json_str(r#"{"vocab_size":10}"#), Err(ConfigError::NoArchitecture)));
+        assert!(matches!(
+            ModelConfig::from_json_str(r#"{"vocab_size":10}"#),
+            Err(ConfigError::NoArchitecture)
+        ));
     }
 
     #[test]
@@ -733,16 +760,37 @@ mod tests {
     #[test]
     fn bad_values_are_errors() {
         let text = LLAMA_V5.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
-        assert!(matches!(ModelConfig::from_json_str(&text), Err(ConfigError::Invalid { key: "num_key_value_heads", .. })));
+        assert!(matches!(
+            ModelConfig::from_json_str(&text),
+            Err(ConfigError::Invalid {
+                key: "num_key_value_heads",
+                ..
+            })
+        ));
         let text = LLAMA_V5.replace("\"hidden_size\":64,", "");
-        assert!(matches!(ModelConfig::from_json_str(&text), Err(ConfigError::Missing("hidden_size"))));
+        assert!(matches!(
+            ModelConfig::from_json_str(&text),
+            Err(ConfigError::Missing("hidden_size"))
+        ));
         let text = LLAMA_V5.replace("\"eos_token_id\":2", "\"eos_token_id\":9999");
-        assert!(matches!(ModelConfig::from_json_str(&text), Err(ConfigError::Invalid { key: "eos_token_id", .. })));
+        assert!(matches!(
+            ModelConfig::from_json_str(&text),
+            Err(ConfigError::Invalid {
+                key: "eos_token_id",
+                ..
+            })
+        ));
         let text = LLAMA_V5.replace("\"eos_token_id\":2", "\"eos_token_id\":\"x\"");
         assert!(ModelConfig::from_json_str(&text).is_err());
         assert!(matches!(ModelConfig::from_json_str("{"), Err(ConfigError::Json(_))));
         let text = LLAMA_V5.replace("\"rms_norm_eps\":1e-5", "\"rms_norm_eps\":-1.0");
-        assert!(matches!(ModelConfig::from_json_str(&text), Err(ConfigError::Invalid { key: "rms_norm_eps", .. })));
+        assert!(matches!(
+            ModelConfig::from_json_str(&text),
+            Err(ConfigError::Invalid {
+                key: "rms_norm_eps",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -753,7 +801,14 @@ mod tests {
         assert_eq!(c.attention.num_kv_heads, 1);
         assert_eq!(c.attention.layout, QkvLayout::FusedMultiQuery);
         assert_eq!(c.layout, BlockLayout::Parallel { shared_norm: true });
-        assert_eq!(c.mlp, MlpKind::Plain { intermediate: 4 * 4544, act: Activation::Gelu, bias: false });
+        assert_eq!(
+            c.mlp,
+            MlpKind::Plain {
+                intermediate: 4 * 4544,
+                act: Activation::Gelu,
+                bias: false
+            }
+        );
         let falcon40b = r#"{"model_type":"falcon","hidden_size":8192,"num_attention_heads":128,"num_hidden_layers":60,
             "new_decoder_architecture":true,"num_kv_heads":8,"vocab_size":65024}"#;
         let c = ModelConfig::from_json_str(falcon40b).unwrap();
@@ -761,7 +816,10 @@ mod tests {
         assert_eq!(c.attention.layout, QkvLayout::FusedGrouped);
         assert_eq!(c.layout, BlockLayout::Parallel { shared_norm: false });
         let alibi = falcon7b.replace("\"alibi\":false", "\"alibi\":true");
-        assert!(matches!(ModelConfig::from_json_str(&alibi), Err(ConfigError::Unsupported { key: "alibi", .. })));
+        assert!(matches!(
+            ModelConfig::from_json_str(&alibi),
+            Err(ConfigError::Unsupported { key: "alibi", .. })
+        ));
     }
 
     #[test]

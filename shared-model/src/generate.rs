@@ -46,13 +46,21 @@ impl<'a, B: Backend> LocalBlocks<'a, B> {
         let mut next = 0;
         for span in spans {
             if span.range().start != next {
-                return Err(ModelError::Invalid(format!("spans are not contiguous: expected block {next}, got {:?}", span.range())));
+                return Err(ModelError::Invalid(format!(
+                    "spans are not contiguous: expected block {next}, got {:?}",
+                    span.range()
+                )));
             }
             next = span.range().end;
         }
         match spans.first() {
-            Some(first) if next == first.config().num_layers => Ok(Self { spans, caches: Vec::new() }),
-            _ => Err(ModelError::Invalid(format!("spans cover blocks 0..{next}, not the whole model"))),
+            Some(first) if next == first.config().num_layers => Ok(Self {
+                spans,
+                caches: Vec::new(),
+            }),
+            _ => Err(ModelError::Invalid(format!(
+                "spans cover blocks 0..{next}, not the whole model"
+            ))),
         }
     }
 }
@@ -150,7 +158,11 @@ pub fn generate<B: Backend, R: BlockRunner<B>>(
             out[row].push(token);
             let stop = !params.ignore_eos && params.stop_ids.contains(&token);
             let full = out[row].len() >= params.max_new_tokens;
-            let flow = on_token(TokenEvent { row, token, last: stop || full });
+            let flow = on_token(TokenEvent {
+                row,
+                token,
+                last: stop || full,
+            });
             done[row] = stop || full || flow.is_break();
             next.push(vec![token]);
         }

@@ -31,7 +31,11 @@ impl ModelFiles {
             path: path.to_path_buf(),
             source,
         })?;
-        if meta.is_dir() { Self::open_hf_dir(path) } else { Self::open_gguf(path) }
+        if meta.is_dir() {
+            Self::open_hf_dir(path)
+        } else {
+            Self::open_gguf(path)
+        }
     }
 
     fn open_hf_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -53,7 +57,8 @@ impl ModelFiles {
         } else {
             None
         };
-        let mut stop_ids = generation_eos(&dir.join("generation_config.json"))?.unwrap_or_else(|| config.eos_token_ids.clone());
+        let mut stop_ids =
+            generation_eos(&dir.join("generation_config.json"))?.unwrap_or_else(|| config.eos_token_ids.clone());
         stop_ids.dedup();
         Ok(Self {
             path: dir.to_path_buf(),
@@ -116,7 +121,12 @@ impl<B: Backend> LocalModel<B> {
         check_coverage(&files.config, source)?;
         Ok(Self {
             embeddings: Embeddings::load(&files.config, source, device)?,
-            spans: vec![BlockSpan::load(&files.config, source, 0..files.config.num_layers, device)?],
+            spans: vec![BlockSpan::load(
+                &files.config,
+                source,
+                0..files.config.num_layers,
+                device,
+            )?],
             head: LmHead::load(&files.config, source, device)?,
         })
     }

@@ -96,7 +96,12 @@ pub struct BlockSpan<B: Backend> {
 
 impl<B: Backend> BlockSpan<B> {
     /// Loads the span's blocks, and fails on any missing, misshapen or unused tensor of them.
-    pub fn load(config: &ModelConfig, source: &dyn WeightSource, range: Range<usize>, device: &B::Device) -> Result<Self, ModelError> {
+    pub fn load(
+        config: &ModelConfig,
+        source: &dyn WeightSource,
+        range: Range<usize>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
         if range.start >= range.end || range.end > config.num_layers {
             return Err(ModelError::BadSpan {
                 start: range.start,
@@ -110,7 +115,10 @@ impl<B: Backend> BlockSpan<B> {
             let weights = checkpoint::read_block(&mut reader, config, index)?;
             blocks.push(Block::new(config, &weights, device)?);
         }
-        let prefixes: Vec<String> = range.clone().map(|i| checkpoint::block_prefix(config.family, i)).collect();
+        let prefixes: Vec<String> = range
+            .clone()
+            .map(|i| checkpoint::block_prefix(config.family, i))
+            .collect();
         reader.finish(&prefixes)?;
         tracing::debug!(start = range.start, end = range.end, "loaded block span");
         Ok(Self {
@@ -150,7 +158,11 @@ impl<B: Backend> BlockSpan<B> {
         mut inspect: impl FnMut(usize, &Tensor<B, 3>),
     ) -> Result<Tensor<B, 3>, ModelError> {
         let [batch, new, hidden] = x.dims();
-        if batch != cache.batch() || hidden != self.config.hidden_size || new == 0 || cache.layers.len() != self.blocks.len() {
+        if batch != cache.batch()
+            || hidden != self.config.hidden_size
+            || new == 0
+            || cache.layers.len() != self.blocks.len()
+        {
             return Err(ModelError::Shape {
                 actual: vec![batch, new, hidden],
                 expected: format!("[{}, >0, {}]", cache.batch(), self.config.hidden_size),
@@ -242,7 +254,9 @@ pub fn check_coverage(config: &ModelConfig, source: &dyn WeightSource) -> Result
         checkpoint::final_norm_prefix(config.family),
         LM_HEAD.to_string(),
     ];
-    let blocks: Vec<String> = (0..config.num_layers).map(|i| checkpoint::block_prefix(config.family, i)).collect();
+    let blocks: Vec<String> = (0..config.num_layers)
+        .map(|i| checkpoint::block_prefix(config.family, i))
+        .collect();
     let unused: Vec<String> = source
         .names()
         .into_iter()
@@ -271,7 +285,10 @@ pub fn next_token_loss<B: Backend>(logits: Tensor<B, 3>, ids: &[Vec<u32>]) -> Re
     }
     let targets: Vec<i64> = ids.iter().flat_map(|r| r[1..].iter().map(|&id| id as i64)).collect();
     if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
-        return Err(ModelError::TokenOutOfRange { id: bad as u32, vocab: v });
+        return Err(ModelError::TokenOutOfRange {
+            id: bad as u32,
+            vocab: v,
+        });
     }
     let n = b * (t - 1);
     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), &logits.device());

@@ -94,7 +94,11 @@ impl Sampler {
                 {
                     *s = true;
                     let l = &mut logits[t as usize];
-                    *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                    *l = if *l < 0.0 {
+                        *l * p.repetition_penalty
+                    } else {
+                        *l / p.repetition_penalty
+                    };
                 }
             }
         }
@@ -185,12 +189,20 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
         let logits = vec![5.0, 4.0, 3.0, -10.0, -10.0];
-        let mut s = Sampler::new(SamplingParams { top_k: Some(2), ..params(10.0) }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: Some(2),
+            ..params(10.0)
+        })
+        .unwrap();
         for _ in 0..200 {
             assert!(s.sample(&mut logits.clone(), &[]) < 2);
         }
         // exp(5)/(sum) ~ 0.665: top_p 0.5 leaves only token 0.
-        let mut s = Sampler::new(SamplingParams { top_p: Some(0.5), ..params(1.0) }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            top_p: Some(0.5),
+            ..params(1.0)
+        })
+        .unwrap();
         for _ in 0..200 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
@@ -211,9 +223,30 @@ mod tests {
 
     #[test]
     fn bad_settings_are_rejected() {
-        assert_eq!(Sampler::new(params(-1.0)).unwrap_err(), SamplingError::Temperature(-1.0));
-        assert!(Sampler::new(SamplingParams { top_p: Some(0.0), ..params(1.0) }).is_err());
-        assert!(Sampler::new(SamplingParams { top_k: Some(0), ..params(1.0) }).is_err());
-        assert!(Sampler::new(SamplingParams { repetition_penalty: 0.0, ..params(1.0) }).is_err());
+        assert_eq!(
+            Sampler::new(params(-1.0)).unwrap_err(),
+            SamplingError::Temperature(-1.0)
+        );
+        assert!(
+            Sampler::new(SamplingParams {
+                top_p: Some(0.0),
+                ..params(1.0)
+            })
+            .is_err()
+        );
+        assert!(
+            Sampler::new(SamplingParams {
+                top_k: Some(0),
+                ..params(1.0)
+            })
+            .is_err()
+        );
+        assert!(
+            Sampler::new(SamplingParams {
+                repetition_penalty: 0.0,
+                ..params(1.0)
+            })
+            .is_err()
+        );
     }
 }

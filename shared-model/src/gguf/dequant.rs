@@ -109,10 +109,8 @@ pub enum DequantError {
 
 /// Converts `n` elements of `ggml_type` stored in `bytes` to f32, in storage order.
 pub fn dequantize(ggml_type: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, DequantError> {
-    let layout = ggml_type
-        .block_layout()
-        .ok_or(DequantError::Unsupported(ggml_type))?;
-    if n % layout.elements != 0 {
+    let layout = ggml_type.block_layout().ok_or(DequantError::Unsupported(ggml_type))?;
+    if !n.is_multiple_of(layout.elements) {
         return Err(DequantError::PartialBlock {
             ggml_type,
             n,
@@ -133,9 +131,7 @@ pub fn dequantize(ggml_type: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32
     match ggml_type {
         GgmlType::F32 => out.extend(blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
         GgmlType::F16 => out.extend(blocks.map(|b| half_at(b, 0))),
-        GgmlType::BF16 => {
-            out.extend(blocks.map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)))
-        }
+        GgmlType::BF16 => out.extend(blocks.map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))),
         GgmlType::Q8_0 => {
             for b in blocks {
                 let d = half_at(b, 0);

@@ -223,12 +223,7 @@ impl GgufFile {
                 backing,
                 version: h.version,
                 metadata: h.metadata,
-                tensor_index: h
-                    .tensors
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| (t.name.clone(), i))
-                    .collect(),
+                tensor_index: h.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
                 tensors: h.tensors,
                 alignment: h.alignment,
                 data_offset: h.data_offset,
@@ -279,18 +274,15 @@ impl GgufFile {
         // Bounds were checked at open for every type with a known layout.
         let start = self.data_offset + info.offset;
         let range = start as usize..(start + len) as usize;
-        self.backing
-            .bytes()
-            .get(range)
-            .ok_or_else(|| GgufError::Format {
-                path: self.path.clone(),
-                reason: FormatError::OutOfBounds {
-                    tensor: name.to_string(),
-                    offset: info.offset,
-                    end: info.offset + len,
-                    data_len: self.data_len(),
-                },
-            })
+        self.backing.bytes().get(range).ok_or_else(|| GgufError::Format {
+            path: self.path.clone(),
+            reason: FormatError::OutOfBounds {
+                tensor: name.to_string(),
+                offset: info.offset,
+                end: info.offset + len,
+                data_len: self.data_len(),
+            },
+        })
     }
 
     /// Reads a tensor as f32 in PyTorch dimension order.
@@ -327,9 +319,7 @@ impl GgufFile {
     }
 
     fn required<T>(&self, key: &str, v: Result<Option<T>, GgufError>) -> Result<T, GgufError> {
-        v?.ok_or_else(|| GgufError::MissingKey {
-            key: key.to_string(),
-        })
+        v?.ok_or_else(|| GgufError::MissingKey { key: key.to_string() })
     }
 
     pub fn opt_u32(&self, key: &str) -> Result<Option<u32>, GgufError> {
@@ -402,7 +392,11 @@ impl GgufFile {
     /// Any integer array whose values fit in i32.
     pub fn opt_i32_array(&self, key: &str) -> Result<Option<Vec<i32>>, GgufError> {
         self.typed(key, "an array of integers in i32 range", |v| {
-            v.as_array()?.to_i64_vec()?.into_iter().map(|x| i32::try_from(x).ok()).collect()
+            v.as_array()?
+                .to_i64_vec()?
+                .into_iter()
+                .map(|x| i32::try_from(x).ok())
+                .collect()
         })
     }
 
@@ -527,7 +521,7 @@ fn check_tensor(t: &GgufTensorInfo, alignment: u64, data_len: u64) -> Result<(),
             tensor: t.name.clone(),
             dims: t.dims.clone(),
         })?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(FormatError::Misaligned {
             tensor: t.name.clone(),
             offset: t.offset,
@@ -541,7 +535,7 @@ fn check_tensor(t: &GgufTensorInfo, alignment: u64, data_len: u64) -> Result<(),
     };
     let block = layout.elements as u64;
     let ne0 = t.dims.first().copied().unwrap_or(1);
-    if ne0 % block != 0 {
+    if !ne0.is_multiple_of(block) {
         return Err(FormatError::PartialBlock {
             tensor: t.name.clone(),
             ggml_type: t.ggml_type,

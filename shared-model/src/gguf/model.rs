@@ -13,9 +13,14 @@ use crate::weights::{HostTensor, WeightError, WeightSource};
 enum Transform {
     Plain,
     /// Undo llama.cpp's rotary permutation of q/k rows, with this many heads.
-    Unpermute { n_head: usize },
+    Unpermute {
+        n_head: usize,
+    },
     /// One expert's slice of a 3-D `*_exps` tensor.
-    Expert { index: usize, count: usize },
+    Expert {
+        index: usize,
+        count: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +99,7 @@ impl GgufModel {
                     let heads = if mapped.kind == Kind::Q { n_head } else { n_head_kv };
                     // Rows are PyTorch dim 0, ggml's last dim.
                     let rows = info.dims.last().copied().unwrap_or(0);
-                    if info.dims.len() > 2 || rows % (2 * heads as u64) != 0 {
+                    if info.dims.len() > 2 || !rows.is_multiple_of(2 * heads as u64) {
                         return Err(GgufError::TensorShape {
                             tensor: name.to_string(),
                             dims: info.dims.clone(),
@@ -174,7 +179,10 @@ impl GgufModel {
                 let slice = &bytes[index * per_expert..(index + 1) * per_expert];
                 let n = (info.dims[0] * info.dims[1]) as usize;
                 let data = dequantize_named(&src.gguf_name, info.ggml_type, slice, n)?;
-                Ok(HostTensor::new(vec![info.dims[1] as usize, info.dims[0] as usize], data))
+                Ok(HostTensor::new(
+                    vec![info.dims[1] as usize, info.dims[0] as usize],
+                    data,
+                ))
             }
         }
     }
@@ -196,9 +204,7 @@ impl GgufModel {
                 None => match f.tensor_info("token_embd.weight") {
                     Some(t) => t.dims.get(1).copied().unwrap_or(0) as usize,
                     None => {
-                        return Err(GgufError::MissingKey {
-                            key: key("vocab_size"),
-                        });
+                        return Err(GgufError::MissingKey { key: key("vocab_size") });
                     }
                 },
             },
@@ -233,7 +239,10 @@ impl GgufModel {
                     json!(f.get_u32(&key("expert_used_count"))?),
                 );
             }
-            for (hf, gguf) in [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")] {
+            for (hf, gguf) in [
+                ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+            ] {
                 if let Some(id) = f.opt_u32(gguf)? {
                     obj.insert(hf.into(), json!(id));
                 }
@@ -286,7 +295,8 @@ impl GgufModel {
         // Llama 3.1+ files carry their scaling only as precomputed frequency factors.
         if self.file.tensor_info("rope_freqs.weight").is_some() {
             let factors = self.file.read_tensor("rope_freqs.weight")?.data;
-            return llama3_from_factors(&factors, head_dim, theta).map(|(factor, low, high, ctx)| llama3_json(factor, low, high, ctx));
+            return llama3_from_factors(&factors, head_dim, theta)
+                .map(|(factor, low, high, ctx)| llama3_json(factor, low, high, ctx));
         }
         Ok(Value::Null)
     }
@@ -478,13 +488,20 @@ mod tests {
         // Two heads of head_dim 4, one column: original rows are 0..8.
         // llama.cpp's permute stores, per head, rows [0, 2, 1, 3] (pairs (i, i + hd/2)).
         let stored = [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0];
-        assert_eq!(unpermute_rows(&stored, 8, 2), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(
+            unpermute_rows(&stored, 8, 2),
+            vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        );
     }
 
     #[test]
     fn unpermute_moves_whole_rows() {
         // One head, head_dim 4, two columns: row r = [10r, 10r + 1].
-        let permute = |rows: &[usize]| rows.iter().flat_map(|&r| [10.0 * r as f32, 10.0 * r as f32 + 1.0]).collect::<Vec<_>>();
+        let permute = |rows: &[usize]| {
+            rows.iter()
+                .flat_map(|&r| [10.0 * r as f32, 10.0 * r as f32 + 1.0])
+                .collect::<Vec<_>>()
+        };
         let stored = permute(&[0, 2, 1, 3]);
         assert_eq!(unpermute_rows(&stored, 4, 1), permute(&[0, 1, 2, 3]));
         // head_dim 6: stored order is 0,3,1,4,2,5.
@@ -495,18 +512,36 @@ mod tests {
     #[test]
     fn maps_llama_cpp_names() {
         let name = |n: &str, e: usize| map_name(n, 2, e).map(|m| (m.hf_names[0].clone(), m.kind));
-        assert_eq!(name("blk.1.attn_q.weight", 0), Some(("model.layers.1.self_attn.q_proj.weight".into(), Kind::Q)));
-        assert_eq!(name("blk.0.attn_k.bias", 0), Some(("model.layers.0.self_attn.k_proj.bias".into(), Kind::K)));
-        assert_eq!(name("blk.0.ffn_down.weight", 0), Some(("model.layers.0.mlp.down_proj.weight".into(), Kind::Plain)));
-        assert_eq!(name("blk.0.ffn_gate_inp.weight", 8), Some(("model.layers.0.block_sparse_moe.gate.weight".into(), Kind::Plain)));
+        assert_eq!(
+            name("blk.1.attn_q.weight", 0),
+            Some(("model.layers.1.self_attn.q_proj.weight".into(), Kind::Q))
+        );
+        assert_eq!(
+            name("blk.0.attn_k.bias", 0),
+            Some(("model.layers.0.self_attn.k_proj.bias".into(), Kind::K))
+        );
+        assert_eq!(
+            name("blk.0.ffn_down.weight", 0),
+            Some(("model.layers.0.mlp.down_proj.weight".into(), Kind::Plain))
+        );
+        assert_eq!(
+            name("blk.0.ffn_gate_inp.weight", 8),
+            Some(("model.layers.0.block_sparse_moe.gate.weight".into(), Kind::Plain))
+        );
         assert_eq!(
             name("blk.1.ffn_up.3.weight", 8),
-            Some(("model.layers.1.block_sparse_moe.experts.3.w3.weight".into(), Kind::Plain))
+            Some((
+                "model.layers.1.block_sparse_moe.experts.3.w3.weight".into(),
+                Kind::Plain
+            ))
         );
-        assert_eq!(map_name("blk.0.ffn_down_exps.weight", 2, 4).map(|m| expert_names(&m.hf_names[0], 2)), Some(vec![
-            "model.layers.0.block_sparse_moe.experts.0.w2.weight".to_string(),
-            "model.layers.0.block_sparse_moe.experts.1.w2.weight".to_string(),
-        ]));
+        assert_eq!(
+            map_name("blk.0.ffn_down_exps.weight", 2, 4).map(|m| expert_names(&m.hf_names[0], 2)),
+            Some(vec![
+                "model.layers.0.block_sparse_moe.experts.0.w2.weight".to_string(),
+                "model.layers.0.block_sparse_moe.experts.1.w2.weight".to_string(),
+            ])
+        );
         // Out-of-range layer, non-canonical layer, unknown tensor, dense name in an MoE file.
         assert!(name("blk.2.attn_q.weight", 0).is_none());
         assert!(name("blk.01.attn_q.weight", 0).is_none());

@@ -65,7 +65,11 @@ fn dequant_rejects_bad_input() {
     assert_eq!(GgmlType(12).to_string(), "Q4_K");
     assert!(matches!(
         dequantize(GgmlType::Q8_0, &[0; 33], 32),
-        Err(DequantError::Length { expected: 34, actual: 33, .. })
+        Err(DequantError::Length {
+            expected: 34,
+            actual: 33,
+            ..
+        })
     ));
     assert!(matches!(
         dequantize(GgmlType::Q4_0, &[0; 18], 16),
@@ -219,7 +223,10 @@ fn parses_metadata_and_tensors() {
     assert_eq!(f.get_u64("u64").ok(), Some(1 << 40));
     assert_eq!(f.get_i64("i64").ok(), Some(-9));
     assert_eq!(f.get_f32("f64").ok(), Some(0.25));
-    assert_eq!(f.get_str_array("strs").ok(), Some(&["a".to_string(), "b c".to_string()][..]));
+    assert_eq!(
+        f.get_str_array("strs").ok(),
+        Some(&["a".to_string(), "b c".to_string()][..])
+    );
     assert_eq!(f.get_i32_array("i32s").ok(), Some(vec![1, -1, 3]));
 
     let a = f.read_tensor("a").expect("f32 tensor");
@@ -239,7 +246,10 @@ fn getters_name_the_key() {
     assert!(err.to_string().contains("missing"));
     let err = f.get_u32("str").expect_err("wrong type");
     assert!(matches!(&err, GgufError::WrongType { key, found: "string", .. } if key == "str"));
-    assert!(matches!(f.get_u32("i8"), Err(GgufError::WrongType { .. })), "negative is not u32");
+    assert!(
+        matches!(f.get_u32("i8"), Err(GgufError::WrongType { .. })),
+        "negative is not u32"
+    );
     assert!(matches!(f.get_str_array("i32s"), Err(GgufError::WrongType { .. })));
     assert_eq!(f.opt_u32("missing").ok(), Some(None));
     assert!(f.opt_u32("str").is_err());
@@ -296,9 +306,18 @@ fn header(tensors: u64, kvs: u64) -> Vec<u8> {
 
 #[test]
 fn huge_counts_are_rejected_before_allocating() {
-    assert!(matches!(format_err(header(0, u64::MAX)), FormatError::CountTooLarge { .. }));
-    assert!(matches!(format_err(header(u64::MAX, 0)), FormatError::CountTooLarge { .. }));
-    assert!(matches!(format_err(header(1 << 40, 0)), FormatError::CountTooLarge { .. }));
+    assert!(matches!(
+        format_err(header(0, u64::MAX)),
+        FormatError::CountTooLarge { .. }
+    ));
+    assert!(matches!(
+        format_err(header(u64::MAX, 0)),
+        FormatError::CountTooLarge { .. }
+    ));
+    assert!(matches!(
+        format_err(header(1 << 40, 0)),
+        FormatError::CountTooLarge { .. }
+    ));
 
     // A key whose length is 2^63.
     let mut v = header(0, 1);
@@ -348,8 +367,14 @@ fn bad_structure_is_rejected() {
         FormatError::DuplicateKey(_)
     ));
     // Alignment that is not a power of two.
-    assert_eq!(format_err(Builder::new().u32("general.alignment", 24).build()), FormatError::BadAlignment(24));
-    assert_eq!(format_err(Builder::new().u32("general.alignment", 0).build()), FormatError::BadAlignment(0));
+    assert_eq!(
+        format_err(Builder::new().u32("general.alignment", 24).build()),
+        FormatError::BadAlignment(24)
+    );
+    assert_eq!(
+        format_err(Builder::new().u32("general.alignment", 0).build()),
+        FormatError::BadAlignment(0)
+    );
     // Five dims.
     assert!(matches!(
         format_err(Builder::new().tensor_f32("t", &[1, 1, 1, 1, 1], &[0.0]).build()),
@@ -372,16 +397,30 @@ fn bad_structure_is_rejected() {
     ));
     // Duplicate tensor.
     assert!(matches!(
-        format_err(Builder::new().tensor_f32("t", &[1], &[0.0]).tensor_f32("t", &[1], &[0.0]).build()),
+        format_err(
+            Builder::new()
+                .tensor_f32("t", &[1], &[0.0])
+                .tensor_f32("t", &[1], &[0.0])
+                .build()
+        ),
         FormatError::DuplicateTensor(_)
     ));
 }
 
 #[test]
 fn misaligned_and_unsupported_tensors() {
-    let mut bytes = Builder::new().tensor_f32("t", &[1], &[0.0]).tensor_f32("u", &[1], &[0.0]).build();
+    let mut bytes = Builder::new()
+        .tensor_f32("t", &[1], &[0.0])
+        .tensor_f32("u", &[1], &[0.0])
+        .build();
     // Patch the second tensor's offset (the 8 bytes after its type) from 32 to 4.
-    let needle: Vec<u8> = [gstr("u"), 1u32.to_le_bytes().to_vec(), 1u64.to_le_bytes().to_vec(), 0u32.to_le_bytes().to_vec()].concat();
+    let needle: Vec<u8> = [
+        gstr("u"),
+        1u32.to_le_bytes().to_vec(),
+        1u64.to_le_bytes().to_vec(),
+        0u32.to_le_bytes().to_vec(),
+    ]
+    .concat();
     let at = bytes
         .windows(needle.len())
         .position(|w| w == needle.as_slice())
@@ -432,19 +471,22 @@ fn llama(arch: &str) -> Builder {
 fn llama_names_config_and_unpermute() {
     let m = GgufModel::new(parse(llama("llama").build()).expect("valid")).expect("llama");
     let names: Vec<String> = m.names().into_iter().collect();
-    assert_eq!(names, vec![
-        "model.embed_tokens.weight",
-        "model.layers.0.input_layernorm.weight",
-        "model.layers.0.mlp.down_proj.weight",
-        "model.layers.0.mlp.gate_proj.weight",
-        "model.layers.0.mlp.up_proj.weight",
-        "model.layers.0.post_attention_layernorm.weight",
-        "model.layers.0.self_attn.k_proj.weight",
-        "model.layers.0.self_attn.o_proj.weight",
-        "model.layers.0.self_attn.q_proj.weight",
-        "model.layers.0.self_attn.v_proj.weight",
-        "model.norm.weight",
-    ]);
+    assert_eq!(
+        names,
+        vec![
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.o_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.norm.weight",
+        ]
+    );
     let emb = m.read("model.embed_tokens.weight").expect("embedding");
     assert_eq!(emb.shape, vec![3, 4]);
     // q: 2 heads of head_dim 2, so each head's pair (rows 2h, 2h+1) is already in order:
@@ -452,7 +494,10 @@ fn llama_names_config_and_unpermute() {
     let q = m.read("model.layers.0.self_attn.q_proj.weight").expect("q");
     assert_eq!(q.shape, vec![4, 4]);
     assert_eq!(q.data, (0..16).map(|x| x as f32).collect::<Vec<_>>());
-    assert!(matches!(m.read("lm_head.weight"), Err(crate::weights::WeightError::Missing { .. })));
+    assert!(matches!(
+        m.read("lm_head.weight"),
+        Err(crate::weights::WeightError::Missing { .. })
+    ));
 
     let cfg = m.hf_config().expect("config");
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
@@ -504,10 +549,14 @@ fn mixtral_experts_split_and_linear_rope() {
             assert!(names.contains(&format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight")));
         }
     }
-    let w1 = m.read("model.layers.0.block_sparse_moe.experts.1.w1.weight").expect("expert 1");
+    let w1 = m
+        .read("model.layers.0.block_sparse_moe.experts.1.w1.weight")
+        .expect("expert 1");
     assert_eq!(w1.shape, vec![8, 4]);
     assert_eq!(w1.data, (32..64).map(|x| x as f32).collect::<Vec<_>>());
-    let w2 = m.read("model.layers.0.block_sparse_moe.experts.0.w2.weight").expect("expert 0");
+    let w2 = m
+        .read("model.layers.0.block_sparse_moe.experts.0.w2.weight")
+        .expect("expert 0");
     assert_eq!(w2.shape, vec![4, 8]);
     let cfg = m.hf_config().expect("config");
     assert_eq!(cfg["architectures"][0], "MixtralForCausalLM");

@@ -218,11 +218,7 @@ fn lossy_string(cur: &mut Cursor<'_>, key: &str) -> Result<String, FormatError> 
     })
 }
 
-fn fixed<T, const N: usize>(
-    cur: &mut Cursor<'_>,
-    n: usize,
-    f: fn([u8; N]) -> T,
-) -> Result<Vec<T>, FormatError> {
+fn fixed<T, const N: usize>(cur: &mut Cursor<'_>, n: usize, f: fn([u8; N]) -> T) -> Result<Vec<T>, FormatError> {
     let raw = cur.take((n * N) as u64, "metadata array")?;
     Ok(raw
         .chunks_exact(N)

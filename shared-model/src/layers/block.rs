@@ -21,9 +21,13 @@ pub struct BlockWeights {
 /// How the residual stream is wired through attention and MLP.
 #[derive(Debug, Clone)]
 enum Wiring<B: Backend> {
-    Sequential { mlp_norm: Norm<B> },
+    Sequential {
+        mlp_norm: Norm<B>,
+    },
     /// `mlp_norm` is `None` when both branches share the attention norm.
-    Parallel { mlp_norm: Option<Norm<B>> },
+    Parallel {
+        mlp_norm: Option<Norm<B>>,
+    },
 }
 
 /// The one transformer block: every family is this code with a different [`ModelConfig`].

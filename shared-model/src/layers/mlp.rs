@@ -9,9 +9,18 @@ use crate::config::Activation;
 /// `[gate | up]` projection: one matmul instead of two.
 #[derive(Debug, Clone)]
 pub enum MlpWeights {
-    Gated { gate_up: LinearWeights, down: LinearWeights },
-    Plain { up: LinearWeights, down: LinearWeights },
-    Moe { router: LinearWeights, experts: Vec<(LinearWeights, LinearWeights)> },
+    Gated {
+        gate_up: LinearWeights,
+        down: LinearWeights,
+    },
+    Plain {
+        up: LinearWeights,
+        down: LinearWeights,
+    },
+    Moe {
+        router: LinearWeights,
+        experts: Vec<(LinearWeights, LinearWeights)>,
+    },
 }
 
 /// A gated MLP (also one Mixtral expert): `down(act(gate(x)) * up(x))`.
@@ -34,18 +43,28 @@ impl<B: Backend> GatedMlp<B> {
 /// The feed-forward half of a block, chosen by [`crate::config::MlpKind`].
 #[derive(Debug, Clone)]
 pub enum Mlp<B: Backend> {
-    Gated { inner: GatedMlp<B>, act: Activation },
-    Plain { up: Linear<B>, down: Linear<B>, act: Activation },
-    Moe { router: Linear<B>, experts: Vec<GatedMlp<B>>, top_k: usize, act: Activation },
+    Gated {
+        inner: GatedMlp<B>,
+        act: Activation,
+    },
+    Plain {
+        up: Linear<B>,
+        down: Linear<B>,
+        act: Activation,
+    },
+    Moe {
+        router: Linear<B>,
+        experts: Vec<GatedMlp<B>>,
+        top_k: usize,
+        act: Activation,
+    },
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn new(weights: &MlpWeights, act: Activation, top_k: usize, device: &B::Device) -> Self {
-        let gated = |gu: &LinearWeights, d: &LinearWeights| {
-            GatedMlp {
-                gate_up: gu.to_linear(device),
-                down: d.to_linear(device),
-            }
+        let gated = |gu: &LinearWeights, d: &LinearWeights| GatedMlp {
+            gate_up: gu.to_linear(device),
+            down: d.to_linear(device),
         };
         match weights {
             MlpWeights::Gated { gate_up, down } => Mlp::Gated {
@@ -88,7 +107,13 @@ impl<B: Backend> Mlp<B> {
 
 /// Mixtral's sparse MoE: softmax over the router logits, keep the top k, renormalise, and run
 /// each expert only on the tokens routed to it.
-fn moe<B: Backend>(x: Tensor<B, 2>, router: &Linear<B>, experts: &[GatedMlp<B>], top_k: usize, act: Activation) -> Tensor<B, 2> {
+fn moe<B: Backend>(
+    x: Tensor<B, 2>,
+    router: &Linear<B>,
+    experts: &[GatedMlp<B>],
+    top_k: usize,
+    act: Activation,
+) -> Tensor<B, 2> {
     let [n, d] = x.dims();
     let device = x.device();
     let probs = softmax(router.forward_2d(x.clone()), 1);
@@ -99,7 +124,10 @@ fn moe<B: Backend>(x: Tensor<B, 2>, router: &Linear<B>, experts: &[GatedMlp<B>],
 
     let mut out = Tensor::<B, 2>::zeros([n, d], &device);
     for (e, expert) in experts.iter().enumerate() {
-        let slots: Vec<i64> = (0..chosen.len()).filter(|&i| chosen[i] == e as i64).map(|i| i as i64).collect();
+        let slots: Vec<i64> = (0..chosen.len())
+            .filter(|&i| chosen[i] == e as i64)
+            .map(|i| i as i64)
+            .collect();
         if slots.is_empty() {
             continue;
         }
@@ -120,7 +148,8 @@ pub(crate) fn activate<B: Backend, const D: usize>(x: Tensor<B, D>, act: Activat
         Activation::Gelu => gelu(x),
         Activation::GeluTanh => {
             // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as BLOOM and `gelu_new`.
-            let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+            let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715))
+                .mul_scalar((2.0 / std::f64::consts::PI).sqrt());
             x.clone().mul_scalar(0.5) * (inner.tanh().add_scalar(1.0))
         }
     }

@@ -75,14 +75,15 @@ impl<B: Backend> StepContext<B> {
                     }
                 }
                 let kv = config.attention.num_kv_heads;
-                Some(Tensor::from_data(TensorData::new(data, [batch, kv, heads / kv, 1, total]), device))
+                Some(Tensor::from_data(
+                    TensorData::new(data, [batch, kv, heads / kv, 1, total]),
+                    device,
+                ))
             }
             PositionKind::Rope(_) => None,
         };
         let window = config.attention.sliding_window;
-        let needs_mask = new > 1
-            || layout.pad.iter().any(|&p| p > 0)
-            || window.is_some_and(|w| total > w);
+        let needs_mask = new > 1 || layout.pad.iter().any(|&p| p > 0) || window.is_some_and(|w| total > w);
         let mask = needs_mask.then(|| {
             let mut data = Vec::with_capacity(batch * new * total);
             for row in 0..batch {

@@ -89,9 +89,12 @@ impl ChatTemplate {
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("chat_template list has no `default` entry".into()))?
                 .to_string(),
-            Some(Value::Null) | None => sibling_template(path)?
-                .ok_or_else(|| TokenizerError::NoChatTemplate(path.display().to_string()))?,
-            Some(other) => return Err(bad(format!("chat_template is {other}, expected a string or list"))),
+            Some(Value::Null) | None => {
+                sibling_template(path)?.ok_or_else(|| TokenizerError::NoChatTemplate(path.display().to_string()))?
+            }
+            Some(other) => {
+                return Err(bad(format!("chat_template is {other}, expected a string or list")));
+            }
         };
         let token = |key: &str| -> Result<String, TokenizerError> {
             Ok(match config.get(key) {

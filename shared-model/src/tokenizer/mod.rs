@@ -82,15 +82,28 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 ];
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// A text tokenizer plus the special-token facts generation needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     chat_template: Option<String>,
+}
+
+// The wrapped tokenizer's Debug prints the whole vocabulary.
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_id", &self.bos_id)
+            .field("eos_id", &self.eos_id)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
 }
 
 impl Tokenizer {
@@ -120,11 +133,7 @@ impl Tokenizer {
         let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let pre_tokenizer = pre_tokenizer(pre)?;
 
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges = file
             .get_str_array("tokenizer.ggml.merges")?
             .iter()
@@ -150,9 +159,7 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevel::default()));
         if pre == "qwen2" {
-            inner
-                .with_normalizer(Some(NFC))
-                .map_err(TokenizerError::Build)?;
+            inner.with_normalizer(Some(NFC)).map_err(TokenizerError::Build)?;
         }
 
         if let Some(types) = file.opt_i32_array("tokenizer.ggml.token_type")? {
@@ -271,8 +278,12 @@ impl Tokenizer {
 /// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
     let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-        let split = Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(TokenizerError::Build)?;
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(TokenizerError::Build)?;
         Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
     };
     // ByteLevel's own regex (use_regex) is the GPT-2 split.

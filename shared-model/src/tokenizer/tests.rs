@@ -17,8 +17,16 @@ fn chatml_template() {
         out,
         "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let out = render(CHATML, &[ChatMessage::system("Be terse"), ChatMessage::user("Hi")], false).expect("renders");
-    assert_eq!(out, "<|im_start|>system\nBe terse<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    let out = render(
+        CHATML,
+        &[ChatMessage::system("Be terse"), ChatMessage::user("Hi")],
+        false,
+    )
+    .expect("renders");
+    assert_eq!(
+        out,
+        "<|im_start|>system\nBe terse<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    );
 }
 
 #[test]
@@ -61,8 +69,16 @@ fn llama2_template_and_raise_exception() {
 #[test]
 fn trim_and_lstrip_blocks_like_transformers() {
     let src = "{% for message in messages %}\n    {% if message.role == 'user' %}\nU:{{ message.content }}\n    {% endif %}\n{% endfor %}";
-    let out = render(src, &[ChatMessage::user("a"), ChatMessage::assistant("b"), ChatMessage::user("c")], false)
-        .expect("renders");
+    let out = render(
+        src,
+        &[
+            ChatMessage::user("a"),
+            ChatMessage::assistant("b"),
+            ChatMessage::user("c"),
+        ],
+        false,
+    )
+    .expect("renders");
     assert_eq!(out, "U:a\nU:c\n");
 }
 
@@ -78,10 +94,19 @@ fn bad_template_is_an_error() {
 fn strftime_formats() {
     // 2024-07-26 13:25:09 UTC
     let t = 1_722_000_309;
-    assert_eq!(chat::strftime_for_test("%d %b %Y", t).ok(), Some("26 Jul 2024".to_string()));
-    assert_eq!(chat::strftime_for_test("%Y-%m-%d %H:%M:%S %B %%", t).ok(), Some("2024-07-26 13:25:09 July %".to_string()));
+    assert_eq!(
+        chat::strftime_for_test("%d %b %Y", t).ok(),
+        Some("26 Jul 2024".to_string())
+    );
+    assert_eq!(
+        chat::strftime_for_test("%Y-%m-%d %H:%M:%S %B %%", t).ok(),
+        Some("2024-07-26 13:25:09 July %".to_string())
+    );
     assert!(chat::strftime_for_test("%Q", t).is_err());
-    assert_eq!(chat::strftime_for_test("%Y-%m-%d", 951_782_400).ok(), Some("2000-02-29".to_string()));
+    assert_eq!(
+        chat::strftime_for_test("%Y-%m-%d", 951_782_400).ok(),
+        Some("2000-02-29".to_string())
+    );
 }
 
 #[test]
@@ -100,14 +125,20 @@ fn tokenizer_config_variants() {
     assert_eq!(t.render(&[], false).ok(), Some("<s>|</s>".to_string()));
 
     write(serde_json::json!({"bos_token": null}));
-    assert!(matches!(ChatTemplate::from_tokenizer_config(&path), Err(TokenizerError::NoChatTemplate(_))));
+    assert!(matches!(
+        ChatTemplate::from_tokenizer_config(&path),
+        Err(TokenizerError::NoChatTemplate(_))
+    ));
     std::fs::write(dir.join("chat_template.jinja"), "J{{ eos_token }}").expect("write jinja");
     write(serde_json::json!({"eos_token": "E"}));
     let t = ChatTemplate::from_tokenizer_config(&path).expect("sibling jinja");
     assert_eq!(t.render(&[], false).ok(), Some("JE".to_string()));
 
     write(serde_json::json!({"chat_template": 3}));
-    assert!(matches!(ChatTemplate::from_tokenizer_config(&path), Err(TokenizerError::BadConfig { .. })));
+    assert!(matches!(
+        ChatTemplate::from_tokenizer_config(&path),
+        Err(TokenizerError::BadConfig { .. })
+    ));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -169,13 +200,25 @@ fn text_stream_waits_for_whole_characters() {
     // Specials skipped in the stream produce no text.
     let end = tok.token_id("<|im_end|>").expect("special");
     let mut stream = tok.stream(true);
-    assert_eq!(stream.push(tok.encode("x").expect("encode")[0]).ok(), Some("x".to_string()));
+    assert_eq!(
+        stream.push(tok.encode("x").expect("encode")[0]).ok(),
+        Some("x".to_string())
+    );
     assert_eq!(stream.push(end).ok(), Some(String::new()));
 }
 
 #[test]
 fn pre_tokenizers_by_name() {
-    for pre in ["gpt2", "default", "smollm", "starcoder", "refact", "llama-bpe", "llama3", "qwen2"] {
+    for pre in [
+        "gpt2",
+        "default",
+        "smollm",
+        "starcoder",
+        "refact",
+        "llama-bpe",
+        "llama3",
+        "qwen2",
+    ] {
         assert!(pre_tokenizer(pre).is_ok(), "{pre}");
     }
     assert!(matches!(pre_tokenizer("mystery"), Err(TokenizerError::UnsupportedPreTokenizer(p)) if p == "mystery"));

@@ -46,7 +46,11 @@ impl SafetensorsSource {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let index = metadata.tensors().into_keys().map(|name| (name, path.to_path_buf())).collect();
+        let index = metadata
+            .tensors()
+            .into_keys()
+            .map(|name| (name, path.to_path_buf()))
+            .collect();
         let opened = HashMap::from([(path.to_path_buf(), Arc::new(mmap))]);
         Ok(Self {
             index,
@@ -72,7 +76,9 @@ impl SafetensorsSource {
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut index = BTreeMap::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| bad(format!("shard of `{name}` is not a string")))?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("shard of `{name}` is not a string")))?;
             // A shard name is a plain file name; anything else could escape the model folder.
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                 return Err(bad(format!("shard name `{file}` is not a file name")));
@@ -131,7 +137,10 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn read(&self, name: &str) -> Result<HostTensor, WeightError> {
-        let path = self.index.get(name).ok_or_else(|| WeightError::Missing { name: name.to_string() })?;
+        let path = self
+            .index
+            .get(name)
+            .ok_or_else(|| WeightError::Missing { name: name.to_string() })?;
         let mmap = self.shard(path)?;
         let tensors = SafeTensors::deserialize(&mmap[..]).map_err(|e| WeightError::BadSafetensors {
             path: path.clone(),
@@ -144,7 +153,10 @@ impl WeightSource for SafetensorsSource {
         let shape = view.shape().to_vec();
         let bytes = view.data();
         let data = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::F16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())

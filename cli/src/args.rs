@@ -1,0 +1,131 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "corolla",
+    version,
+    about = "Run large language models across other people's GPUs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text (or token ids) from a prompt.
+    Generate(GenerateArgs),
+    /// Run one forward pass and write logits and every block's output to a safetensors file.
+    Forward(ForwardArgs),
+    /// Chat with SmolLM2-135M-Instruct (fetched on first use) on this machine.
+    Demo(DemoArgs),
+    /// Fetch the demo model into the cache (if needed) and print its path.
+    Fetch(FetchArgs),
+}
+
+/// Compute backend for the blocks, embeddings and head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// burn's pure-Rust CPU backend (flex).
+    Cpu,
+    /// NVIDIA GPUs through burn-cuda (build with `--features cuda`).
+    Cuda,
+    /// WebGPU/Vulkan/Metal through burn-wgpu (build with `--features wgpu`).
+    Wgpu,
+}
+
+#[derive(Debug, Args)]
+#[group(id = "input", required = true, multiple = false)]
+pub struct PromptInput {
+    /// Prompt text (needs a model with a tokenizer).
+    #[arg(long, group = "input")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',', group = "input")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// An HF-layout model folder or a `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub input: PromptInput,
+    /// Wrap the prompt in the model's chat template as one user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Tokens to generate (fewer only if an end-of-sequence token comes first).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Penalise tokens already present (HF's repetition_penalty; 1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when the generated text contains this string (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Never stop before --max-new-tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object {"prompt_ids", "token_ids", "text"} instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// An HF-layout model folder or a `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The sequence, as comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub token_ids: Vec<u32>,
+    /// Output safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Use this model instead of fetching SmolLM2.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Answer this one message and exit, instead of chatting on stdin.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub fetch: FetchArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Where fetched models are kept (default: $COROLLA_CACHE, else ~/.cache/corolla).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}

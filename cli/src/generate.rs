@@ -1,0 +1,177 @@
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::Backend;
+use shared_model::generate::{GenerateParams, LocalBlocks, generate};
+use shared_model::loader::{LocalModel, ModelFiles};
+use shared_model::sampling::SamplingParams;
+use shared_model::tokenizer::ChatMessage;
+
+use crate::args::GenerateArgs;
+use crate::backend::{OnBackend, dispatch};
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let prompt_ids = prompt_ids(&files, &args)?;
+    check_prompt(&files, &prompt_ids, args.max_new_tokens)?;
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        stop_ids: files.stop_ids.clone(),
+        ignore_eos: args.ignore_eos,
+    };
+    let backend = args.backend;
+    dispatch(
+        backend,
+        Job {
+            files: &files,
+            args: &args,
+            prompt_ids,
+            params,
+        },
+    )
+}
+
+/// The prompt as token ids: encoded text (optionally through the chat template) or given ids.
+pub fn prompt_ids(files: &ModelFiles, args: &GenerateArgs) -> Result<Vec<u32>> {
+    match (&args.input.prompt, &args.input.token_ids) {
+        (Some(text), _) => {
+            let tokenizer = files
+                .tokenizer
+                .as_ref()
+                .context("this model has no tokenizer (no tokenizer.json); pass --token-ids instead of --prompt")?;
+            let text = if args.chat {
+                let template = files
+                    .chat_template
+                    .as_ref()
+                    .context("this model has no chat template; drop --chat")?;
+                template.render(&[ChatMessage::user(text.as_str())], true)?
+            } else {
+                text.clone()
+            };
+            Ok(tokenizer.encode(&text)?)
+        }
+        (None, Some(ids)) => {
+            if args.chat {
+                bail!("--chat needs --prompt (the template applies to text)");
+            }
+            Ok(ids.clone())
+        }
+        (None, None) => bail!("give --prompt or --token-ids"),
+    }
+}
+
+/// Refuses prompts the model cannot take, before any weights are loaded.
+pub fn check_prompt(files: &ModelFiles, ids: &[u32], max_new_tokens: usize) -> Result<()> {
+    let vocab = files.config.vocab_size;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!(
+            "token id {id} is out of range: the vocabulary has {vocab} tokens (0..{})",
+            vocab - 1
+        );
+    }
+    if let Some(context) = files.config.max_position_embeddings {
+        if ids.len() > context {
+            bail!(
+                "the prompt has {} tokens, longer than the model's context of {context}",
+                ids.len()
+            );
+        }
+        if ids.len() + max_new_tokens > context {
+            bail!(
+                "the prompt ({} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's context of {context}",
+                ids.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `--json` output; field order is part of the contract's look.
+#[derive(serde::Serialize)]
+struct JsonOutput<'a> {
+    prompt_ids: &'a [u32],
+    /// Only the new tokens, the stop token included.
+    token_ids: &'a [u32],
+    text: &'a str,
+}
+
+struct Job<'a> {
+    files: &'a ModelFiles,
+    args: &'a GenerateArgs,
+    prompt_ids: Vec<u32>,
+    params: GenerateParams,
+}
+
+impl OnBackend for Job<'_> {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
+        let tokenizer = self.files.tokenizer.as_ref();
+        let mut stream = tokenizer.map(|t| t.stream(true));
+        let mut text = String::new();
+        let mut stdout = std::io::stdout().lock();
+        let stops = &self.args.stop;
+        let json = self.args.json;
+        let mut write_error = None;
+        let mut blocks = LocalBlocks::new(&model.spans)?;
+        let prompts = [self.prompt_ids.clone()];
+        let out = generate(
+            &model.embeddings,
+            &model.head,
+            &mut blocks,
+            &prompts,
+            &self.params,
+            |event| {
+                let piece = match stream.as_mut() {
+                    Some(s) => s.push(event.token).unwrap_or_default(),
+                    None => format!("{} ", event.token),
+                };
+                text.push_str(&piece);
+                if !json && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+                    write_error = Some(e);
+                    return ControlFlow::Break(());
+                }
+                if stops.iter().any(|s| text.contains(s.as_str())) {
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            },
+        )?;
+        if let Some(e) = write_error {
+            return Err(e).context("cannot write to stdout");
+        }
+        let token_ids = out.into_iter().next().unwrap_or_default();
+        if json {
+            let text = match tokenizer {
+                Some(t) => t.decode(&token_ids, false)?,
+                None => String::new(),
+            };
+            let object = JsonOutput {
+                prompt_ids: &self.prompt_ids,
+                token_ids: &token_ids,
+                text: &text,
+            };
+            writeln!(stdout, "{}", serde_json::to_string(&object)?)?;
+        } else {
+            if let Some(s) = stream.as_mut() {
+                stdout.write_all(s.finish()?.as_bytes())?;
+            }
+            writeln!(stdout)?;
+        }
+        Ok(())
+    }
+}
