@@ -86,6 +86,20 @@ pub struct GenerateArgs {
     pub json: bool,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    /// Run the blocks in the swarm reached through these relays / peers (each ending in
+    /// /p2p/<peer id>); without them everything runs locally.
+    #[arg(long, num_args = 1..)]
+    pub initial_peers: Vec<libp2p::Multiaddr>,
+    /// Element type of hidden states on the wire (f16/bf16 halve the traffic, lose precision).
+    #[arg(long, value_enum, default_value_t = WireDtypeArg::F32)]
+    pub wire_dtype: WireDtypeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireDtypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Debug, Args)]

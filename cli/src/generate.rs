@@ -30,6 +30,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let backend = args.backend;
+    if !args.initial_peers.is_empty() {
+        return crate::remote::run(&files, &args, prompt_ids, params);
+    }
     dispatch(
         backend,
         Job {
@@ -120,37 +123,44 @@ impl OnBackend for Job<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
-        let tokenizer = self.files.tokenizer.as_ref();
+        let mut blocks = LocalBlocks::new(&model.spans)?;
+        emit(self.files, self.args, &self.prompt_ids, &self.params, |params, on_token| {
+            Ok(generate(&model.embeddings, &model.head, &mut blocks, &[self.prompt_ids.clone()], params, on_token)?)
+        })
+    }
+}
+
+/// Runs `generate` and prints its tokens: streamed text, or one JSON object at the end.
+pub fn emit(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    generate: impl FnOnce(&GenerateParams, &mut dyn FnMut(shared_model::generate::TokenEvent) -> ControlFlow<()>) -> Result<Vec<Vec<u32>>>,
+) -> Result<()> {
+    {
+        let tokenizer = files.tokenizer.as_ref();
         let mut stream = tokenizer.map(|t| t.stream(true));
         let mut text = String::new();
         let mut stdout = std::io::stdout().lock();
-        let stops = &self.args.stop;
-        let json = self.args.json;
+        let stops = &args.stop;
+        let json = args.json;
         let mut write_error = None;
-        let mut blocks = LocalBlocks::new(&model.spans)?;
-        let prompts = [self.prompt_ids.clone()];
-        let out = generate(
-            &model.embeddings,
-            &model.head,
-            &mut blocks,
-            &prompts,
-            &self.params,
-            |event| {
-                let piece = match stream.as_mut() {
-                    Some(s) => s.push(event.token).unwrap_or_default(),
-                    None => format!("{} ", event.token),
-                };
-                text.push_str(&piece);
-                if !json && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
-                    write_error = Some(e);
-                    return ControlFlow::Break(());
-                }
-                if stops.iter().any(|s| text.contains(s.as_str())) {
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            },
-        )?;
+        let out = generate(params, &mut |event| {
+            let piece = match stream.as_mut() {
+                Some(s) => s.push(event.token).unwrap_or_default(),
+                None => format!("{} ", event.token),
+            };
+            text.push_str(&piece);
+            if !json && let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+                write_error = Some(e);
+                return ControlFlow::Break(());
+            }
+            if stops.iter().any(|s| text.contains(s.as_str())) {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })?;
         if let Some(e) = write_error {
             return Err(e).context("cannot write to stdout");
         }
@@ -161,7 +171,7 @@ impl OnBackend for Job<'_> {
                 None => String::new(),
             };
             let object = JsonOutput {
-                prompt_ids: &self.prompt_ids,
+                prompt_ids,
                 token_ids: &token_ids,
                 text: &text,
             };

@@ -13,6 +13,7 @@ mod demo;
 mod fetch;
 mod forward;
 mod generate;
+mod remote;
 
 use args::{Cli, Command};
 

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
 pub mod layers;

@@ -155,13 +155,32 @@ impl<B: Backend> BlockSpan<B> {
         &self,
         x: Tensor<B, 3>,
         cache: &mut SpanCache<B>,
+        inspect: impl FnMut(usize, &Tensor<B, 3>),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.forward_blocks(x, cache, self.range.clone(), inspect)
+    }
+
+    /// Runs only `blocks` (absolute indices, within this span) with a cache of that many
+    /// layers: a server can serve part of what it hosts.
+    pub fn forward_blocks(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut SpanCache<B>,
+        blocks: Range<usize>,
         mut inspect: impl FnMut(usize, &Tensor<B, 3>),
     ) -> Result<Tensor<B, 3>, ModelError> {
+        if blocks.start < self.range.start || blocks.end > self.range.end || blocks.is_empty() {
+            return Err(ModelError::BadSpan {
+                start: blocks.start,
+                end: blocks.end,
+                layers: self.config.num_layers,
+            });
+        }
         let [batch, new, hidden] = x.dims();
         if batch != cache.batch()
             || hidden != self.config.hidden_size
             || new == 0
-            || cache.layers.len() != self.blocks.len()
+            || cache.layers.len() != blocks.len()
         {
             return Err(ModelError::Shape {
                 actual: vec![batch, new, hidden],
@@ -183,9 +202,10 @@ impl<B: Backend> BlockSpan<B> {
         };
         let ctx = StepContext::new(&self.config, &layout, &x.device());
         let mut h = x;
-        for (i, (block, layer_cache)) in self.blocks.iter().zip(cache.layers.iter_mut()).enumerate() {
+        let local = blocks.start - self.range.start..blocks.end - self.range.start;
+        for (i, (block, layer_cache)) in self.blocks[local].iter().zip(cache.layers.iter_mut()).enumerate() {
             h = block.forward(h, &ctx, layer_cache);
-            inspect(self.range.start + i, &h);
+            inspect(blocks.start + i, &h);
         }
         cache.len += new;
         Ok(h)
@@ -197,12 +217,17 @@ impl<B: Backend> BlockSpan<B> {
     /// - `x`: `[batch, seq, hidden]`; `pad` has one entry per row
     /// - returns `[batch, seq, hidden]`
     pub fn forward_full(&self, x: Tensor<B, 3>, pad: Vec<usize>) -> Result<Tensor<B, 3>, ModelError> {
+        self.forward_full_blocks(x, pad, self.range.clone())
+    }
+
+    /// [`Self::forward_full`] over `blocks` only (absolute indices within this span).
+    pub fn forward_full_blocks(&self, x: Tensor<B, 3>, pad: Vec<usize>, blocks: Range<usize>) -> Result<Tensor<B, 3>, ModelError> {
         let mut cache = SpanCache {
-            layers: (0..self.blocks.len()).map(|_| LayerCache::scratch()).collect(),
+            layers: (0..blocks.len()).map(|_| LayerCache::scratch()).collect(),
             pad,
             len: 0,
         };
-        self.forward(x, &mut cache)
+        self.forward_blocks(x, &mut cache, blocks, |_, _| {})
     }
 }
 

@@ -1,0 +1,72 @@
+//! `corolla generate --initial-peers ...`: embeddings and LM head here, blocks in the swarm.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use shared_model::Cpu;
+use shared_model::fingerprint::fingerprint;
+use shared_model::generate::{GenerateParams, generate};
+use shared_model::loader::ModelFiles;
+use shared_model::model::{Embeddings, LmHead};
+use swarm::node::{self, NodeConfig};
+use swarm::protocol::Limits;
+use swarm::remote::{RemoteBlocks, RemoteConfig};
+use swarm::wire::WireDtype;
+
+use crate::args::{BackendKind, GenerateArgs, WireDtypeArg};
+use crate::generate::emit;
+
+pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params: GenerateParams) -> Result<()> {
+    if args.backend != BackendKind::Cpu {
+        bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let model = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
+    let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    config.bootstrap = args.initial_peers.clone();
+    let (client, _inbound, event_loop) = {
+        let _guard = runtime.enter();
+        node::start(config)?
+    };
+    runtime.spawn(event_loop.run());
+    let reachable = runtime.block_on(async {
+        let mut any = false;
+        for addr in &args.initial_peers {
+            match tokio::time::timeout(Duration::from_secs(10), client.dial(addr.clone())).await {
+                Ok(Ok(())) => any = true,
+                Ok(Err(e)) => tracing::warn!(%addr, error = %e, "initial peer unreachable"),
+                Err(_) => tracing::warn!(%addr, "initial peer did not answer"),
+            }
+        }
+        any
+    });
+    if !reachable {
+        bail!("no initial peer is reachable (relay unreachable?): {:?}", args.initial_peers);
+    }
+
+    let device = Default::default();
+    let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
+    let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
+    let remote_config = RemoteConfig {
+        model,
+        model_name: files.path.display().to_string(),
+        num_layers: files.config.num_layers,
+        dtype: match args.wire_dtype {
+            WireDtypeArg::F32 => WireDtype::F32,
+            WireDtypeArg::F16 => WireDtype::F16,
+            WireDtypeArg::Bf16 => WireDtype::Bf16,
+        },
+        step_timeout: Duration::from_secs(60),
+        discovery_timeout: Duration::from_secs(10),
+        max_failovers: 8,
+        limits: Limits::default(),
+    };
+    let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
+    let result = emit(files, args, &prompt_ids, &params, |params, on_token| {
+        Ok(generate(&embeddings, &head, &mut blocks, &[prompt_ids.clone()], params, on_token)?)
+    });
+    drop(blocks);
+    // Let the session-closing messages go out.
+    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+    result
+}

@@ -1,0 +1,137 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use libp2p::Multiaddr;
+
+/// Compute backend of the blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+/// Weight and compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "server", version, about = "Host a span of transformer blocks for the Corolla swarm")]
+pub struct ServerArgs {
+    /// An HF-layout model folder or a `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Blocks to serve, as START:END (END exclusive).
+    #[arg(long, conflicts_with = "num_blocks")]
+    pub blocks: Option<String>,
+    /// Serve this many blocks, placed where the swarm has the least throughput.
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// Relays / DHT bootstrap peers (each ending in /p2p/<peer id>).
+    #[arg(long, num_args = 1.., required = true)]
+    pub initial_peers: Vec<Multiaddr>,
+    /// Addresses to listen on; `<relay address>/p2p-circuit` listens through that relay.
+    #[arg(long)]
+    pub listen: Vec<Multiaddr>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Keypair file: a stable peer id across restarts (created if missing).
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// A name shown to users in the swarm view.
+    #[arg(long)]
+    pub public_name: Option<String>,
+    /// Most concurrent inference sessions.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// KV cache budget in tokens (batch x max_length summed over open sessions).
+    #[arg(long, default_value_t = 65536)]
+    pub cache_tokens: usize,
+    /// Seconds a DHT announcement lives; it is renewed at a third of that.
+    #[arg(long, default_value_t = 120)]
+    pub announce_ttl: u64,
+    /// Seconds an idle session keeps its cache.
+    #[arg(long, default_value_t = 300)]
+    pub session_timeout: u64,
+    /// Write the announced addresses here (one per line) once announced.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+}
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model: PathBuf,
+    pub blocks: Option<(usize, usize)>,
+    pub num_blocks: Option<usize>,
+    pub initial_peers: Vec<Multiaddr>,
+    pub listen: Vec<Multiaddr>,
+    pub backend: BackendKind,
+    pub identity: Option<PathBuf>,
+    pub public_name: Option<String>,
+    pub max_sessions: usize,
+    pub cache_tokens: usize,
+    pub announce_ttl: Duration,
+    pub session_timeout: Duration,
+    pub addr_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    pub fn validate(self) -> Result<ServerConfig> {
+        let blocks = match &self.blocks {
+            Some(text) => {
+                let (a, b) = text.split_once(':').context("--blocks must look like START:END")?;
+                let a: usize = a.trim().parse().context("--blocks START is not a number")?;
+                let b: usize = b.trim().parse().context("--blocks END is not a number")?;
+                if a >= b {
+                    bail!("--blocks {a}:{b} is empty (END is exclusive)");
+                }
+                Some((a, b))
+            }
+            None => None,
+        };
+        if blocks.is_none() && self.num_blocks.is_none() {
+            bail!("give --blocks START:END or --num-blocks N");
+        }
+        if self.num_blocks == Some(0) {
+            bail!("--num-blocks must be at least 1");
+        }
+        if self.dtype != DtypeArg::F32 {
+            bail!("--dtype {:?} is not supported yet on this build: only f32", self.dtype);
+        }
+        if self.max_sessions == 0 || self.cache_tokens == 0 || self.announce_ttl < 3 {
+            bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
+        }
+        let listen = if self.listen.is_empty() {
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
+        } else {
+            self.listen
+        };
+        Ok(ServerConfig {
+            model: self.model,
+            blocks,
+            num_blocks: self.num_blocks,
+            initial_peers: self.initial_peers,
+            listen,
+            backend: self.backend,
+            identity: self.identity,
+            public_name: self.public_name,
+            max_sessions: self.max_sessions,
+            cache_tokens: self.cache_tokens,
+            announce_ttl: Duration::from_secs(self.announce_ttl),
+            session_timeout: Duration::from_secs(self.session_timeout),
+            addr_file: self.addr_file,
+        })
+    }
+}

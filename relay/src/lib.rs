@@ -1,0 +1,487 @@
+//! The Corolla relay: a public node that servers behind NAT reserve circuit-relay v2 slots on,
+//! the DHT's bootstrap peer, and an AutoNAT server so peers learn whether they are reachable.
+
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, noise, ping, relay, tcp, yamux};
+use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+
+/// Command line of the `relay` binary.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "relay",
+    version,
+    about = "Corolla relay: circuit relay v2, DHT bootstrap node and AutoNAT server"
+)]
+pub struct Cli {
+    /// Address to listen on (repeatable).
+    /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1]
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Publicly reachable address to advertise in addition to the listen addresses (repeatable),
+    /// e.g. a cloud VM's public IP, which is not on any local interface.
+    #[arg(long = "external-addr", value_name = "MULTIADDR")]
+    pub external_addr: Vec<String>,
+    /// Keypair file; created if missing. Without it the peer id changes on every start, which
+    /// breaks every bootstrap address that names this relay.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// File (re)written with this relay's full addresses, one per line, each ending in /p2p/<peer id>.
+    #[arg(long, value_name = "FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// Maximum concurrent relayed circuits.
+    #[arg(long, default_value_t = 512)]
+    pub max_circuits: usize,
+    /// Maximum concurrent circuits a single peer may be source or destination of.
+    #[arg(long, default_value_t = 16)]
+    pub max_circuits_per_peer: usize,
+    /// Lifetime of a circuit in seconds. Corolla inference sessions are long-lived, so this is far
+    /// above libp2p's 2-minute default.
+    #[arg(long, default_value_t = 3600)]
+    pub max_circuit_duration_secs: u64,
+    /// Bytes a circuit may carry (both directions) before it is closed; hidden states are large.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_circuit_bytes: u64,
+    /// Maximum concurrent reservations (roughly: servers behind NAT served by this relay).
+    #[arg(long, default_value_t = 1024)]
+    pub max_reservations: usize,
+    /// How long DHT provider records stored here live without being re-announced.
+    #[arg(long, default_value_t = 900)]
+    pub record_ttl_secs: u64,
+}
+
+/// Validated relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: Vec<Multiaddr>,
+    pub external_addrs: Vec<Multiaddr>,
+    pub identity: Option<PathBuf>,
+    pub addr_file: Option<PathBuf>,
+    pub limits: RelayLimits,
+    pub record_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    pub max_circuit_duration: Duration,
+    pub max_circuit_bytes: u64,
+    pub max_reservations: usize,
+}
+
+pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"];
+
+impl TryFrom<Cli> for RelayConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(cli: Cli) -> anyhow::Result<Self> {
+        let listen = if cli.listen.is_empty() {
+            DEFAULT_LISTEN
+                .iter()
+                .map(|s| parse_addr("--listen", s))
+                .collect::<anyhow::Result<_>>()?
+        } else {
+            cli.listen
+                .iter()
+                .map(|s| parse_addr("--listen", s))
+                .collect::<anyhow::Result<_>>()?
+        };
+        let external_addrs = cli
+            .external_addr
+            .iter()
+            .map(|s| parse_addr("--external-addr", s))
+            .collect::<anyhow::Result<_>>()?;
+        // libp2p encodes the circuit duration limit as u32 seconds on the wire.
+        if cli.max_circuit_duration_secs == 0 || cli.max_circuit_duration_secs > u64::from(u32::MAX) {
+            bail!("--max-circuit-duration-secs must be between 1 and {}", u32::MAX);
+        }
+        if cli.max_circuits == 0 || cli.max_circuits_per_peer == 0 || cli.max_reservations == 0 {
+            bail!("--max-circuits, --max-circuits-per-peer and --max-reservations must be at least 1");
+        }
+        if cli.max_circuit_bytes == 0 {
+            bail!("--max-circuit-bytes must be at least 1");
+        }
+        Ok(Self {
+            listen,
+            external_addrs,
+            identity: cli.identity,
+            addr_file: cli.addr_file,
+            limits: RelayLimits {
+                max_circuits: cli.max_circuits,
+                max_circuits_per_peer: cli.max_circuits_per_peer,
+                max_circuit_duration: Duration::from_secs(cli.max_circuit_duration_secs),
+                max_circuit_bytes: cli.max_circuit_bytes,
+                max_reservations: cli.max_reservations,
+            },
+            record_ttl: Duration::from_secs(cli.record_ttl_secs.max(1)),
+        })
+    }
+}
+
+fn parse_addr(flag: &str, s: &str) -> anyhow::Result<Multiaddr> {
+    let addr: Multiaddr = s.parse().with_context(|| format!("invalid {flag} address {s:?}"))?;
+    if addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+        bail!("invalid {flag} address {s:?}: must not contain /p2p/ (the peer id is added automatically)");
+    }
+    Ok(addr)
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    relay: relay::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    autonat: autonat::Behaviour,
+    ping: ping::Behaviour,
+}
+
+fn build_swarm(keypair: Keypair, config: &RelayConfig) -> anyhow::Result<Swarm<Behaviour>> {
+    let limits = config.limits.clone();
+    let record_ttl = config.record_ttl;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("cannot set up the TCP transport")?
+        .with_quic()
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let relay_config = relay::Config {
+                max_reservations: limits.max_reservations,
+                max_circuits: limits.max_circuits,
+                max_circuits_per_peer: limits.max_circuits_per_peer,
+                max_circuit_duration: limits.max_circuit_duration,
+                max_circuit_bytes: limits.max_circuit_bytes,
+                ..Default::default()
+            };
+
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            // Provider TTLs are not sent on the wire: the storing node picks them. Servers
+            // re-announce, and a dead server should not linger in lookups for libp2p's 48 h.
+            kad_config
+                .set_provider_record_ttl(Some(record_ttl))
+                .set_record_ttl(Some(record_ttl));
+            // The relay stores other nodes' records; it publishes none of its own.
+            kad_config
+                .set_publication_interval(None)
+                .set_provider_publication_interval(None);
+            // The relay is the bootstrap peer: its routing table fills from the peers that connect
+            // to it. Self-lookups would only warn "no known peers" every 5 minutes while it is alone.
+            kad_config.set_periodic_bootstrap_interval(None);
+            let store = MemoryStore::with_config(
+                peer_id,
+                MemoryStoreConfig {
+                    max_records: 65_536,
+                    // Every server of a model provides the same key; libp2p's default of 20
+                    // would hide all but 20 servers of a popular model.
+                    max_providers_per_key: 4096,
+                    ..Default::default()
+                },
+            );
+            let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+            // Without a confirmed external address kad would stay in client mode, and the
+            // bootstrap node of the DHT must always answer.
+            kad.set_mode(Some(kad::Mode::Server));
+
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                    .with_agent_version(format!("corolla-relay/{}", env!("CARGO_PKG_VERSION"))),
+            );
+
+            let autonat = autonat::Behaviour::new(
+                peer_id,
+                autonat::Config {
+                    // Tests and LAN swarms run on private addresses; dial-backs to them are
+                    // what tell a peer it is reachable there.
+                    only_global_ips: false,
+                    // The relay knows its addresses; it only serves probes, never asks for them.
+                    use_connected: false,
+                    ..Default::default()
+                },
+            );
+
+            Behaviour {
+                relay: relay::Behaviour::new(peer_id, relay_config),
+                kad,
+                identify,
+                autonat,
+                ping: ping::Behaviour::default(),
+            }
+        })
+        .context("cannot build the relay behaviour")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
+/// Runs the relay until `shutdown` resolves. Start-up failures (identity, listening) are
+/// returned as errors; later per-connection problems are only logged.
+pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let keypair = match &config.identity {
+        Some(path) => swarm::identity::load_or_create(path)?,
+        None => {
+            tracing::warn!(
+                "no --identity given: using a throwaway peer id; bootstrap addresses will not survive a restart"
+            );
+            Keypair::generate_ed25519()
+        }
+    };
+    let mut swarm = build_swarm(keypair, &config)?;
+    let local_peer_id = *swarm.local_peer_id();
+    tracing::info!(peer_id = %local_peer_id, "relay starting");
+
+    let mut listeners = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.insert(id);
+    }
+    for addr in &config.external_addrs {
+        swarm.add_external_address(addr.clone());
+    }
+
+    let mut listen_addrs: BTreeSet<Multiaddr> = BTreeSet::new();
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    loop {
+        let event = tokio::select! {
+            () = &mut shutdown => break,
+            event = swarm.select_next_some() => event,
+        };
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(address = %address.clone().with(Protocol::P2p(local_peer_id)), "listening");
+                // The relay server only grants reservations while it has an external address,
+                // and it hands these addresses to reserving peers to build circuit addresses from.
+                swarm.add_external_address(address.clone());
+                listen_addrs.insert(address);
+                write_addr_file(&config, &listen_addrs, local_peer_id);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                tracing::info!(%address, "listen address expired");
+                if !config.external_addrs.contains(&address) {
+                    swarm.remove_external_address(&address);
+                }
+                listen_addrs.remove(&address);
+                write_addr_file(&config, &listen_addrs, local_peer_id);
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::warn!(?listener_id, %error, "listener error");
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                addresses,
+            } => {
+                tracing::warn!(?listener_id, ?reason, ?addresses, "listener closed");
+                for address in &addresses {
+                    listen_addrs.remove(address);
+                }
+                write_addr_file(&config, &listen_addrs, local_peer_id);
+                listeners.remove(&listener_id);
+                if listeners.is_empty() {
+                    bail!("all listeners closed");
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                tracing::debug!(%peer_id, address = %endpoint.get_remote_address(), num_established, "connection established");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                ..
+            } => {
+                tracing::debug!(%peer_id, ?cause, num_established, "connection closed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr, error, ..
+            } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(event) => on_behaviour_event(&mut swarm, event),
+            _ => {}
+        }
+    }
+    tracing::info!("relay shutting down");
+    Ok(())
+}
+
+fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, event: BehaviourEvent) {
+    match event {
+        BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            tracing::debug!(%peer_id, agent = %info.agent_version, addrs = ?info.listen_addrs, "identified peer");
+            // Only Corolla DHT servers go into the routing table: clients (kad client mode)
+            // don't list the kad protocol, and foreign libp2p nodes use another version string.
+            if info.protocol_version == IDENTIFY_PROTOCOL && info.protocols.contains(&KAD_PROTOCOL) {
+                for addr in info.listen_addrs {
+                    swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+        }
+        BehaviourEvent::Relay(event) => on_relay_event(event),
+        BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, is_new_peer, .. }) => {
+            tracing::debug!(%peer, is_new_peer, "kad routing table updated");
+        }
+        BehaviourEvent::Autonat(autonat::Event::InboundProbe(probe)) => {
+            tracing::debug!(?probe, "autonat probe");
+        }
+        _ => {}
+    }
+}
+
+fn on_relay_event(event: relay::Event) {
+    use relay::Event as E;
+    match event {
+        E::ReservationReqAccepted { src_peer_id, renewed } => {
+            tracing::info!(peer = %src_peer_id, renewed, "reservation accepted");
+        }
+        E::ReservationReqDenied { src_peer_id, status } => {
+            tracing::warn!(peer = %src_peer_id, ?status, "reservation denied");
+        }
+        E::ReservationTimedOut { src_peer_id } => {
+            tracing::info!(peer = %src_peer_id, "reservation timed out");
+        }
+        E::ReservationClosed { src_peer_id } => {
+            tracing::info!(peer = %src_peer_id, "reservation closed");
+        }
+        E::CircuitReqAccepted {
+            src_peer_id,
+            dst_peer_id,
+        } => {
+            tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "circuit opened");
+        }
+        E::CircuitReqDenied {
+            src_peer_id,
+            dst_peer_id,
+            status,
+        } => {
+            tracing::warn!(src = %src_peer_id, dst = %dst_peer_id, ?status, "circuit denied");
+        }
+        E::CircuitClosed {
+            src_peer_id,
+            dst_peer_id,
+            error,
+        } => match error {
+            Some(error) => tracing::info!(src = %src_peer_id, dst = %dst_peer_id, %error, "circuit closed"),
+            None => tracing::info!(src = %src_peer_id, dst = %dst_peer_id, "circuit closed"),
+        },
+        other => tracing::debug!(event = ?other, "relay event"),
+    }
+}
+
+fn write_addr_file(config: &RelayConfig, listen_addrs: &BTreeSet<Multiaddr>, peer: PeerId) {
+    let Some(path) = &config.addr_file else { return };
+    let mut contents = String::new();
+    for addr in listen_addrs.iter().chain(config.external_addrs.iter()) {
+        contents.push_str(&addr.clone().with(Protocol::P2p(peer)).to_string());
+        contents.push('\n');
+    }
+    if let Err(error) = write_atomically(path, contents.as_bytes()) {
+        tracing::error!(path = %path.display(), %error, "cannot write the address file");
+    }
+}
+
+/// Readers (scripts, tests) poll this file; a rename means they never see a half-written one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("path has no file name"))?
+        .to_os_string();
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> anyhow::Result<RelayConfig> {
+        RelayConfig::try_from(Cli::try_parse_from(
+            std::iter::once("relay").chain(args.iter().copied()),
+        )?)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.limits.max_circuits, 512);
+        assert_eq!(c.limits.max_circuits_per_peer, 16);
+        assert_eq!(c.limits.max_circuit_duration, Duration::from_secs(3600));
+        assert_eq!(c.limits.max_circuit_bytes, 1 << 30);
+        assert!(c.identity.is_none() && c.addr_file.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_addresses() {
+        let e = config(&["--listen", "not-an-addr"]).unwrap_err();
+        assert!(format!("{e:#}").contains("--listen"), "{e:#}");
+        assert!(
+            config(&[
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+            ])
+            .is_err()
+        );
+        assert!(config(&["--external-addr", "/nope"]).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_limits() {
+        assert!(config(&["--max-circuit-duration-secs", "0"]).is_err());
+        assert!(config(&["--max-circuit-duration-secs", "99999999999"]).is_err());
+        assert!(config(&["--max-circuits", "0"]).is_err());
+    }
+
+    #[test]
+    fn addr_file_lines_end_in_peer_id() {
+        let dir = std::env::temp_dir().join(format!("corolla-relay-unit-{}", std::process::id()));
+        let path = dir.join("addrs");
+        let mut c = config(&["--external-addr", "/ip4/203.0.113.7/tcp/4001"]).unwrap();
+        c.addr_file = Some(path.clone());
+        let peer = Keypair::generate_ed25519().public().to_peer_id();
+        let listen: BTreeSet<Multiaddr> = ["/ip4/127.0.0.1/tcp/5000".parse().unwrap()].into();
+        write_addr_file(&c, &listen, peer);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                format!("/ip4/127.0.0.1/tcp/5000/p2p/{peer}"),
+                format!("/ip4/203.0.113.7/tcp/4001/p2p/{peer}")
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

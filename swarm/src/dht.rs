@@ -1,0 +1,65 @@
+//! What servers put in the DHT, and how clients find them.
+//!
+//! A server is a *provider* of `corolla/model/<fingerprint>` (so clients can enumerate the
+//! servers of a model) and publishes its [`ServerInfo`] as the record
+//! `corolla/server/<fingerprint>/<peer id>`. Both expire unless re-announced; clients also
+//! drop infos whose `expires_at_ms` has passed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use libp2p::PeerId;
+use libp2p::kad::RecordKey;
+
+use crate::node::{Client, NodeError};
+use crate::protocol::{PROTOCOL_VERSION, ServerInfo};
+use crate::wire;
+
+pub fn model_key(fingerprint: &str) -> RecordKey {
+    RecordKey::new(&format!("corolla/model/{fingerprint}"))
+}
+
+pub fn server_key(fingerprint: &str, peer: &PeerId) -> RecordKey {
+    RecordKey::new(&format!("corolla/server/{fingerprint}/{peer}"))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Publishes (or refreshes) this server's presence.
+pub async fn announce(client: &Client, info: &ServerInfo) -> Result<(), NodeError> {
+    let value = wire::to_cbor(info).map_err(|e| NodeError::Dht(e.to_string()))?;
+    client.put_record(server_key(&info.model, &client.peer_id()), value).await?;
+    client.start_providing(model_key(&info.model)).await
+}
+
+/// Withdraws this server (it also disappears by itself once its records expire).
+pub async fn withdraw(client: &Client, fingerprint: &str) -> Result<(), NodeError> {
+    client.stop_providing(model_key(fingerprint)).await
+}
+
+/// Every live server of the model, newest record per peer.
+pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> Result<Vec<ServerInfo>, NodeError> {
+    let providers = tokio::time::timeout(timeout, client.get_providers(model_key(fingerprint)))
+        .await
+        .map_err(|_| NodeError::Dht("provider lookup timed out".into()))??;
+    let now = now_ms();
+    let lookups = providers.into_iter().map(|peer| async move {
+        let records = tokio::time::timeout(timeout, client.get_record(server_key(fingerprint, &peer)))
+            .await
+            .ok()?
+            .ok()?;
+        records
+            .iter()
+            .filter_map(|bytes| wire::from_cbor::<ServerInfo>(bytes).ok())
+            .filter(|info| {
+                info.peer_id == peer.to_string()
+                    && info.model == fingerprint
+                    && info.protocol == PROTOCOL_VERSION
+                    && info.expires_at_ms > now
+            })
+            .max_by_key(|info| info.expires_at_ms)
+    });
+    Ok(join_all(lookups).await.into_iter().flatten().collect())
+}

@@ -1,0 +1,11 @@
+//! Corolla's libp2p protocol, shared by native code and (later) the browser: message types,
+//! the tensor wire format, DHT records, and the swarm event loop with its client handle.
+
+pub mod dht;
+pub mod identity;
+pub mod node;
+pub mod protocol;
+pub mod remote;
+pub mod routing;
+pub mod session;
+pub mod wire;

@@ -1,0 +1,615 @@
+//! A Corolla peer's libp2p node, in the shape of rust-libp2p's file-sharing example: a
+//! cloneable [`Client`] sends [`Command`]s with oneshot replies to an [`EventLoop`] that owns
+//! the `Swarm`; requests addressed to this peer come out as [`InboundEvent`]s.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, noise, ping, relay, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use crate::protocol::{INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo, SpanRequest, SpanResponse};
+
+/// Errors of the node and of requests made through it.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot set up the transport: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("cannot dial {addr}: {reason}")]
+    Dial { addr: String, reason: String },
+    #[error("DHT: {0}")]
+    Dht(String),
+    #[error("request to {peer} failed: {reason}")]
+    Request { peer: PeerId, reason: String },
+    #[error("cannot open a stream to {peer}: {reason}")]
+    Stream { peer: PeerId, reason: String },
+    #[error("the node has shut down")]
+    Shutdown,
+}
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    relay_client: relay::client::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    autonat: autonat::Behaviour,
+    dcutr: dcutr::Behaviour,
+    ping: ping::Behaviour,
+    streams: libp2p_stream::Behaviour,
+    span: request_response::cbor::Behaviour<SpanRequest, SpanResponse>,
+    info: request_response::cbor::Behaviour<InfoRequest, ServerInfo>,
+}
+
+/// How to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub keypair: Keypair,
+    /// Addresses to listen on; a `.../p2p/<relay>/p2p-circuit` address listens through a relay
+    /// once connected to it.
+    pub listen: Vec<Multiaddr>,
+    /// Relays / DHT bootstrap peers, each ending in `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Serve the DHT (servers) or only query it (clients).
+    pub dht_server: bool,
+    /// How long DHT records and provider records live unless re-announced.
+    pub record_ttl: Duration,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(keypair: Keypair) -> Self {
+        Self {
+            keypair,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            dht_server: false,
+            record_ttl: Duration::from_secs(300),
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Requests from other peers that the application answers.
+#[derive(Debug)]
+pub enum InboundEvent {
+    Span {
+        peer: PeerId,
+        request: SpanRequest,
+        channel: ResponseChannel<SpanResponse>,
+    },
+    Info {
+        peer: PeerId,
+        channel: ResponseChannel<ServerInfo>,
+    },
+}
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+#[derive(Debug)]
+enum Command {
+    Dial { addr: Multiaddr, reply: Reply<()> },
+    AddAddress { peer: PeerId, addr: Multiaddr },
+    StartProviding { key: kad::RecordKey, reply: Reply<()> },
+    StopProviding { key: kad::RecordKey },
+    PutRecord { key: kad::RecordKey, value: Vec<u8>, reply: Reply<()> },
+    GetProviders { key: kad::RecordKey, reply: Reply<HashSet<PeerId>> },
+    GetRecord { key: kad::RecordKey, reply: Reply<Vec<Vec<u8>>> },
+    Span { peer: PeerId, request: SpanRequest, reply: Reply<SpanResponse> },
+    Info { peer: PeerId, reply: Reply<ServerInfo> },
+    RespondSpan { channel: ResponseChannel<SpanResponse>, response: SpanResponse },
+    RespondInfo { channel: ResponseChannel<ServerInfo>, info: ServerInfo },
+    Rtt { peer: PeerId, reply: oneshot::Sender<Option<Duration>> },
+    Addresses { reply: oneshot::Sender<NodeAddresses> },
+}
+
+/// Where this node can be reached.
+#[derive(Debug, Clone, Default)]
+pub struct NodeAddresses {
+    pub listen: Vec<Multiaddr>,
+    /// Addresses confirmed reachable by others (or relay circuit addresses).
+    pub external: Vec<Multiaddr>,
+    /// Whether some listener is a relay circuit.
+    pub relayed: bool,
+}
+
+/// A cheap, cloneable handle on the node.
+#[derive(Clone)]
+pub struct Client {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    control: libp2p_stream::Control,
+}
+
+/// Builds the swarm and returns its handle, the inbound request stream and the event loop
+/// (to spawn).
+pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>, EventLoop), NodeError> {
+    let limits = config.limits;
+    let record_ttl = config.record_ttl;
+    let request_timeout = config.request_timeout;
+    let dht_server = config.dht_server;
+    let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config
+                .set_record_ttl(Some(record_ttl))
+                .set_provider_record_ttl(Some(record_ttl))
+                .set_publication_interval(None)
+                .set_provider_publication_interval(None)
+                .set_query_timeout(Duration::from_secs(20));
+            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(if dht_server { kad::Mode::Server } else { kad::Mode::Client }));
+            let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
+            let max = limits.max_frame_bytes as u64;
+            let span_codec = request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum(max)
+                .set_response_size_maximum(max);
+            Ok(Behaviour {
+                relay_client,
+                kad,
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(format!("corolla/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                autonat: autonat::Behaviour::new(
+                    peer_id,
+                    autonat::Config {
+                        only_global_ips: false,
+                        ..Default::default()
+                    },
+                ),
+                dcutr: dcutr::Behaviour::new(peer_id),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
+                streams: libp2p_stream::Behaviour::new(),
+                span: request_response::Behaviour::with_codec(span_codec, [(SPAN_PROTOCOL, ProtocolSupport::Full)], rr_config.clone()),
+                info: request_response::cbor::Behaviour::new([(INFO_PROTOCOL, ProtocolSupport::Full)], rr_config),
+            })
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+
+    for addr in &config.bootstrap {
+        if let Some(peer) = peer_of(addr) {
+            swarm.behaviour_mut().kad.add_address(&peer, strip_peer(addr));
+            swarm.add_peer_address(peer, strip_peer(addr));
+        }
+        swarm.dial(addr.clone()).map_err(|e| NodeError::Dial {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    let mut circuits = Vec::new();
+    for addr in &config.listen {
+        if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+            // Listening through a relay needs the connection to it first.
+            circuits.push(addr.clone());
+        } else {
+            swarm.listen_on(addr.clone()).map_err(|e| NodeError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let control = swarm.behaviour().streams.new_control();
+    let (commands, command_rx) = mpsc::channel(64);
+    let (inbound_tx, inbound_rx) = mpsc::channel(64);
+    let peer_id = *swarm.local_peer_id();
+    let event_loop = EventLoop {
+        swarm,
+        commands: command_rx,
+        inbound: inbound_tx,
+        pending_circuits: circuits,
+        pending_dials: HashMap::new(),
+        pending_queries: HashMap::new(),
+        pending_span: HashMap::new(),
+        pending_info: HashMap::new(),
+        rtt: HashMap::new(),
+        relayed: false,
+    };
+    Ok((Client { peer_id, commands, control }, inbound_rx, event_loop))
+}
+
+/// Peer id at the end of an address, if any.
+pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().last().and_then(|p| match p {
+        Protocol::P2p(peer) => Some(peer),
+        _ => None,
+    })
+}
+
+fn strip_peer(addr: &Multiaddr) -> Multiaddr {
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
+}
+
+enum QueryReply {
+    Unit(Reply<()>),
+    Providers(Reply<HashSet<PeerId>>, HashSet<PeerId>),
+    Records(Reply<Vec<Vec<u8>>>, Vec<Vec<u8>>),
+}
+
+/// Owns the swarm; runs until every [`Client`] is dropped.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<InboundEvent>,
+    pending_circuits: Vec<Multiaddr>,
+    pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
+    pending_queries: HashMap<kad::QueryId, QueryReply>,
+    pending_span: HashMap<OutboundRequestId, Reply<SpanResponse>>,
+    pending_info: HashMap<OutboundRequestId, Reply<ServerInfo>>,
+    rtt: HashMap<PeerId, Duration>,
+    relayed: bool,
+}
+
+impl EventLoop {
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let behaviour = self.swarm.behaviour_mut();
+        match command {
+            Command::Dial { addr, reply } => {
+                let peer = peer_of(&addr);
+                if let Some(peer) = peer {
+                    self.swarm.add_peer_address(peer, strip_peer(&addr));
+                    if self.swarm.is_connected(&peer) {
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                }
+                match self.swarm.dial(addr.clone()) {
+                    Ok(()) => match peer {
+                        Some(peer) => self.pending_dials.entry(peer).or_default().push(reply),
+                        None => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    },
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dial {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            Command::AddAddress { peer, addr } => {
+                self.swarm.add_peer_address(peer, addr);
+            }
+            Command::StartProviding { key, reply } => match behaviour.kad.start_providing(key) {
+                Ok(id) => {
+                    self.pending_queries.insert(id, QueryReply::Unit(reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NodeError::Dht(e.to_string())));
+                }
+            },
+            Command::StopProviding { key } => behaviour.kad.stop_providing(&key),
+            Command::PutRecord { key, value, reply } => {
+                let mut record = kad::Record::new(key, value);
+                record.publisher = Some(*self.swarm.local_peer_id());
+                match self.swarm.behaviour_mut().kad.put_record(record, kad::Quorum::One) {
+                    Ok(id) => {
+                        self.pending_queries.insert(id, QueryReply::Unit(reply));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dht(e.to_string())));
+                    }
+                }
+            }
+            Command::GetProviders { key, reply } => {
+                let id = behaviour.kad.get_providers(key);
+                self.pending_queries.insert(id, QueryReply::Providers(reply, HashSet::new()));
+            }
+            Command::GetRecord { key, reply } => {
+                let id = behaviour.kad.get_record(key);
+                self.pending_queries.insert(id, QueryReply::Records(reply, Vec::new()));
+            }
+            Command::Span { peer, request, reply } => {
+                let id = behaviour.span.send_request(&peer, request);
+                self.pending_span.insert(id, reply);
+            }
+            Command::Info { peer, reply } => {
+                let id = behaviour.info.send_request(&peer, InfoRequest);
+                self.pending_info.insert(id, reply);
+            }
+            Command::RespondSpan { channel, response } => {
+                let _ = behaviour.span.send_response(channel, response);
+            }
+            Command::RespondInfo { channel, info } => {
+                let _ = behaviour.info.send_response(channel, info);
+            }
+            Command::Rtt { peer, reply } => {
+                let _ = reply.send(self.rtt.get(&peer).copied());
+            }
+            Command::Addresses { reply } => {
+                let _ = reply.send(NodeAddresses {
+                    listen: self.swarm.listeners().cloned().collect(),
+                    external: self.swarm.external_addresses().cloned().collect(),
+                    relayed: self.relayed,
+                });
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if let Some(replies) = self.pending_dials.remove(&peer_id) {
+                    for r in replies {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                self.listen_through_relays(peer_id);
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                if let Some(replies) = self.pending_dials.remove(&peer) {
+                    for r in replies {
+                        let _ = r.send(Err(NodeError::Dial {
+                            addr: peer.to_string(),
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if address.iter().any(|p| p == Protocol::P2pCircuit) {
+                    self.relayed = true;
+                    // A circuit address is how others reach us: advertise it.
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    /// Starts listening on each pending `/p2p-circuit` address whose relay just connected.
+    fn listen_through_relays(&mut self, connected: PeerId) {
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_circuits).into_iter().partition(|addr| {
+            addr.iter().any(|p| p == Protocol::P2p(connected))
+        });
+        self.pending_circuits = waiting;
+        for addr in ready {
+            if let Err(e) = self.swarm.listen_on(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "cannot listen through relay");
+            }
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                // Peers that speak our DHT protocol go into the routing table.
+                if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                self.rtt.insert(peer, rtt);
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
+                self.on_query(id, result, step.last);
+            }
+            BehaviourEvent::Span(event) => match event {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        if self.inbound.try_send(InboundEvent::Span { peer, request, channel }).is_err() {
+                            tracing::warn!(%peer, "dropping a span request: the server is saturated");
+                        }
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(r) = self.pending_span.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                    if let Some(r) = self.pending_span.remove(&request_id) {
+                        let _ = r.send(Err(NodeError::Request {
+                            peer,
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
+                _ => {}
+            },
+            BehaviourEvent::Info(event) => match event {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request { channel, .. } => {
+                        let _ = self.inbound.try_send(InboundEvent::Info { peer, channel });
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(r) = self.pending_info.remove(&request_id) {
+                            let _ = r.send(Ok(response));
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                    if let Some(r) = self.pending_info.remove(&request_id) {
+                        let _ = r.send(Err(NodeError::Request {
+                            peer,
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn on_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        let Some(pending) = self.pending_queries.remove(&id) else {
+            return;
+        };
+        let pending = match (pending, result) {
+            (QueryReply::Unit(reply), kad::QueryResult::StartProviding(r)) => {
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+                return;
+            }
+            (QueryReply::Unit(reply), kad::QueryResult::PutRecord(r)) => {
+                let _ = reply.send(r.map(|_| ()).map_err(|e| NodeError::Dht(e.to_string())));
+                return;
+            }
+            (QueryReply::Providers(reply, mut found), kad::QueryResult::GetProviders(r)) => {
+                match r {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => found.extend(providers),
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
+                    // A timeout after some providers still answers the question.
+                    Err(e) if found.is_empty() && last => {
+                        tracing::debug!(error = %e, "provider lookup found nothing");
+                    }
+                    Err(_) => {}
+                }
+                QueryReply::Providers(reply, found)
+            }
+            (QueryReply::Records(reply, mut found), kad::QueryResult::GetRecord(r)) => {
+                if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = r {
+                    found.push(peer_record.record.value);
+                }
+                QueryReply::Records(reply, found)
+            }
+            (other, _) => other,
+        };
+        if last {
+            match pending {
+                QueryReply::Providers(reply, found) => {
+                    let _ = reply.send(Ok(found));
+                }
+                QueryReply::Records(reply, found) => {
+                    let _ = reply.send(Ok(found));
+                }
+                QueryReply::Unit(reply) => {
+                    let _ = reply.send(Err(NodeError::Dht("unexpected query result".into())));
+                }
+            }
+        } else {
+            self.pending_queries.insert(id, pending);
+        }
+    }
+}
+
+impl Client {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NodeError::Shutdown)?;
+        rx.await.map_err(|_| NodeError::Shutdown)?
+    }
+
+    /// Connects to `addr` (which should end in `/p2p/<peer id>`).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        self.ask(|reply| Command::Dial { addr, reply }).await
+    }
+
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NodeError> {
+        self.commands.send(Command::AddAddress { peer, addr }).await.map_err(|_| NodeError::Shutdown)
+    }
+
+    pub async fn start_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
+        self.ask(|reply| Command::StartProviding { key, reply }).await
+    }
+
+    pub async fn stop_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
+        self.commands.send(Command::StopProviding { key }).await.map_err(|_| NodeError::Shutdown)
+    }
+
+    pub async fn put_record(&self, key: kad::RecordKey, value: Vec<u8>) -> Result<(), NodeError> {
+        self.ask(|reply| Command::PutRecord { key, value, reply }).await
+    }
+
+    pub async fn get_providers(&self, key: kad::RecordKey) -> Result<HashSet<PeerId>, NodeError> {
+        self.ask(|reply| Command::GetProviders { key, reply }).await
+    }
+
+    /// Every copy of the record found (possibly stale ones from several peers).
+    pub async fn get_record(&self, key: kad::RecordKey) -> Result<Vec<Vec<u8>>, NodeError> {
+        self.ask(|reply| Command::GetRecord { key, reply }).await
+    }
+
+    pub async fn span_request(&self, peer: PeerId, request: SpanRequest) -> Result<SpanResponse, NodeError> {
+        self.ask(|reply| Command::Span { peer, request, reply }).await
+    }
+
+    pub async fn info(&self, peer: PeerId) -> Result<ServerInfo, NodeError> {
+        self.ask(|reply| Command::Info { peer, reply }).await
+    }
+
+    pub async fn respond_span(&self, channel: ResponseChannel<SpanResponse>, response: SpanResponse) -> Result<(), NodeError> {
+        self.commands
+            .send(Command::RespondSpan { channel, response })
+            .await
+            .map_err(|_| NodeError::Shutdown)
+    }
+
+    pub async fn respond_info(&self, channel: ResponseChannel<ServerInfo>, info: ServerInfo) -> Result<(), NodeError> {
+        self.commands
+            .send(Command::RespondInfo { channel, info })
+            .await
+            .map_err(|_| NodeError::Shutdown)
+    }
+
+    /// Last measured round-trip time to `peer` (from libp2p ping).
+    pub async fn rtt(&self, peer: PeerId) -> Option<Duration> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Rtt { peer, reply: tx }).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    pub async fn addresses(&self) -> Result<NodeAddresses, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Addresses { reply: tx }).await.map_err(|_| NodeError::Shutdown)?;
+        rx.await.map_err(|_| NodeError::Shutdown)
+    }
+
+    /// Opens a new stream for `protocol` (one per inference session).
+    pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, NodeError> {
+        self.control.clone().open_stream(peer, protocol).await.map_err(|e| NodeError::Stream {
+            peer,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Accepts inbound streams of `protocol`.
+    pub fn accept(&self, protocol: StreamProtocol) -> Result<libp2p_stream::IncomingStreams, NodeError> {
+        self.control.clone().accept(protocol).map_err(|e| NodeError::Transport(e.to_string()))
+    }
+}

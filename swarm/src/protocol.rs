@@ -1,0 +1,169 @@
+//! The messages Corolla peers exchange, and the protocol names they travel under.
+//!
+//! Every protocol is versioned. Tensors travel as [`WireTensor`] (`{dtype, shape, bytes}`),
+//! and every size in a message is checked against [`Limits`] before anything is allocated.
+
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{WireDtype, WireTensor};
+
+/// Inference sessions: one stream per session, carrying [`SessionRequest`]s and
+/// [`SessionResponse`]s as length-prefixed CBOR frames.
+pub const INFERENCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/inference/1");
+/// Stateless forward/backward over a span (request-response, CBOR).
+pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/1");
+/// A server describes itself (request-response, CBOR).
+pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1");
+
+/// Version of the message formats below; announced in the DHT.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Upper bounds a peer enforces on what it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (or request-response message) in bytes.
+    pub max_frame_bytes: usize,
+    /// Largest tensor in elements.
+    pub max_tensor_elements: usize,
+    /// Largest batch of a session or request.
+    pub max_batch: usize,
+    /// Most tokens in one step or stateless request (batch x positions).
+    pub max_step_tokens: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 256 << 20,
+            max_tensor_elements: 64 << 20,
+            max_batch: 64,
+            max_step_tokens: 16384,
+        }
+    }
+}
+
+/// Client -> server on an inference stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SessionRequest {
+    /// Must come first. Reserves a KV cache of `batch x max_length` tokens on blocks
+    /// `[start, end)` of the model with this fingerprint.
+    Open {
+        model: String,
+        start: u32,
+        end: u32,
+        batch: u32,
+        max_length: u32,
+        /// Left padding of each row (rows of a batch may differ in prompt length).
+        pad: Vec<u32>,
+        /// How the server should encode its replies.
+        reply_dtype: WireDtype,
+    },
+    /// The next positions: `hidden` is `[batch, new, hidden_size]`.
+    Step { step: u64, hidden: WireTensor },
+    /// Frees the session's cache now (it is also freed when the stream ends or idles out).
+    Close,
+}
+
+/// Server -> client on an inference stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SessionResponse {
+    Opened { cache_tokens: u64 },
+    /// Output of the last block of the span for `step`: `[batch, new, hidden_size]`.
+    Output { step: u64, hidden: WireTensor },
+    Error(ProtocolError),
+}
+
+/// Stateless work on a span: batch of whole sequences in, hidden states (or input gradients)
+/// out. The fine-tuning path builds on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SpanRequest {
+    Forward {
+        model: String,
+        start: u32,
+        end: u32,
+        pad: Vec<u32>,
+        /// `[batch, seq, hidden_size]`
+        hidden: WireTensor,
+        reply_dtype: WireDtype,
+    },
+    /// Gradient of a loss w.r.t. the span's input, given the gradient w.r.t. its output.
+    Backward {
+        model: String,
+        start: u32,
+        end: u32,
+        pad: Vec<u32>,
+        /// `[batch, seq, hidden_size]`: the span's input.
+        hidden: WireTensor,
+        /// `[batch, seq, hidden_size]`: d loss / d output.
+        grad_output: WireTensor,
+        reply_dtype: WireDtype,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum SpanResponse {
+    /// Forward: the output; backward: the gradient w.r.t. the input.
+    Tensor(WireTensor),
+    Error(ProtocolError),
+}
+
+/// Ask a server what it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InfoRequest;
+
+/// An error sent back to the peer that caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ProtocolError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// No cache budget left within the wait timeout: try another server.
+    Busy,
+    /// The message is malformed (shape, size, order of messages).
+    BadRequest,
+    /// A different checkpoint than the one asked for.
+    WrongModel,
+    /// Blocks outside what this server hosts.
+    WrongSpan,
+    /// The session idled out or the stream was reset.
+    Closed,
+    Internal,
+}
+
+/// What a server announces in the DHT (and answers on [`INFO_PROTOCOL`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub peer_id: String,
+    /// Model fingerprint (see [`crate::fingerprint`]).
+    pub model: String,
+    /// Human-readable model name.
+    pub model_name: String,
+    pub start: u32,
+    pub end: u32,
+    /// Measured tokens per second through the whole span at batch 1 (decode).
+    pub throughput: f64,
+    pub free_cache_tokens: u64,
+    pub version: String,
+    pub protocol: u32,
+    pub public_name: Option<String>,
+    /// Reached through a relay circuit (not directly dialable).
+    pub relayed: bool,
+    /// Addresses to dial, each ending in `/p2p/<peer id>`.
+    pub addrs: Vec<String>,
+    /// Milliseconds since the Unix epoch after which this record is stale.
+    pub expires_at_ms: u64,
+}

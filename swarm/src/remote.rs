@@ -1,0 +1,318 @@
+//! Blocks run by the swarm: a [`BlockRunner`] that routes a session through servers found in
+//! the DHT, keeps each hop's input history, and on a failure bans the server, re-routes only
+//! the lost span and replays that history, so the output is what an undisturbed run gives.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use libp2p::{Multiaddr, PeerId};
+use shared_model::ModelError;
+use shared_model::generate::BlockRunner;
+use shared_model::model::to_host;
+use shared_model::sampling::SamplingError;
+use shared_model::weights::HostTensor;
+
+use crate::dht;
+use crate::node::Client;
+use crate::protocol::{Limits, ServerInfo};
+use crate::routing::{Candidate, Hop, min_latency_route};
+use crate::session::{HopSession, SessionError, SessionSpec};
+use crate::wire::WireDtype;
+
+/// Errors of a generation through the swarm.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// Settings of remote execution.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub model: String,
+    pub model_name: String,
+    pub num_layers: usize,
+    pub dtype: WireDtype,
+    pub step_timeout: Duration,
+    pub discovery_timeout: Duration,
+    /// Most server replacements within one step before giving up.
+    pub max_failovers: usize,
+    pub limits: Limits,
+}
+
+struct ActiveHop {
+    session: HopSession,
+    /// Every input this hop has seen, `[batch, tokens so far, hidden]` (what a replacement
+    /// server needs replayed).
+    history: Option<HostTensor>,
+}
+
+/// Runs the blocks on remote servers; `step` blocks on the async client through `handle`.
+pub struct RemoteBlocks<B: Backend> {
+    handle: tokio::runtime::Handle,
+    client: Client,
+    config: RemoteConfig,
+    device: B::Device,
+    servers: Vec<ServerInfo>,
+    bans: HashMap<String, (Instant, u32)>,
+    hops: Vec<ActiveHop>,
+    spec: Option<SessionSpec>,
+}
+
+impl<B: Backend> RemoteBlocks<B> {
+    pub fn new(handle: tokio::runtime::Handle, client: Client, config: RemoteConfig, device: B::Device) -> Self {
+        Self {
+            handle,
+            client,
+            config,
+            device,
+            servers: Vec::new(),
+            bans: HashMap::new(),
+            hops: Vec::new(),
+            spec: None,
+        }
+    }
+
+    /// The current route, for display: (peer, start, end).
+    pub fn route(&self) -> Vec<(PeerId, usize, usize)> {
+        self.hops.iter().map(|h| (h.session.peer, h.session.start, h.session.end)).collect()
+    }
+
+    async fn refresh(&mut self) -> Result<(), SessionError> {
+        self.servers = dht::discover(&self.client, &self.config.model, self.config.discovery_timeout).await?;
+        tracing::debug!(servers = self.servers.len(), "discovered servers");
+        Ok(())
+    }
+
+    fn ban(&mut self, peer: &PeerId) {
+        let entry = self.bans.entry(peer.to_string()).or_insert((Instant::now(), 0));
+        entry.1 += 1;
+        // Exponential backoff: a flapping server stays out longer each time.
+        entry.0 = Instant::now() + Duration::from_secs(15) * 2u32.pow(entry.1.min(6) - 1);
+        tracing::warn!(%peer, failures = entry.1, "banned server");
+    }
+
+    async fn candidates(&self) -> Vec<Candidate> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for s in &self.servers {
+            if self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now) {
+                continue;
+            }
+            let Ok(peer) = s.peer_id.parse::<PeerId>() else { continue };
+            let rtt = self.client.rtt(peer).await.unwrap_or(Duration::from_millis(50));
+            let span = (s.end - s.start).max(1) as f64;
+            out.push(Candidate {
+                peer: s.peer_id.clone(),
+                start: s.start as usize,
+                end: s.end as usize,
+                block_cost: 1.0 / (s.throughput.max(1e-3) * span),
+                rtt,
+            });
+        }
+        out
+    }
+
+    async fn plan(&mut self, start: usize, end: usize) -> Result<Vec<Hop>, SessionError> {
+        let route = match min_latency_route(&self.candidates().await, start, end) {
+            Ok(route) => Ok(route),
+            Err(_) => {
+                // Servers come and go: look again before giving up.
+                self.refresh().await?;
+                min_latency_route(&self.candidates().await, start, end)
+            }
+        };
+        route.map_err(|gap| SessionError::NoRoute {
+            gap,
+            model: self.config.model_name.clone(),
+        })
+    }
+
+    async fn open(&self, hop: &Hop, spec: &SessionSpec) -> Result<HopSession, SessionError> {
+        let peer: PeerId = hop.peer.parse().map_err(|_| SessionError::Protocol { peer: self.client.peer_id() })?;
+        if let Some(info) = self.servers.iter().find(|s| s.peer_id == hop.peer) {
+            for addr in &info.addrs {
+                if let Ok(addr) = addr.parse::<Multiaddr>() {
+                    let _ = self.client.dial(addr).await;
+                }
+            }
+        }
+        HopSession::open(&self.client, peer, hop.start, hop.end, spec).await
+    }
+
+    /// Opens sessions over `[start, end)` and replays `history` through them; returns the new
+    /// hops and the output of the replay.
+    async fn connect(
+        &mut self,
+        start: usize,
+        end: usize,
+        history: Option<HostTensor>,
+    ) -> Result<(Vec<ActiveHop>, Option<HostTensor>), SessionError> {
+        let spec = self.spec.clone().ok_or(SessionError::Protocol { peer: self.client.peer_id() })?;
+        let mut last = String::from("no candidate");
+        for _ in 0..=self.config.max_failovers {
+            let route = self.plan(start, end).await?;
+            let mut hops = Vec::new();
+            let mut x = history.clone();
+            let mut failed = None;
+            for hop in &route {
+                let attempt = async {
+                    let mut session = self.open(hop, &spec).await?;
+                    let out = match &x {
+                        Some(h) => Some(session.step(h).await?),
+                        None => None,
+                    };
+                    Ok::<_, SessionError>((session, out))
+                };
+                match attempt.await {
+                    Ok((session, out)) => {
+                        hops.push(ActiveHop {
+                            session,
+                            history: x.clone(),
+                        });
+                        x = out;
+                    }
+                    Err(e) => {
+                        failed = Some((hop.peer.clone(), e));
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => return Ok((hops, x)),
+                Some((peer, e)) => {
+                    last = e.to_string();
+                    if let Ok(peer) = peer.parse() {
+                        self.ban(&peer);
+                    }
+                    for hop in hops {
+                        hop.session.close().await;
+                    }
+                }
+            }
+        }
+        Err(SessionError::Exhausted { start, end, last })
+    }
+
+    async fn start_async(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), SessionError> {
+        for hop in self.hops.drain(..) {
+            hop.session.close().await;
+        }
+        if self.servers.is_empty() {
+            self.refresh().await?;
+        }
+        self.spec = Some(SessionSpec {
+            model: self.config.model.clone(),
+            batch: pad.len(),
+            max_length,
+            pad,
+            dtype: self.config.dtype,
+            timeout: self.config.step_timeout,
+            limits: self.config.limits,
+        });
+        let (hops, _) = self.connect(0, self.config.num_layers, None).await?;
+        self.hops = hops;
+        Ok(())
+    }
+
+    async fn step_async(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
+        let mut x = hidden;
+        let mut i = 0;
+        let mut failovers = 0;
+        while i < self.hops.len() {
+            match self.hops[i].session.step(&x).await {
+                Ok(out) => {
+                    let hop = &mut self.hops[i];
+                    hop.history = Some(match hop.history.take() {
+                        Some(h) => concat_tokens(&h, &x),
+                        None => x.clone(),
+                    });
+                    x = out;
+                    i += 1;
+                }
+                Err(e) => {
+                    failovers += 1;
+                    let (peer, start, end) = {
+                        let s = &self.hops[i].session;
+                        (s.peer, s.start, s.end)
+                    };
+                    tracing::warn!(%peer, start, end, error = %e, "server failed; re-routing its blocks");
+                    if failovers > self.config.max_failovers {
+                        return Err(SessionError::Exhausted {
+                            start,
+                            end,
+                            last: e.to_string(),
+                        });
+                    }
+                    self.ban(&peer);
+                    let history = self.hops[i].history.clone();
+                    let (replacement, _) = self.connect(start, end, history).await?;
+                    self.hops.splice(i..=i, replacement);
+                    // Retry this step from the replaced hop on.
+                }
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// `[b, t1, h]` ++ `[b, t2, h]` along the token axis.
+fn concat_tokens(a: &HostTensor, b: &HostTensor) -> HostTensor {
+    let (batch, t1, h) = (a.shape[0], a.shape[1], a.shape[2]);
+    let t2 = b.shape[1];
+    let mut data = Vec::with_capacity(a.data.len() + b.data.len());
+    for row in 0..batch {
+        data.extend_from_slice(&a.data[row * t1 * h..(row + 1) * t1 * h]);
+        data.extend_from_slice(&b.data[row * t2 * h..(row + 1) * t2 * h]);
+    }
+    HostTensor::new(vec![batch, t1 + t2, h], data)
+}
+
+impl<B: Backend> BlockRunner<B> for RemoteBlocks<B> {
+    type Error = RemoteError;
+
+    fn start(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), RemoteError> {
+        let handle = self.handle.clone();
+        Ok(handle.block_on(self.start_async(pad, max_length))?)
+    }
+
+    fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, RemoteError> {
+        let handle = self.handle.clone();
+        let out = handle.block_on(self.step_async(to_host(hidden)))?;
+        Ok(Tensor::from_data(TensorData::new(out.data, out.shape), &self.device))
+    }
+}
+
+impl<B: Backend> Drop for RemoteBlocks<B> {
+    fn drop(&mut self) {
+        // Closing frees the servers' caches at once instead of at their idle timeout.
+        let hops: Vec<ActiveHop> = self.hops.drain(..).collect();
+        if !hops.is_empty() {
+            let handle = self.handle.clone();
+            handle.spawn(async move {
+                for hop in hops {
+                    hop.session.close().await;
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concat_keeps_rows_apart() {
+        let a = HostTensor::new(vec![2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]);
+        let b = HostTensor::new(vec![2, 2, 2], vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]);
+        let c = concat_tokens(&a, &b);
+        assert_eq!(c.shape, vec![2, 3, 2]);
+        assert_eq!(c.data, vec![1.0, 2.0, 5.0, 6.0, 7.0, 8.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]);
+    }
+}

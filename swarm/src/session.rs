@@ -1,0 +1,123 @@
+//! The client side of one inference session with one server: a stream carrying
+//! [`SessionRequest`]s out and [`SessionResponse`]s back.
+
+use std::time::Duration;
+
+use libp2p::{PeerId, Stream};
+use shared_model::weights::HostTensor;
+
+use crate::node::{Client, NodeError};
+use crate::protocol::{INFERENCE_PROTOCOL, Limits, ProtocolError, SessionRequest, SessionResponse};
+use crate::routing::Gap;
+use crate::wire::{self, WireDtype, WireError, WireTensor};
+
+/// Why a remote step failed. Every variant makes the client try another server.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("server {peer} refused: {error}")]
+    Remote { peer: PeerId, error: ProtocolError },
+    #[error("server {peer} did not answer within {timeout:?}")]
+    Timeout { peer: PeerId, timeout: Duration },
+    #[error("server {peer} answered out of order")]
+    Protocol { peer: PeerId },
+    #[error("{gap} of model {model}")]
+    NoRoute { gap: Gap, model: String },
+    #[error("every server for blocks {start}..{end} failed; last error: {last}")]
+    Exhausted { start: usize, end: usize, last: String },
+}
+
+/// An open session on one server over blocks `[start, end)`.
+pub struct HopSession {
+    pub peer: PeerId,
+    pub start: usize,
+    pub end: usize,
+    stream: Stream,
+    step: u64,
+    limits: Limits,
+    reply_dtype: WireDtype,
+    timeout: Duration,
+}
+
+/// What the client asks of a session.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    pub model: String,
+    pub batch: usize,
+    pub max_length: usize,
+    pub pad: Vec<usize>,
+    pub dtype: WireDtype,
+    pub timeout: Duration,
+    pub limits: Limits,
+}
+
+impl HopSession {
+    pub async fn open(client: &Client, peer: PeerId, start: usize, end: usize, spec: &SessionSpec) -> Result<Self, SessionError> {
+        let stream = tokio::time::timeout(spec.timeout, client.open_stream(peer, INFERENCE_PROTOCOL))
+            .await
+            .map_err(|_| SessionError::Timeout { peer, timeout: spec.timeout })??;
+        let mut session = Self {
+            peer,
+            start,
+            end,
+            stream,
+            step: 0,
+            limits: spec.limits,
+            reply_dtype: spec.dtype,
+            timeout: spec.timeout,
+        };
+        let open = SessionRequest::Open {
+            model: spec.model.clone(),
+            start: start as u32,
+            end: end as u32,
+            batch: spec.batch as u32,
+            max_length: spec.max_length as u32,
+            pad: spec.pad.iter().map(|&p| p as u32).collect(),
+            reply_dtype: spec.dtype,
+        };
+        match session.exchange(&open).await? {
+            SessionResponse::Opened { .. } => Ok(session),
+            _ => Err(SessionError::Protocol { peer }),
+        }
+    }
+
+    /// Sends `[batch, new, hidden]` states, returns the span's output for them.
+    pub async fn step(&mut self, hidden: &HostTensor) -> Result<HostTensor, SessionError> {
+        self.step += 1;
+        let request = SessionRequest::Step {
+            step: self.step,
+            hidden: WireTensor::encode(hidden, self.reply_dtype),
+        };
+        match self.exchange(&request).await? {
+            SessionResponse::Output { step, hidden: out } if step == self.step => {
+                out.expect_shape(&[Some(hidden.shape[0] as u64), Some(hidden.shape[1] as u64), Some(hidden.shape[2] as u64)])?;
+                Ok(out.decode(&self.limits)?)
+            }
+            _ => Err(SessionError::Protocol { peer: self.peer }),
+        }
+    }
+
+    /// Frees the server's cache now rather than at its idle timeout.
+    pub async fn close(mut self) {
+        let _ = wire::write_frame(&mut self.stream, &SessionRequest::Close, self.limits.max_frame_bytes).await;
+    }
+
+    async fn exchange(&mut self, request: &SessionRequest) -> Result<SessionResponse, SessionError> {
+        let peer = self.peer;
+        let timeout = self.timeout;
+        let max = self.limits.max_frame_bytes;
+        let io = async {
+            wire::write_frame(&mut self.stream, request, max).await?;
+            wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await
+        };
+        match tokio::time::timeout(timeout, io).await {
+            Err(_) => Err(SessionError::Timeout { peer, timeout }),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(SessionResponse::Error(error))) => Err(SessionError::Remote { peer, error }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+}

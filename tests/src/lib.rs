@@ -1,0 +1,153 @@
+//! Helpers for process-level tests: find the workspace binaries, run them with their output
+//! captured to a log file, and wait for the files they write.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built in the same profile as the running test.
+///
+/// Panics if it is missing: cargo builds only the binaries of the crate under test, so the
+/// others must have been built first.
+pub fn bin(name: &str) -> PathBuf {
+    // The test executable is `<target>/<profile>/deps/<test>-<hash>`.
+    let exe = std::env::current_exe().expect("cannot locate the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("unexpected test executable location {}", exe.display()));
+    let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "binary `{name}` not found at {}; build the workspace binaries first: \
+         `cargo build --release --workspace --bins` (same profile and CARGO_TARGET_DIR as the tests)",
+        path.display()
+    );
+    path
+}
+
+/// Path of a file or directory under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// A fresh, empty directory, unique to this process and call.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("corolla-tests-{}-{n}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+/// A child process whose stdout and stderr go to a log file; killed when dropped, so a
+/// failing test never leaves daemons behind.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd`, capturing its output to `<temp dir>/<name>.log`.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let log = temp_dir(&format!("{name}-log")).join(format!("{name}.log"));
+        let out = fs::File::create(&log).unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let err = out
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot dup log file handle: {e}"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills with SIGKILL (a crash, no chance to clean up) and reaps the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop with SIGTERM, as a service manager would.
+    #[cfg(unix)]
+    pub fn terminate(&self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "cannot send SIGTERM to {}: {status:?}",
+            self.name
+        );
+    }
+
+    /// The exit status if the process exits within `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        // On failure the log is the only way to see what the process was doing.
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("----- last lines of {} ({}) -----", self.name, self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            eprintln!("----- end of {} -----", self.name);
+        }
+    }
+}
+
+/// Waits until the file at `path` exists and has at least `min_lines` non-empty lines, and
+/// returns them. Panics after `timeout`.
+pub fn wait_for_file_lines(path: &Path, min_lines: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let lines: Vec<String> = fs::read_to_string(path)
+            .map(|s| s.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect())
+            .unwrap_or_default();
+        if lines.len() >= min_lines {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} of {min_lines} expected lines after {timeout:?}: {lines:?}",
+            path.display(),
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
