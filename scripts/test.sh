@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bin corolla
+cargo build --release --locked --workspace --bins
 if [ -z "${COROLLA_SMOLLM2_GGUF:-}" ]; then
   COROLLA_SMOLLM2_GGUF="$(cargo run --release --locked --quiet --bin corolla -- fetch)"
 fi

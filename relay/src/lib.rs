@@ -180,7 +180,8 @@ fn build_swarm(keypair: Keypair, config: &RelayConfig) -> anyhow::Result<Swarm<B
                 .set_publication_interval(None)
                 .set_provider_publication_interval(None);
             // The relay is the bootstrap peer: its routing table fills from the peers that connect
-            // to it. Self-lookups would only warn "no known peers" every 5 minutes while it is alone.
+            // to it (each new one still triggers kad's automatic bootstrap). Periodic self-lookups
+            // would only warn "no known peers" every 5 minutes while it is alone.
             kad_config.set_periodic_bootstrap_interval(None);
             let store = MemoryStore::with_config(
                 peer_id,

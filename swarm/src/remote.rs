@@ -217,6 +217,7 @@ impl<B: Backend> RemoteBlocks<B> {
         });
         let (hops, _) = self.connect(0, self.config.num_layers, None).await?;
         self.hops = hops;
+        tracing::info!(route = ?self.route(), "session route");
         Ok(())
     }
 
@@ -253,6 +254,7 @@ impl<B: Backend> RemoteBlocks<B> {
                     let history = self.hops[i].history.clone();
                     let (replacement, _) = self.connect(start, end, history).await?;
                     self.hops.splice(i..=i, replacement);
+                    tracing::info!(route = ?self.route(), "session re-routed");
                     // Retry this step from the replaced hop on.
                 }
             }

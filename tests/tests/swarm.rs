@@ -1,0 +1,239 @@
+//! The swarm across real processes on 127.0.0.1: a relay, servers hosting overlapping spans,
+//! and `corolla generate --initial-peers`, checked against local runs and the fixtures.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use corolla_tests::{Proc, bin, fixture, temp_dir, wait_for_file_lines};
+
+const STARTUP: Duration = Duration::from_secs(60);
+
+struct Swarm {
+    dir: PathBuf,
+    relay_addr: String,
+    _relay: Proc,
+    servers: Vec<(Proc, String)>,
+}
+
+impl Swarm {
+    fn start(name: &str) -> Swarm {
+        let dir = temp_dir(name);
+        let addr_file = dir.join("relay.addrs");
+        let relay = Proc::spawn(
+            "relay",
+            Command::new(bin("relay"))
+                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+                .arg(&addr_file),
+        );
+        let relay_addr = wait_for_file_lines(&addr_file, 1, STARTUP).remove(0);
+        Swarm {
+            dir,
+            relay_addr,
+            _relay: relay,
+            servers: Vec::new(),
+        }
+    }
+
+    /// Starts a server and waits until it is announced; returns its peer id.
+    fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {
+        let n = self.servers.len();
+        let addr_file = self.dir.join(format!("server{n}.addrs"));
+        let mut cmd = Command::new(bin("server"));
+        cmd.arg("--model")
+            .arg(model)
+            .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
+            .args(["--addr-file"])
+            .arg(&addr_file)
+            .args(extra);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        }
+        let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
+        let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
+        let peer = addrs[0].rsplit("/p2p/").next().expect("address ends in /p2p/<id>").to_string();
+        self.servers.push((proc, peer.clone()));
+        peer
+    }
+
+    fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String) {
+        let out = Command::new(bin("corolla"))
+            .env("COROLLA_LOG", "info")
+            .arg("generate")
+            .arg("--model")
+            .arg(model)
+            .args(args)
+            .args(["--json", "--initial-peers", &self.relay_addr])
+            .output()
+            .expect("corolla runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "corolla failed: {stderr}");
+        (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
+    }
+}
+
+fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let bytes = std::fs::read(fixture(family).join("golden.safetensors")).expect("golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid golden");
+    let rows = |name: &str| -> Vec<Vec<u32>> {
+        let t = st.tensor(name).expect("tensor");
+        let cols = t.shape()[1];
+        let flat: Vec<u32> = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
+            .collect();
+        flat.chunks(cols).map(<[u32]>::to_vec).collect()
+    };
+    (rows("input_ids"), rows("generated"))
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn local(model: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("corolla"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("corolla runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn three_overlapping_servers_match_local_and_golden() {
+    for family in ["llama", "bloom", "mixtral"] {
+        let model = fixture(family);
+        let mut swarm = Swarm::start(family);
+        for blocks in ["0:2", "1:4", "2:4"] {
+            swarm.server(&model, blocks, &[]);
+        }
+        let (inputs, generated) = golden_rows(family);
+        for (row, prompt) in inputs.iter().enumerate() {
+            let new = (generated[row].len() - prompt.len()).to_string();
+            let args = ["--token-ids", &csv(prompt), "--max-new-tokens", &new, "--ignore-eos"];
+            let (remote, _) = swarm.generate(&model, &args);
+            assert_eq!(ids(&remote["token_ids"]), generated[row][prompt.len()..], "{family} row {row}");
+            assert_eq!(remote, local(&model, &args), "{family} row {row}: swarm vs local");
+        }
+    }
+}
+
+/// A server dies (kill -9) in the middle of a generation; another covers its blocks.
+#[test]
+fn failover_after_kill9_gives_the_same_tokens() {
+    let model = fixture("llama");
+    let mut swarm = Swarm::start("failover");
+    let a = swarm.server(&model, "0:4", &[]);
+    let b = swarm.server(&model, "0:4", &[]);
+    swarm.server(&model, "0:2", &[]);
+    let prompt = "1,2,3,4,5";
+    let args = ["--token-ids", prompt, "--max-new-tokens", "240", "--ignore-eos"];
+    let undisturbed = local(&model, &args);
+
+    let log = swarm.dir.join("client.log");
+    let mut client = Command::new(bin("corolla"))
+        .env("COROLLA_LOG", "info")
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(args)
+        .args(["--initial-peers", &swarm.relay_addr])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("corolla runs");
+    let mut stdout = client.stdout.take().expect("piped");
+    // Without a tokenizer, tokens stream as "id id id ...": wait for the first few.
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while seen.iter().filter(|&&c| c == b' ').count() < 3 {
+        assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
+        seen.push(byte[0]);
+    }
+    let route = std::fs::read_to_string(&log).expect("client log");
+    let route_line = route.lines().find(|l| l.contains("session route")).expect("route logged");
+    let victim = [&a, &b]
+        .into_iter()
+        .position(|peer| route_line.contains(peer.as_str()))
+        .or_else(|| swarm.servers.iter().position(|(_, p)| route_line.contains(p.as_str())))
+        .expect("the route uses one of the servers");
+    swarm.servers[victim].0.kill9();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("read");
+    assert!(client.wait().expect("exits").success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    seen.extend(rest);
+    let tokens: Vec<u32> = String::from_utf8(seen)
+        .expect("utf-8")
+        .split_whitespace()
+        .map(|t| t.parse().expect("token id"))
+        .collect();
+    assert_eq!(tokens, ids(&undisturbed["token_ids"]));
+    let log = std::fs::read_to_string(&log).expect("client log");
+    assert!(log.contains("re-routing"), "the client must have failed over: {log}");
+}
+
+/// A server reachable only through the relay (`/p2p-circuit`) serves a session.
+#[test]
+fn relay_only_server_serves_a_session() {
+    let model = fixture("qwen2");
+    let mut swarm = Swarm::start("circuit");
+    let circuit = format!("{}/p2p-circuit", swarm.relay_addr);
+    swarm.server(&model, "0:4", &["--listen", &circuit]);
+    let addrs = std::fs::read_to_string(swarm.dir.join("server0.addrs")).expect("addrs");
+    assert!(addrs.lines().all(|a| a.contains("/p2p-circuit/")), "relay-only addresses: {addrs}");
+    let (inputs, generated) = golden_rows("qwen2");
+    let args = ["--token-ids", &csv(&inputs[0]), "--max-new-tokens", "10", "--ignore-eos"];
+    let (remote, _) = swarm.generate(&model, &args);
+    assert_eq!(ids(&remote["token_ids"]), generated[0][inputs[0].len()..]);
+}
+
+/// A server that stops announcing (killed) is gone from routing once its records expire.
+#[test]
+fn servers_that_stop_announcing_expire() {
+    let model = fixture("llama");
+    let mut swarm = Swarm::start("expiry");
+    let a = swarm.server(&model, "0:4", &["--announce-ttl", "3"]);
+    let b = swarm.server(&model, "0:4", &["--announce-ttl", "3"]);
+    swarm.servers[0].0.kill9();
+    std::thread::sleep(Duration::from_secs(4));
+    for _ in 0..3 {
+        let (out, log) = swarm.generate(&model, &["--token-ids", "1,2,3", "--max-new-tokens", "4"]);
+        assert_eq!(ids(&out["token_ids"]).len(), 4);
+        let route = log.lines().find(|l| l.contains("session route")).expect("route logged");
+        assert!(route.contains(&b) && !route.contains(&a), "{route}");
+        assert!(!log.contains("re-routing"), "the dead server must not even be tried: {log}");
+    }
+}
+
+/// SmolLM2 split over two servers gives transformers' greedy tokens.
+#[test]
+fn smollm2_over_two_servers_matches_the_golden_tokens() {
+    let model = PathBuf::from(std::env::var("COROLLA_SMOLLM2_GGUF").expect(
+        "set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches SmolLM2 and sets it)",
+    ));
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("smollm2-golden.json")).expect("golden"),
+    )
+    .expect("json");
+    let mut swarm = Swarm::start("smollm2");
+    swarm.server(&model, "0:15", &[]);
+    swarm.server(&model, "15:30", &[]);
+    let case = &golden["cases"]["story"];
+    let (out, log) = swarm.generate(
+        &model,
+        &["--prompt", case["prompt"].as_str().expect("prompt"), "--max-new-tokens", "32"],
+    );
+    assert_eq!(ids(&out["token_ids"]), ids(&case["greedy_ids"]), "{log}");
+    assert_eq!(out["text"], case["greedy_text"]);
+}
