@@ -124,9 +124,22 @@ impl OnBackend for Job<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let mut blocks = LocalBlocks::new(&model.spans)?;
-        emit(self.files, self.args, &self.prompt_ids, &self.params, |params, on_token| {
-            Ok(generate(&model.embeddings, &model.head, &mut blocks, &[self.prompt_ids.clone()], params, on_token)?)
-        })
+        emit(
+            self.files,
+            self.args,
+            &self.prompt_ids,
+            &self.params,
+            |params, on_token| {
+                Ok(generate(
+                    &model.embeddings,
+                    &model.head,
+                    &mut blocks,
+                    &[self.prompt_ids.clone()],
+                    params,
+                    on_token,
+                )?)
+            },
+        )
     }
 }
 
@@ -136,7 +149,10 @@ pub fn emit(
     args: &GenerateArgs,
     prompt_ids: &[u32],
     params: &GenerateParams,
-    generate: impl FnOnce(&GenerateParams, &mut dyn FnMut(shared_model::generate::TokenEvent) -> ControlFlow<()>) -> Result<Vec<Vec<u32>>>,
+    generate: impl FnOnce(
+        &GenerateParams,
+        &mut dyn FnMut(shared_model::generate::TokenEvent) -> ControlFlow<()>,
+    ) -> Result<Vec<Vec<u32>>>,
 ) -> Result<()> {
     {
         let tokenizer = files.tokenizer.as_ref();

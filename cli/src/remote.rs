@@ -41,7 +41,10 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
         any
     });
     if !reachable {
-        bail!("no initial peer is reachable (relay unreachable?): {:?}", args.initial_peers);
+        bail!(
+            "no initial peer is reachable (relay unreachable?): {:?}",
+            args.initial_peers
+        );
     }
 
     let device = Default::default();
@@ -63,7 +66,14 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
     };
     let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
     let result = emit(files, args, &prompt_ids, &params, |params, on_token| {
-        Ok(generate(&embeddings, &head, &mut blocks, &[prompt_ids.clone()], params, on_token)?)
+        Ok(generate(
+            &embeddings,
+            &head,
+            &mut blocks,
+            &[prompt_ids.clone()],
+            params,
+            on_token,
+        )?)
     });
     drop(blocks);
     // Let the session-closing messages go out.

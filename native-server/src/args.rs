@@ -22,7 +22,11 @@ pub enum DtypeArg {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "server", version, about = "Host a span of transformer blocks for the Corolla swarm")]
+#[command(
+    name = "server",
+    version,
+    about = "Host a span of transformer blocks for the Corolla swarm"
+)]
 pub struct ServerArgs {
     /// An HF-layout model folder or a `.gguf` file.
     #[arg(long)]
@@ -111,10 +115,7 @@ impl ServerArgs {
             bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
         }
         let listen = if self.listen.is_empty() {
-            vec![
-                "/ip4/0.0.0.0/tcp/0".parse()?,
-                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-            ]
+            vec!["/ip4/0.0.0.0/tcp/0".parse()?, "/ip4/0.0.0.0/udp/0/quic-v1".parse()?]
         } else {
             self.listen
         };

@@ -56,11 +56,16 @@ struct Shared<B: Backend> {
     session_timeout: Duration,
 }
 
-async fn serve<B: AutodiffBackend>(config: ServerConfig, device: B::Device, shutdown: impl Future<Output = ()>) -> Result<()>
+async fn serve<B: AutodiffBackend>(
+    config: ServerConfig,
+    device: B::Device,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()>
 where
     B::Device: Send + Sync,
 {
-    let files = ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
+    let files =
+        ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
     let num_layers = files.config.num_layers;
     let model_fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
     let model_name = config
@@ -73,7 +78,10 @@ where
         Some(path) => swarm::identity::load_or_create(path)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
     };
-    let relay_only = config.listen.iter().all(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
+    let relay_only = config
+        .listen
+        .iter()
+        .all(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
     let mut node_config = NodeConfig::new(keypair);
     node_config.listen = config.listen.clone();
     node_config.bootstrap = config.initial_peers.clone();
@@ -88,9 +96,16 @@ where
         (None, Some(n)) => {
             // Let the DHT settle before reading it: the bootstrap connection is fresh.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let servers = dht::discover(&client, &model_fp, Duration::from_secs(5)).await.unwrap_or_default();
+            let servers = dht::discover(&client, &model_fp, Duration::from_secs(5))
+                .await
+                .unwrap_or_default();
             let start = span_choice::choose_start(&span_choice::block_throughputs(num_layers, &servers), n);
-            tracing::info!(start, end = start + n.min(num_layers), known_servers = servers.len(), "chose blocks");
+            tracing::info!(
+                start,
+                end = start + n.min(num_layers),
+                known_servers = servers.len(),
+                "chose blocks"
+            );
             (start, (start + n).min(num_layers))
         }
         (None, None) => bail!("give --blocks or --num-blocks"),
@@ -208,7 +223,13 @@ async fn announce_addrs(client: &Client, peer: PeerId, relay_only: bool) -> (Vec
         .cloned()
         .collect();
     if !relay_only {
-        out.extend(addrs.listen.iter().filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit)).cloned());
+        out.extend(
+            addrs
+                .listen
+                .iter()
+                .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
+                .cloned(),
+        );
     }
     let full = out
         .into_iter()
@@ -249,16 +270,27 @@ fn refuse(kind: ErrorKind, message: impl Into<String>) -> ProtocolError {
 }
 
 /// Checks a request's model and blocks against what this server hosts.
-fn check_span<B: Backend>(shared: &Shared<B>, model: &str, start: u32, end: u32) -> Result<Range<usize>, ProtocolError> {
+fn check_span<B: Backend>(
+    shared: &Shared<B>,
+    model: &str,
+    start: u32,
+    end: u32,
+) -> Result<Range<usize>, ProtocolError> {
     if model != shared.fingerprint {
-        return Err(refuse(ErrorKind::WrongModel, format!("this server serves model {}", shared.fingerprint)));
+        return Err(refuse(
+            ErrorKind::WrongModel,
+            format!("this server serves model {}", shared.fingerprint),
+        ));
     }
     let hosted = shared.span.range();
     let (start, end) = (start as usize, end as usize);
     if start >= end || start < hosted.start || end > hosted.end {
         return Err(refuse(
             ErrorKind::WrongSpan,
-            format!("blocks {start}..{end} are not within the hosted {}..{}", hosted.start, hosted.end),
+            format!(
+                "blocks {start}..{end} are not within the hosted {}..{}",
+                hosted.start, hosted.end
+            ),
         ));
     }
     Ok(start..end)
@@ -277,16 +309,25 @@ fn hidden_input<B: Backend>(
     if b == 0 || n == 0 || b > shared.limits.max_batch || b.saturating_mul(n) > shared.limits.max_step_tokens {
         return Err(refuse(
             ErrorKind::BadRequest,
-            format!("batch {b} x {n} tokens is outside the limits (batch <= {}, tokens <= {})", shared.limits.max_batch, shared.limits.max_step_tokens),
+            format!(
+                "batch {b} x {n} tokens is outside the limits (batch <= {}, tokens <= {})",
+                shared.limits.max_batch, shared.limits.max_step_tokens
+            ),
         ));
     }
     let host = t.decode(&shared.limits).map_err(bad)?;
-    Ok(Tensor::from_data(TensorData::new(host.data, host.shape), &shared.device))
+    Ok(Tensor::from_data(
+        TensorData::new(host.data, host.shape),
+        &shared.device,
+    ))
 }
 
 fn pads(pad: &[u32], batch: usize) -> Result<Vec<usize>, ProtocolError> {
     if pad.len() != batch {
-        return Err(refuse(ErrorKind::BadRequest, format!("{} pad entries for a batch of {batch}", pad.len())));
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("{} pad entries for a batch of {batch}", pad.len()),
+        ));
     }
     Ok(pad.iter().map(|&p| p as usize).collect())
 }
@@ -303,7 +344,14 @@ where
     let shared = shared.clone();
     let work = tokio::task::spawn_blocking(move || -> Result<WireTensor, ProtocolError> {
         match request {
-            SpanRequest::Forward { model, start, end, pad, hidden, reply_dtype } => {
+            SpanRequest::Forward {
+                model,
+                start,
+                end,
+                pad,
+                hidden,
+                reply_dtype,
+            } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
                 let pad = pads(&pad, x.dims()[0])?;
@@ -313,7 +361,15 @@ where
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
                 Ok(to_wire(y, reply_dtype))
             }
-            SpanRequest::Backward { model, start, end, pad, hidden, grad_output, reply_dtype } => {
+            SpanRequest::Backward {
+                model,
+                start,
+                end,
+                pad,
+                hidden,
+                grad_output,
+                reply_dtype,
+            } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
                 let batch = x.dims()[0];
@@ -365,23 +421,41 @@ where
         .sessions
         .try_acquire()
         .map_err(|_| refuse(ErrorKind::Busy, "this server has reached --max-sessions"))?;
-    let first = tokio::time::timeout(shared.session_timeout, wire::read_frame::<_, SessionRequest>(stream, max))
-        .await
-        .map_err(|_| refuse(ErrorKind::Closed, "no Open message"))?
-        .map_err(bad)?;
-    let SessionRequest::Open { model, start, end, batch, max_length, pad, reply_dtype } = first else {
+    let first = tokio::time::timeout(
+        shared.session_timeout,
+        wire::read_frame::<_, SessionRequest>(stream, max),
+    )
+    .await
+    .map_err(|_| refuse(ErrorKind::Closed, "no Open message"))?
+    .map_err(bad)?;
+    let SessionRequest::Open {
+        model,
+        start,
+        end,
+        batch,
+        max_length,
+        pad,
+        reply_dtype,
+    } = first
+    else {
         return Err(refuse(ErrorKind::BadRequest, "a session must start with Open"));
     };
     let blocks = check_span(shared, &model, start, end)?;
     let batch = batch as usize;
     let max_length = max_length as usize;
     if batch == 0 || batch > shared.limits.max_batch || max_length == 0 {
-        return Err(refuse(ErrorKind::BadRequest, format!("batch {batch} / max_length {max_length} out of range")));
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("batch {batch} / max_length {max_length} out of range"),
+        ));
     }
     if let Some(context) = shared.span.config().max_position_embeddings
         && max_length > context
     {
-        return Err(refuse(ErrorKind::BadRequest, format!("max_length {max_length} exceeds the context of {context}")));
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("max_length {max_length} exceeds the context of {context}"),
+        ));
     }
     let pad = pads(&pad, batch)?;
     let tokens = batch.saturating_mul(max_length);
@@ -391,18 +465,31 @@ where
         .await
         .map_err(|_| refuse(ErrorKind::Busy, format!("no room for {tokens} cache tokens")))?
         .map_err(|_| refuse(ErrorKind::Internal, "cache budget closed"))?;
-    wire::write_frame(stream, &SessionResponse::Opened { cache_tokens: tokens as u64 }, max)
-        .await
-        .map_err(bad)?;
+    wire::write_frame(
+        stream,
+        &SessionResponse::Opened {
+            cache_tokens: tokens as u64,
+        },
+        max,
+    )
+    .await
+    .map_err(bad)?;
 
     let mut cache: Option<SpanCache<B>> = Some(SpanCache::new(blocks.len(), pad));
     loop {
-        let request = match tokio::time::timeout(shared.session_timeout, wire::read_frame::<_, SessionRequest>(stream, max)).await {
+        let request = match tokio::time::timeout(
+            shared.session_timeout,
+            wire::read_frame::<_, SessionRequest>(stream, max),
+        )
+        .await
+        {
             Err(_) => return Err(refuse(ErrorKind::Closed, "session idle for too long")),
             Ok(Err(WireError::Closed)) => return Ok(()),
             Ok(Err(e @ WireError::Decode(_))) => {
                 // The frame boundary is intact: report and keep the session.
-                wire::write_frame(stream, &SessionResponse::Error(bad(e)), max).await.map_err(bad)?;
+                wire::write_frame(stream, &SessionResponse::Error(bad(e)), max)
+                    .await
+                    .map_err(bad)?;
                 continue;
             }
             Ok(Err(e)) => return Err(bad(e)),
@@ -411,9 +498,13 @@ where
         let (step, hidden) = match request {
             SessionRequest::Close => return Ok(()),
             SessionRequest::Open { .. } => {
-                wire::write_frame(stream, &SessionResponse::Error(refuse(ErrorKind::BadRequest, "session already open")), max)
-                    .await
-                    .map_err(bad)?;
+                wire::write_frame(
+                    stream,
+                    &SessionResponse::Error(refuse(ErrorKind::BadRequest, "session already open")),
+                    max,
+                )
+                .await
+                .map_err(bad)?;
                 continue;
             }
             SessionRequest::Step { step, hidden } => (step, hidden),
@@ -425,13 +516,19 @@ where
             Err(e) => Err(e),
             Ok(_) if c.len + hidden.shape[1] as usize > max_length => Err(refuse(
                 ErrorKind::BadRequest,
-                format!("{} more tokens exceed the session's max_length of {max_length}", hidden.shape[1]),
+                format!(
+                    "{} more tokens exceed the session's max_length of {max_length}",
+                    hidden.shape[1]
+                ),
             )),
             Ok(x) => {
                 let worker = shared.clone();
                 let blocks = blocks.clone();
                 let joined = tokio::task::spawn_blocking(move || {
-                    let out = worker.span.forward_blocks(x, &mut c, blocks, |_, _| {}).map(|y| to_wire(y, reply_dtype));
+                    let out = worker
+                        .span
+                        .forward_blocks(x, &mut c, blocks, |_, _| {})
+                        .map(|y| to_wire(y, reply_dtype));
                     (c, out)
                 })
                 .await;
@@ -452,4 +549,3 @@ where
         wire::write_frame(stream, &response, max).await.map_err(bad)?;
     }
 }
-

@@ -23,7 +23,11 @@ pub fn choose_start(throughputs: &[f64], len: usize) -> usize {
             let mut wb = throughputs[b..b + len].to_vec();
             wa.sort_by(f64::total_cmp);
             wb.sort_by(f64::total_cmp);
-            wa.iter().zip(&wb).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal)
+            wa.iter()
+                .zip(&wb)
+                .map(|(x, y)| x.total_cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
         })
         .unwrap_or(0)
 }

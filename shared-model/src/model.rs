@@ -177,10 +177,7 @@ impl<B: Backend> BlockSpan<B> {
             });
         }
         let [batch, new, hidden] = x.dims();
-        if batch != cache.batch()
-            || hidden != self.config.hidden_size
-            || new == 0
-            || cache.layers.len() != blocks.len()
+        if batch != cache.batch() || hidden != self.config.hidden_size || new == 0 || cache.layers.len() != blocks.len()
         {
             return Err(ModelError::Shape {
                 actual: vec![batch, new, hidden],
@@ -221,7 +218,12 @@ impl<B: Backend> BlockSpan<B> {
     }
 
     /// [`Self::forward_full`] over `blocks` only (absolute indices within this span).
-    pub fn forward_full_blocks(&self, x: Tensor<B, 3>, pad: Vec<usize>, blocks: Range<usize>) -> Result<Tensor<B, 3>, ModelError> {
+    pub fn forward_full_blocks(
+        &self,
+        x: Tensor<B, 3>,
+        pad: Vec<usize>,
+        blocks: Range<usize>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
         let mut cache = SpanCache {
             layers: (0..blocks.len()).map(|_| LayerCache::scratch()).collect(),
             pad,

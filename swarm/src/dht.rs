@@ -24,13 +24,17 @@ pub fn server_key(fingerprint: &str, peer: &PeerId) -> RecordKey {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Publishes (or refreshes) this server's presence.
 pub async fn announce(client: &Client, info: &ServerInfo) -> Result<(), NodeError> {
     let value = wire::to_cbor(info).map_err(|e| NodeError::Dht(e.to_string()))?;
-    client.put_record(server_key(&info.model, &client.peer_id()), value).await?;
+    client
+        .put_record(server_key(&info.model, &client.peer_id()), value)
+        .await?;
     client.start_providing(model_key(&info.model)).await
 }
 

@@ -10,7 +10,10 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, noise, ping, relay, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, noise, ping, relay,
+    tcp, yamux,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
@@ -97,19 +100,58 @@ type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
 #[derive(Debug)]
 enum Command {
-    Dial { addr: Multiaddr, reply: Reply<()> },
-    AddAddress { peer: PeerId, addr: Multiaddr },
-    StartProviding { key: kad::RecordKey, reply: Reply<()> },
-    StopProviding { key: kad::RecordKey },
-    PutRecord { key: kad::RecordKey, value: Vec<u8>, reply: Reply<()> },
-    GetProviders { key: kad::RecordKey, reply: Reply<HashSet<PeerId>> },
-    GetRecord { key: kad::RecordKey, reply: Reply<Vec<Vec<u8>>> },
-    Span { peer: PeerId, request: SpanRequest, reply: Reply<SpanResponse> },
-    Info { peer: PeerId, reply: Reply<ServerInfo> },
-    RespondSpan { channel: ResponseChannel<SpanResponse>, response: SpanResponse },
-    RespondInfo { channel: ResponseChannel<ServerInfo>, info: ServerInfo },
-    Rtt { peer: PeerId, reply: oneshot::Sender<Option<Duration>> },
-    Addresses { reply: oneshot::Sender<NodeAddresses> },
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<()>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    StartProviding {
+        key: kad::RecordKey,
+        reply: Reply<()>,
+    },
+    StopProviding {
+        key: kad::RecordKey,
+    },
+    PutRecord {
+        key: kad::RecordKey,
+        value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    GetProviders {
+        key: kad::RecordKey,
+        reply: Reply<HashSet<PeerId>>,
+    },
+    GetRecord {
+        key: kad::RecordKey,
+        reply: Reply<Vec<Vec<u8>>>,
+    },
+    Span {
+        peer: PeerId,
+        request: SpanRequest,
+        reply: Reply<SpanResponse>,
+    },
+    Info {
+        peer: PeerId,
+        reply: Reply<ServerInfo>,
+    },
+    RespondSpan {
+        channel: ResponseChannel<SpanResponse>,
+        response: SpanResponse,
+    },
+    RespondInfo {
+        channel: ResponseChannel<ServerInfo>,
+        info: ServerInfo,
+    },
+    Rtt {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<Duration>>,
+    },
+    Addresses {
+        reply: oneshot::Sender<NodeAddresses>,
+    },
 }
 
 /// Where this node can be reached.
@@ -140,7 +182,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| transport_err(&e))?
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -155,7 +201,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 .set_provider_publication_interval(None)
                 .set_query_timeout(Duration::from_secs(20));
             let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
-            kad.set_mode(Some(if dht_server { kad::Mode::Server } else { kad::Mode::Client }));
+            kad.set_mode(Some(if dht_server {
+                kad::Mode::Server
+            } else {
+                kad::Mode::Client
+            }));
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
             let max = limits.max_frame_bytes as u64;
             let span_codec = request_response::cbor::codec::Codec::default()
@@ -178,7 +228,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 dcutr: dcutr::Behaviour::new(peer_id),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
                 streams: libp2p_stream::Behaviour::new(),
-                span: request_response::Behaviour::with_codec(span_codec, [(SPAN_PROTOCOL, ProtocolSupport::Full)], rr_config.clone()),
+                span: request_response::Behaviour::with_codec(
+                    span_codec,
+                    [(SPAN_PROTOCOL, ProtocolSupport::Full)],
+                    rr_config.clone(),
+                ),
                 info: request_response::cbor::Behaviour::new([(INFO_PROTOCOL, ProtocolSupport::Full)], rr_config),
             })
         })
@@ -224,7 +278,15 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         rtt: HashMap::new(),
         relayed: false,
     };
-    Ok((Client { peer_id, commands, control }, inbound_rx, event_loop))
+    Ok((
+        Client {
+            peer_id,
+            commands,
+            control,
+        },
+        inbound_rx,
+        event_loop,
+    ))
 }
 
 /// Peer id at the end of an address, if any.
@@ -329,7 +391,8 @@ impl EventLoop {
             }
             Command::GetProviders { key, reply } => {
                 let id = behaviour.kad.get_providers(key);
-                self.pending_queries.insert(id, QueryReply::Providers(reply, HashSet::new()));
+                self.pending_queries
+                    .insert(id, QueryReply::Providers(reply, HashSet::new()));
             }
             Command::GetRecord { key, reply } => {
                 let id = behaviour.kad.get_record(key);
@@ -373,7 +436,11 @@ impl EventLoop {
                 }
                 self.listen_through_relays(peer_id);
             }
-            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
                 if let Some(replies) = self.pending_dials.remove(&peer) {
                     for r in replies {
                         let _ = r.send(Err(NodeError::Dial {
@@ -398,9 +465,9 @@ impl EventLoop {
 
     /// Starts listening on each pending `/p2p-circuit` address whose relay just connected.
     fn listen_through_relays(&mut self, connected: PeerId) {
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_circuits).into_iter().partition(|addr| {
-            addr.iter().any(|p| p == Protocol::P2p(connected))
-        });
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_circuits)
+            .into_iter()
+            .partition(|addr| addr.iter().any(|p| p == Protocol::P2p(connected)));
         self.pending_circuits = waiting;
         for addr in ready {
             if let Err(e) = self.swarm.listen_on(addr.clone()) {
@@ -419,7 +486,9 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+            BehaviourEvent::Ping(ping::Event {
+                peer, result: Ok(rtt), ..
+            }) => {
                 self.rtt.insert(peer, rtt);
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
@@ -428,7 +497,11 @@ impl EventLoop {
             BehaviourEvent::Span(event) => match event {
                 request_response::Event::Message { peer, message, .. } => match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        if self.inbound.try_send(InboundEvent::Span { peer, request, channel }).is_err() {
+                        if self
+                            .inbound
+                            .try_send(InboundEvent::Span { peer, request, channel })
+                            .is_err()
+                        {
                             tracing::warn!(%peer, "dropping a span request: the server is saturated");
                         }
                     }
@@ -438,7 +511,12 @@ impl EventLoop {
                         }
                     }
                 },
-                request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
                     if let Some(r) = self.pending_span.remove(&request_id) {
                         let _ = r.send(Err(NodeError::Request {
                             peer,
@@ -459,7 +537,12 @@ impl EventLoop {
                         }
                     }
                 },
-                request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
                     if let Some(r) = self.pending_info.remove(&request_id) {
                         let _ = r.send(Err(NodeError::Request {
                             peer,
@@ -541,7 +624,10 @@ impl Client {
     }
 
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NodeError> {
-        self.commands.send(Command::AddAddress { peer, addr }).await.map_err(|_| NodeError::Shutdown)
+        self.commands
+            .send(Command::AddAddress { peer, addr })
+            .await
+            .map_err(|_| NodeError::Shutdown)
     }
 
     pub async fn start_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
@@ -549,7 +635,10 @@ impl Client {
     }
 
     pub async fn stop_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
-        self.commands.send(Command::StopProviding { key }).await.map_err(|_| NodeError::Shutdown)
+        self.commands
+            .send(Command::StopProviding { key })
+            .await
+            .map_err(|_| NodeError::Shutdown)
     }
 
     pub async fn put_record(&self, key: kad::RecordKey, value: Vec<u8>) -> Result<(), NodeError> {
@@ -573,7 +662,11 @@ impl Client {
         self.ask(|reply| Command::Info { peer, reply }).await
     }
 
-    pub async fn respond_span(&self, channel: ResponseChannel<SpanResponse>, response: SpanResponse) -> Result<(), NodeError> {
+    pub async fn respond_span(
+        &self,
+        channel: ResponseChannel<SpanResponse>,
+        response: SpanResponse,
+    ) -> Result<(), NodeError> {
         self.commands
             .send(Command::RespondSpan { channel, response })
             .await
@@ -596,20 +689,30 @@ impl Client {
 
     pub async fn addresses(&self) -> Result<NodeAddresses, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Addresses { reply: tx }).await.map_err(|_| NodeError::Shutdown)?;
+        self.commands
+            .send(Command::Addresses { reply: tx })
+            .await
+            .map_err(|_| NodeError::Shutdown)?;
         rx.await.map_err(|_| NodeError::Shutdown)
     }
 
     /// Opens a new stream for `protocol` (one per inference session).
     pub async fn open_stream(&self, peer: PeerId, protocol: StreamProtocol) -> Result<Stream, NodeError> {
-        self.control.clone().open_stream(peer, protocol).await.map_err(|e| NodeError::Stream {
-            peer,
-            reason: e.to_string(),
-        })
+        self.control
+            .clone()
+            .open_stream(peer, protocol)
+            .await
+            .map_err(|e| NodeError::Stream {
+                peer,
+                reason: e.to_string(),
+            })
     }
 
     /// Accepts inbound streams of `protocol`.
     pub fn accept(&self, protocol: StreamProtocol) -> Result<libp2p_stream::IncomingStreams, NodeError> {
-        self.control.clone().accept(protocol).map_err(|e| NodeError::Transport(e.to_string()))
+        self.control
+            .clone()
+            .accept(protocol)
+            .map_err(|e| NodeError::Transport(e.to_string()))
     }
 }

@@ -68,9 +68,14 @@ pub enum SessionRequest {
 /// Server -> client on an inference stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SessionResponse {
-    Opened { cache_tokens: u64 },
+    Opened {
+        cache_tokens: u64,
+    },
     /// Output of the last block of the span for `step`: `[batch, new, hidden_size]`.
-    Output { step: u64, hidden: WireTensor },
+    Output {
+        step: u64,
+        hidden: WireTensor,
+    },
     Error(ProtocolError),
 }
 

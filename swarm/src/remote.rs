@@ -80,7 +80,10 @@ impl<B: Backend> RemoteBlocks<B> {
 
     /// The current route, for display: (peer, start, end).
     pub fn route(&self) -> Vec<(PeerId, usize, usize)> {
-        self.hops.iter().map(|h| (h.session.peer, h.session.start, h.session.end)).collect()
+        self.hops
+            .iter()
+            .map(|h| (h.session.peer, h.session.start, h.session.end))
+            .collect()
     }
 
     async fn refresh(&mut self) -> Result<(), SessionError> {
@@ -104,7 +107,9 @@ impl<B: Backend> RemoteBlocks<B> {
             if self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now) {
                 continue;
             }
-            let Ok(peer) = s.peer_id.parse::<PeerId>() else { continue };
+            let Ok(peer) = s.peer_id.parse::<PeerId>() else {
+                continue;
+            };
             let rtt = self.client.rtt(peer).await.unwrap_or(Duration::from_millis(50));
             let span = (s.end - s.start).max(1) as f64;
             out.push(Candidate {
@@ -134,7 +139,9 @@ impl<B: Backend> RemoteBlocks<B> {
     }
 
     async fn open(&self, hop: &Hop, spec: &SessionSpec) -> Result<HopSession, SessionError> {
-        let peer: PeerId = hop.peer.parse().map_err(|_| SessionError::Protocol { peer: self.client.peer_id() })?;
+        let peer: PeerId = hop.peer.parse().map_err(|_| SessionError::Protocol {
+            peer: self.client.peer_id(),
+        })?;
         if let Some(info) = self.servers.iter().find(|s| s.peer_id == hop.peer) {
             for addr in &info.addrs {
                 if let Ok(addr) = addr.parse::<Multiaddr>() {
@@ -153,7 +160,9 @@ impl<B: Backend> RemoteBlocks<B> {
         end: usize,
         history: Option<HostTensor>,
     ) -> Result<(Vec<ActiveHop>, Option<HostTensor>), SessionError> {
-        let spec = self.spec.clone().ok_or(SessionError::Protocol { peer: self.client.peer_id() })?;
+        let spec = self.spec.clone().ok_or(SessionError::Protocol {
+            peer: self.client.peer_id(),
+        })?;
         let mut last = String::from("no candidate");
         for _ in 0..=self.config.max_failovers {
             let route = self.plan(start, end).await?;
@@ -315,6 +324,9 @@ mod tests {
         let b = HostTensor::new(vec![2, 2, 2], vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]);
         let c = concat_tokens(&a, &b);
         assert_eq!(c.shape, vec![2, 3, 2]);
-        assert_eq!(c.data, vec![1.0, 2.0, 5.0, 6.0, 7.0, 8.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]);
+        assert_eq!(
+            c.data,
+            vec![1.0, 2.0, 5.0, 6.0, 7.0, 8.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]
+        );
     }
 }

@@ -61,7 +61,10 @@ pub fn min_latency_route(candidates: &[Candidate], start: usize, end: usize) -> 
     let mut best = vec![f64::INFINITY; n + 1];
     let mut prev: Vec<Option<(usize, usize)>> = vec![None; n + 1];
     best[0] = 0.0;
-    let mut heap = BinaryHeap::from([State { cost: 0.0, block: start }]);
+    let mut heap = BinaryHeap::from([State {
+        cost: 0.0,
+        block: start,
+    }]);
     while let Some(State { cost, block }) = heap.pop() {
         if cost > best[block - start] {
             continue;
@@ -80,7 +83,10 @@ pub fn min_latency_route(candidates: &[Candidate], start: usize, end: usize) -> 
                 if total < best[next - start] {
                     best[next - start] = total;
                     prev[next - start] = Some((i, block));
-                    heap.push(State { cost: total, block: next });
+                    heap.push(State {
+                        cost: total,
+                        block: next,
+                    });
                 }
             }
         }
@@ -155,7 +161,14 @@ mod tests {
         assert_eq!(err, Gap { start: 3, end: 5 });
         // Sub-spans route too (failover re-routes only the lost span).
         let sub = min_latency_route(&cands, 3, 5).expect("covered");
-        assert_eq!(sub, vec![Hop { peer: "b".into(), start: 3, end: 5 }]);
+        assert_eq!(
+            sub,
+            vec![Hop {
+                peer: "b".into(),
+                start: 3,
+                end: 5
+            }]
+        );
     }
 
     #[test]

@@ -55,10 +55,19 @@ pub struct SessionSpec {
 }
 
 impl HopSession {
-    pub async fn open(client: &Client, peer: PeerId, start: usize, end: usize, spec: &SessionSpec) -> Result<Self, SessionError> {
+    pub async fn open(
+        client: &Client,
+        peer: PeerId,
+        start: usize,
+        end: usize,
+        spec: &SessionSpec,
+    ) -> Result<Self, SessionError> {
         let stream = tokio::time::timeout(spec.timeout, client.open_stream(peer, INFERENCE_PROTOCOL))
             .await
-            .map_err(|_| SessionError::Timeout { peer, timeout: spec.timeout })??;
+            .map_err(|_| SessionError::Timeout {
+                peer,
+                timeout: spec.timeout,
+            })??;
         let mut session = Self {
             peer,
             start,
@@ -93,7 +102,11 @@ impl HopSession {
         };
         match self.exchange(&request).await? {
             SessionResponse::Output { step, hidden: out } if step == self.step => {
-                out.expect_shape(&[Some(hidden.shape[0] as u64), Some(hidden.shape[1] as u64), Some(hidden.shape[2] as u64)])?;
+                out.expect_shape(&[
+                    Some(hidden.shape[0] as u64),
+                    Some(hidden.shape[1] as u64),
+                    Some(hidden.shape[2] as u64),
+                ])?;
                 Ok(out.decode(&self.limits)?)
             }
             _ => Err(SessionError::Protocol { peer: self.peer }),

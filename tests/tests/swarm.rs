@@ -52,7 +52,11 @@ impl Swarm {
         }
         let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
         let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
-        let peer = addrs[0].rsplit("/p2p/").next().expect("address ends in /p2p/<id>").to_string();
+        let peer = addrs[0]
+            .rsplit("/p2p/")
+            .next()
+            .expect("address ends in /p2p/<id>")
+            .to_string();
         self.servers.push((proc, peer.clone()));
         peer
     }
@@ -90,7 +94,11 @@ fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn csv(ids: &[u32]) -> String {
@@ -123,7 +131,11 @@ fn three_overlapping_servers_match_local_and_golden() {
             let new = (generated[row].len() - prompt.len()).to_string();
             let args = ["--token-ids", &csv(prompt), "--max-new-tokens", &new, "--ignore-eos"];
             let (remote, _) = swarm.generate(&model, &args);
-            assert_eq!(ids(&remote["token_ids"]), generated[row][prompt.len()..], "{family} row {row}");
+            assert_eq!(
+                ids(&remote["token_ids"]),
+                generated[row][prompt.len()..],
+                "{family} row {row}"
+            );
             assert_eq!(remote, local(&model, &args), "{family} row {row}: swarm vs local");
         }
     }
@@ -162,7 +174,10 @@ fn failover_after_kill9_gives_the_same_tokens() {
         seen.push(byte[0]);
     }
     let route = std::fs::read_to_string(&log).expect("client log");
-    let route_line = route.lines().find(|l| l.contains("session route")).expect("route logged");
+    let route_line = route
+        .lines()
+        .find(|l| l.contains("session route"))
+        .expect("route logged");
     let victim = [&a, &b]
         .into_iter()
         .position(|peer| route_line.contains(peer.as_str()))
@@ -171,7 +186,11 @@ fn failover_after_kill9_gives_the_same_tokens() {
     swarm.servers[victim].0.kill9();
     let mut rest = Vec::new();
     stdout.read_to_end(&mut rest).expect("read");
-    assert!(client.wait().expect("exits").success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        client.wait().expect("exits").success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     seen.extend(rest);
     let tokens: Vec<u32> = String::from_utf8(seen)
         .expect("utf-8")
@@ -191,9 +210,18 @@ fn relay_only_server_serves_a_session() {
     let circuit = format!("{}/p2p-circuit", swarm.relay_addr);
     swarm.server(&model, "0:4", &["--listen", &circuit]);
     let addrs = std::fs::read_to_string(swarm.dir.join("server0.addrs")).expect("addrs");
-    assert!(addrs.lines().all(|a| a.contains("/p2p-circuit/")), "relay-only addresses: {addrs}");
+    assert!(
+        addrs.lines().all(|a| a.contains("/p2p-circuit/")),
+        "relay-only addresses: {addrs}"
+    );
     let (inputs, generated) = golden_rows("qwen2");
-    let args = ["--token-ids", &csv(&inputs[0]), "--max-new-tokens", "10", "--ignore-eos"];
+    let args = [
+        "--token-ids",
+        &csv(&inputs[0]),
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+    ];
     let (remote, _) = swarm.generate(&model, &args);
     assert_eq!(ids(&remote["token_ids"]), generated[0][inputs[0].len()..]);
 }
@@ -212,27 +240,34 @@ fn servers_that_stop_announcing_expire() {
         assert_eq!(ids(&out["token_ids"]).len(), 4);
         let route = log.lines().find(|l| l.contains("session route")).expect("route logged");
         assert!(route.contains(&b) && !route.contains(&a), "{route}");
-        assert!(!log.contains("re-routing"), "the dead server must not even be tried: {log}");
+        assert!(
+            !log.contains("re-routing"),
+            "the dead server must not even be tried: {log}"
+        );
     }
 }
 
 /// SmolLM2 split over two servers gives transformers' greedy tokens.
 #[test]
 fn smollm2_over_two_servers_matches_the_golden_tokens() {
-    let model = PathBuf::from(std::env::var("COROLLA_SMOLLM2_GGUF").expect(
-        "set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches SmolLM2 and sets it)",
-    ));
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("smollm2-golden.json")).expect("golden"),
-    )
-    .expect("json");
+    let model = PathBuf::from(
+        std::env::var("COROLLA_SMOLLM2_GGUF")
+            .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches SmolLM2 and sets it)"),
+    );
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-golden.json")).expect("golden")).expect("json");
     let mut swarm = Swarm::start("smollm2");
     swarm.server(&model, "0:15", &[]);
     swarm.server(&model, "15:30", &[]);
     let case = &golden["cases"]["story"];
     let (out, log) = swarm.generate(
         &model,
-        &["--prompt", case["prompt"].as_str().expect("prompt"), "--max-new-tokens", "32"],
+        &[
+            "--prompt",
+            case["prompt"].as_str().expect("prompt"),
+            "--max-new-tokens",
+            "32",
+        ],
     );
     assert_eq!(ids(&out["token_ids"]), ids(&case["greedy_ids"]), "{log}");
     assert_eq!(out["text"], case["greedy_text"]);

@@ -1,0 +1,223 @@
+//! A server facing malformed messages: wrong shapes, huge declared sizes, garbage bytes,
+//! wrong models. Each gets an error back, and the server keeps serving everyone else.
+
+use std::process::Command;
+use std::time::Duration;
+
+use corolla_tests::{Proc, bin, fixture, temp_dir, wait_for_file_lines};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{Multiaddr, PeerId};
+use shared_model::fingerprint::fingerprint;
+use shared_model::loader::ModelFiles;
+use shared_model::weights::HostTensor;
+use swarm::node::{self, NodeConfig};
+use swarm::protocol::{ErrorKind, INFERENCE_PROTOCOL, SessionRequest, SessionResponse, SpanRequest, SpanResponse};
+use swarm::wire::{self, WireDtype, WireTensor};
+
+const MAX: usize = 256 << 20;
+
+fn open(model: &str, batch: u32) -> SessionRequest {
+    SessionRequest::Open {
+        model: model.into(),
+        start: 0,
+        end: 4,
+        batch,
+        max_length: 32,
+        pad: vec![0; batch as usize],
+        reply_dtype: WireDtype::F32,
+    }
+}
+
+fn hidden(shape: Vec<usize>) -> WireTensor {
+    let n = shape.iter().product();
+    WireTensor::encode(&HostTensor::new(shape, vec![0.01; n]), WireDtype::F32)
+}
+
+fn error_kind(r: SessionResponse) -> ErrorKind {
+    match r {
+        SessionResponse::Error(e) => e.kind,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
+    let dir = temp_dir("malformed");
+    let relay_file = dir.join("relay.addrs");
+    let _relay = Proc::spawn(
+        "relay",
+        Command::new(bin("relay"))
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            .arg(&relay_file),
+    );
+    let relay: Multiaddr = wait_for_file_lines(&relay_file, 1, Duration::from_secs(60))[0]
+        .parse()
+        .expect("addr");
+    let model_dir = fixture("llama");
+    let server_file = dir.join("server.addrs");
+    let _server = Proc::spawn(
+        "server",
+        Command::new(bin("server"))
+            .arg("--model")
+            .arg(&model_dir)
+            .args([
+                "--blocks",
+                "0:4",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--initial-peers",
+                &relay.to_string(),
+            ])
+            .arg("--addr-file")
+            .arg(&server_file),
+    );
+    let server_addr: Multiaddr = wait_for_file_lines(&server_file, 1, Duration::from_secs(60))[0]
+        .parse()
+        .expect("addr");
+    let server: PeerId = node::peer_of(&server_addr).expect("peer id");
+    let files = ModelFiles::open(&model_dir).expect("model");
+    let model = fingerprint(&files.config, files.weights.as_ref()).expect("fingerprint");
+
+    let (client, _inbound, event_loop) =
+        node::start(NodeConfig::new(libp2p::identity::Keypair::generate_ed25519())).expect("node");
+    tokio::spawn(event_loop.run());
+    client.dial(server_addr).await.expect("dial server");
+
+    // Garbage in a well-formed frame: an error, and the session stays usable.
+    let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+    s.write_all(&[5, 0, 0, 0, 0xff, 0x13, 0x37, 0x00, 0x42])
+        .await
+        .expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert_eq!(error_kind(r), ErrorKind::BadRequest);
+    // Steps before Open are refused... by closing with an error (the first message must be Open).
+    let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+    wire::write_frame(
+        &mut s,
+        &SessionRequest::Step {
+            step: 1,
+            hidden: hidden(vec![1, 1, 64]),
+        },
+        MAX,
+    )
+    .await
+    .expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert_eq!(error_kind(r), ErrorKind::BadRequest);
+
+    // A huge declared frame length: refused before anything is allocated.
+    let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+    s.write_all(&u32::MAX.to_le_bytes()).await.expect("write");
+    s.flush().await.expect("flush");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert_eq!(error_kind(r), ErrorKind::BadRequest);
+
+    // Another checkpoint's fingerprint.
+    let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+    wire::write_frame(&mut s, &open("0123456789abcdef", 1), MAX)
+        .await
+        .expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert_eq!(error_kind(r), ErrorKind::WrongModel);
+
+    // An open session: wrong hidden size, wrong batch, a shape declaring 2^40 elements backed
+    // by a few bytes, NaNs. Each is refused and the session goes on.
+    let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+    wire::write_frame(&mut s, &open(&model, 1), MAX).await.expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert!(matches!(r, SessionResponse::Opened { .. }), "{r:?}");
+    let huge = WireTensor {
+        dtype: WireDtype::F32,
+        shape: vec![1, 1 << 40, 64],
+        bytes: vec![0; 16],
+    };
+    let mut nan = hidden(vec![1, 1, 64]);
+    nan.bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    for bad in [
+        hidden(vec![1, 1, 63]),
+        hidden(vec![2, 1, 64]),
+        huge,
+        nan,
+        hidden(vec![1, 40, 64]),
+    ] {
+        wire::write_frame(&mut s, &SessionRequest::Step { step: 1, hidden: bad }, MAX)
+            .await
+            .expect("write");
+        let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+        assert_eq!(error_kind(r), ErrorKind::BadRequest);
+    }
+    wire::write_frame(
+        &mut s,
+        &SessionRequest::Step {
+            step: 7,
+            hidden: hidden(vec![1, 3, 64]),
+        },
+        MAX,
+    )
+    .await
+    .expect("write");
+    match wire::read_frame::<_, SessionResponse>(&mut s, MAX)
+        .await
+        .expect("answer")
+    {
+        SessionResponse::Output { step, hidden } => {
+            assert_eq!(step, 7);
+            assert_eq!(hidden.shape, vec![1, 3, 64]);
+        }
+        other => panic!("expected output, got {other:?}"),
+    }
+    // The stream closes mid-frame: the server just ends that session.
+    s.write_all(&[100, 0, 0, 0, 1, 2]).await.expect("write");
+    s.close().await.expect("close");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+
+    // Stateless requests with bad shapes or spans.
+    let bad_span = SpanRequest::Forward {
+        model: model.clone(),
+        start: 0,
+        end: 9,
+        pad: vec![0],
+        hidden: hidden(vec![1, 2, 64]),
+        reply_dtype: WireDtype::F32,
+    };
+    match client.span_request(server, bad_span).await.expect("answer") {
+        SpanResponse::Error(e) => assert_eq!(e.kind, ErrorKind::WrongSpan),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    let bad_pad = SpanRequest::Forward {
+        model: model.clone(),
+        start: 0,
+        end: 4,
+        pad: vec![0, 0, 0],
+        hidden: hidden(vec![1, 2, 64]),
+        reply_dtype: WireDtype::F32,
+    };
+    match client.span_request(server, bad_pad).await.expect("answer") {
+        SpanResponse::Error(e) => assert_eq!(e.kind, ErrorKind::BadRequest),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // After all that, a real client still gets the golden tokens.
+    let out = Command::new(bin("corolla"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&model_dir)
+        .args([
+            "--token-ids",
+            "359,310,172,47,105,300,235,357,169,40,181,303",
+            "--max-new-tokens",
+            "10",
+            "--ignore-eos",
+            "--json",
+        ])
+        .args(["--initial-peers", &relay.to_string()])
+        .output()
+        .expect("corolla runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        json["token_ids"],
+        serde_json::json!([105, 30, 105, 187, 176, 30, 105, 187, 176, 30])
+    );
+}
