@@ -87,6 +87,7 @@ where
     node_config.bootstrap = config.initial_peers.clone();
     node_config.dht_server = !relay_only;
     node_config.record_ttl = config.announce_ttl;
+    node_config.auto_relay = !relay_only;
     let (client, mut inbound, event_loop) = node::start(node_config)?;
     tokio::spawn(event_loop.run());
     let peer_id = client.peer_id();

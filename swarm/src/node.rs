@@ -66,6 +66,8 @@ pub struct NodeConfig {
     pub record_ttl: Duration,
     pub limits: Limits,
     pub request_timeout: Duration,
+    /// When AutoNAT finds this node unreachable, listen through the bootstrap relays.
+    pub auto_relay: bool,
 }
 
 impl NodeConfig {
@@ -78,6 +80,7 @@ impl NodeConfig {
             record_ttl: Duration::from_secs(300),
             limits: Limits::default(),
             request_timeout: Duration::from_secs(120),
+            auto_relay: false,
         }
     }
 }
@@ -262,6 +265,15 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             })?;
         }
     }
+    let relays: Vec<Multiaddr> = if config.auto_relay {
+        config
+            .bootstrap
+            .iter()
+            .map(|a| a.clone().with(Protocol::P2pCircuit))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let control = swarm.behaviour().streams.new_control();
     let (commands, command_rx) = mpsc::channel(64);
     let (inbound_tx, inbound_rx) = mpsc::channel(64);
@@ -271,6 +283,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         commands: command_rx,
         inbound: inbound_tx,
         pending_circuits: circuits,
+        fallback_circuits: relays,
         pending_dials: HashMap::new(),
         pending_queries: HashMap::new(),
         pending_span: HashMap::new(),
@@ -317,6 +330,8 @@ pub struct EventLoop {
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<InboundEvent>,
     pending_circuits: Vec<Multiaddr>,
+    /// Circuits to listen on if AutoNAT says we are behind a NAT.
+    fallback_circuits: Vec<Multiaddr>,
     pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
     pending_queries: HashMap<kad::QueryId, QueryReply>,
     pending_span: HashMap<OutboundRequestId, Reply<SpanResponse>>,
@@ -483,6 +498,17 @@ impl EventLoop {
                 if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                tracing::info!(status = ?new, "reachability");
+                if matches!(new, autonat::NatStatus::Private) && !self.relayed {
+                    for addr in std::mem::take(&mut self.fallback_circuits) {
+                        tracing::info!(%addr, "not reachable directly: listening through the relay");
+                        if let Err(e) = self.swarm.listen_on(addr.clone()) {
+                            tracing::warn!(%addr, error = %e, "cannot listen through relay");
+                        }
                     }
                 }
             }

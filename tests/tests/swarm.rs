@@ -272,3 +272,48 @@ fn smollm2_over_two_servers_matches_the_golden_tokens() {
     assert_eq!(ids(&out["token_ids"]), ids(&case["greedy_ids"]), "{log}");
     assert_eq!(out["text"], case["greedy_text"]);
 }
+
+/// Without `--blocks`, a server takes the blocks the swarm serves least (Petals' rule).
+#[test]
+fn num_blocks_fills_the_least_served_blocks() {
+    let model = fixture("falcon");
+    let mut swarm = Swarm::start("placement");
+    swarm.server(&model, "0:2", &[]);
+    let n = swarm.servers.len();
+    let addr_file = swarm.dir.join("auto.addrs");
+    let proc = Proc::spawn(
+        "server-auto",
+        Command::new(bin("server"))
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--num-blocks",
+                "2",
+                "--initial-peers",
+                &swarm.relay_addr,
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+            ])
+            .arg("--addr-file")
+            .arg(&addr_file),
+    );
+    wait_for_file_lines(&addr_file, 1, STARTUP);
+    let log = proc.log();
+    let chose = log
+        .lines()
+        .find(|l| l.contains("chose blocks"))
+        .expect("placement logged");
+    assert!(chose.contains("start=2") && chose.contains("end=4"), "{chose}");
+    swarm.servers.push((proc, String::new()));
+    assert_eq!(swarm.servers.len(), n + 1);
+    let (inputs, generated) = golden_rows("falcon");
+    let args = [
+        "--token-ids",
+        &csv(&inputs[1]),
+        "--max-new-tokens",
+        "10",
+        "--ignore-eos",
+    ];
+    let (remote, _) = swarm.generate(&model, &args);
+    assert_eq!(ids(&remote["token_ids"]), generated[1][inputs[1].len()..]);
+}
