@@ -221,3 +221,116 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         serde_json::json!([105, 30, 105, 187, 176, 30, 105, 187, 176, 30])
     );
 }
+
+/// The stateless span protocol computes what a local run computes: forward outputs and the
+/// input gradient for a given output gradient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_forward_and_backward_match_local() {
+    use burn::prelude::*;
+    use shared_model::model::{BlockSpan, to_host};
+    use shared_model::{Cpu, CpuAutodiff};
+
+    let dir = temp_dir("span");
+    let relay_file = dir.join("relay.addrs");
+    let _relay = Proc::spawn(
+        "relay",
+        Command::new(bin("relay"))
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            .arg(&relay_file),
+    );
+    let relay = wait_for_file_lines(&relay_file, 1, Duration::from_secs(60)).remove(0);
+    let model_dir = fixture("mixtral");
+    let server_file = dir.join("server.addrs");
+    let _server = Proc::spawn(
+        "server",
+        Command::new(bin("server"))
+            .arg("--model")
+            .arg(&model_dir)
+            .args([
+                "--blocks",
+                "1:4",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--initial-peers",
+                &relay,
+            ])
+            .arg("--addr-file")
+            .arg(&server_file),
+    );
+    let server_addr: Multiaddr = wait_for_file_lines(&server_file, 1, Duration::from_secs(60))[0]
+        .parse()
+        .expect("addr");
+    let server = node::peer_of(&server_addr).expect("peer id");
+    let files = ModelFiles::open(&model_dir).expect("model");
+    let model = fingerprint(&files.config, files.weights.as_ref()).expect("fingerprint");
+    let (client, _inbound, event_loop) =
+        node::start(NodeConfig::new(libp2p::identity::Keypair::generate_ed25519())).expect("node");
+    tokio::spawn(event_loop.run());
+    client.dial(server_addr).await.expect("dial server");
+
+    let (b, t, h) = (2, 5, 64);
+    let x = HostTensor::new(
+        vec![b, t, h],
+        (0..b * t * h).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect(),
+    );
+    let g = HostTensor::new(
+        vec![b, t, h],
+        (0..b * t * h).map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0).collect(),
+    );
+    let pad = vec![0u32, 2];
+    let request = |backward: bool| {
+        if backward {
+            SpanRequest::Backward {
+                model: model.clone(),
+                start: 2,
+                end: 4,
+                pad: pad.clone(),
+                hidden: WireTensor::encode(&x, WireDtype::F32),
+                grad_output: WireTensor::encode(&g, WireDtype::F32),
+                reply_dtype: WireDtype::F32,
+            }
+        } else {
+            SpanRequest::Forward {
+                model: model.clone(),
+                start: 2,
+                end: 4,
+                pad: pad.clone(),
+                hidden: WireTensor::encode(&x, WireDtype::F32),
+                reply_dtype: WireDtype::F32,
+            }
+        }
+    };
+    let remote = |r: SpanResponse| match r {
+        SpanResponse::Tensor(t) => t.decode(&Default::default()).expect("valid tensor"),
+        SpanResponse::Error(e) => panic!("server refused: {e}"),
+    };
+    let forward = remote(client.span_request(server, request(false)).await.expect("answer"));
+    let backward = remote(client.span_request(server, request(true)).await.expect("answer"));
+
+    let device = Default::default();
+    let pads: Vec<usize> = pad.iter().map(|&p| p as usize).collect();
+    let span = BlockSpan::<Cpu>::load(&files.config, files.weights.as_ref(), 2..4, &device).expect("span");
+    let xt = Tensor::<Cpu, 3>::from_data(TensorData::new(x.data.clone(), x.shape.clone()), &device);
+    let local_forward = to_host(span.forward_full(xt, pads.clone()).expect("forward"));
+    let span = BlockSpan::<CpuAutodiff>::load(&files.config, files.weights.as_ref(), 2..4, &device).expect("span");
+    let xa =
+        Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(x.data.clone(), x.shape.clone()), &device).require_grad();
+    let ga = Tensor::<CpuAutodiff, 3>::from_data(TensorData::new(g.data.clone(), g.shape.clone()), &device);
+    let y = span.forward_full(xa.clone(), pads).expect("forward");
+    let grads = (y * ga).sum().backward();
+    let local_backward = to_host(xa.grad(&grads).expect("gradient"));
+    for (what, a, e) in [
+        ("forward", &forward, &local_forward),
+        ("backward", &backward, &local_backward),
+    ] {
+        assert_eq!(a.shape, e.shape, "{what}");
+        let scale = e.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a
+            .data
+            .iter()
+            .zip(&e.data)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale.max(1.0), "{what}: {worst:e} (scale {scale:e})");
+    }
+}

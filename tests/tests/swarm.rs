@@ -317,3 +317,45 @@ fn num_blocks_fills_the_least_served_blocks() {
     let (remote, _) = swarm.generate(&model, &args);
     assert_eq!(ids(&remote["token_ids"]), generated[1][inputs[1].len()..]);
 }
+
+/// Errors a user can act on: a relay that does not answer, blocks nobody serves.
+#[test]
+fn actionable_errors() {
+    let model = fixture("llama");
+    let run = |peers: &str| {
+        Command::new(bin("corolla"))
+            .arg("generate")
+            .arg("--model")
+            .arg(&model)
+            .args([
+                "--token-ids",
+                "1,2,3",
+                "--max-new-tokens",
+                "2",
+                "--json",
+                "--initial-peers",
+                peers,
+            ])
+            .output()
+            .expect("corolla runs")
+    };
+    // Nothing listens on this port (bound then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let out = run(&format!(
+        "/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWS9AxktYkuzzg5GCqqisJJWjtDy39Kaa9ncjP8tXnvZbN"
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("relay unreachable"), "{stderr}");
+
+    let mut swarm = Swarm::start("gap");
+    swarm.server(&model, "0:2", &[]);
+    let out = run(&swarm.relay_addr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no server for blocks 2..4"), "{stderr}");
+}
