@@ -4,13 +4,18 @@
 #
 #   bench/swarm_overhead.sh [PATH_TO_GGUF]
 #
+# The protocol's own cost, with compute made negligible (a 4-block fixture model):
+#
+#   N=200 PROMPT=1,2,3,4,5 SPLITS="0:4|0:2 2:4|0:1 1:3 3:4" bench/swarm_overhead.sh tests/fixtures/llama
+#
 # Build first: cargo build --release --workspace --bins
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="${CARGO_TARGET_DIR:-target}/release"
 MODEL="${1:-${COROLLA_SMOLLM2_GGUF:-$($T/corolla fetch)}}"
-N=128
-PROMPT="Once upon a time, there was a little"
+N="${N:-128}"
+PROMPT="${PROMPT:-Once upon a time, there was a little}"
+SPLITS="${SPLITS:-0:30|0:15 15:30|0:10 10:20 20:30}"
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
@@ -26,14 +31,17 @@ per_token_ms() {
   calc "($many - $one) * 1000 / $N"
 }
 
-local_ms=$(per_token_ms $T/corolla generate --model "$MODEL" --prompt "$PROMPT" --ignore-eos --json)
+# A folder model without a tokenizer takes the prompt as token ids.
+if [ -d "$MODEL" ]; then INPUT=(--token-ids "$PROMPT"); else INPUT=(--prompt "$PROMPT"); fi
+local_ms=$(per_token_ms $T/corolla generate --model "$MODEL" "${INPUT[@]}" --ignore-eos --json)
 printf "local            %6.2f ms/token\n" "$local_ms"
 
 $T/relay --listen /ip4/127.0.0.1/tcp/0 --addr-file "$work/relay" 2>/dev/null & pids+=($!)
 while [ ! -s "$work/relay" ]; do sleep 0.1; done
 RELAY=$(head -1 "$work/relay")
 
-for spans in "0:30" "0:15 15:30" "0:10 10:20 20:30"; do
+IFS='|' read -r -a setups <<< "$SPLITS"
+for spans in "${setups[@]}"; do
   kill "${pids[@]:1}" 2>/dev/null || true
   pids=("${pids[0]}")
   n=0
@@ -43,7 +51,7 @@ for spans in "0:30" "0:15 15:30" "0:10 10:20 20:30"; do
     n=$((n + 1))
   done
   for i in $(seq 0 $((n - 1))); do while [ ! -s "$work/s$i" ]; do sleep 0.1; done; done
-  ms=$(per_token_ms $T/corolla generate --model "$MODEL" --prompt "$PROMPT" --ignore-eos --json --initial-peers "$RELAY")
+  ms=$(per_token_ms $T/corolla generate --model "$MODEL" "${INPUT[@]}" --ignore-eos --json --initial-peers "$RELAY")
   over=$(calc "$ms - $local_ms")
   printf "%d server(s)      %6.2f ms/token  (+%5.2f ms, %5.2f ms per hop)\n" "$n" "$ms" "$over" "$(calc "$over / $n")"
   rm -f "$work"/s*
