@@ -9,7 +9,8 @@ use crate::layers::block::BlockWeights;
 use crate::layers::linear::LinearWeights;
 use crate::layers::mlp::MlpWeights;
 use crate::layers::norm::NormWeights;
-use crate::weights::{HostTensor, TensorReader, WeightError};
+use crate::quant::QuantMatrix;
+use crate::weights::{HostTensor, TensorReader, WeightData, WeightError};
 
 /// Prefix of block `index`'s tensors.
 pub fn block_prefix(family: Family, index: usize) -> String {
@@ -71,7 +72,7 @@ fn read_linear(
     inp: usize,
     bias: bool,
 ) -> Result<LinearWeights, WeightError> {
-    let weight = reader.take(&format!("{name}.weight"), &[out, inp])?;
+    let weight = reader.take_matrix(&format!("{name}.weight"), [out, inp])?;
     let bias = if bias {
         Some(reader.take(&format!("{name}.bias"), &[out])?)
     } else {
@@ -80,45 +81,64 @@ fn read_linear(
     Ok(LinearWeights { weight, bias })
 }
 
-/// Stacks PyTorch `[out, in]` weights (and their biases) along `out`.
-fn concat_rows(parts: Vec<LinearWeights>) -> LinearWeights {
-    let inp = parts[0].weight.shape[1];
-    let out: usize = parts.iter().map(|p| p.weight.shape[0]).sum();
+/// Stacks PyTorch `[out, in]` weights (and their biases) along `out`; quantized parts stay
+/// quantized when they share a format.
+fn concat_rows(parts: Vec<LinearWeights>) -> Result<LinearWeights, WeightError> {
     let has_bias = parts.iter().all(|p| p.bias.is_some());
-    let mut weight = Vec::with_capacity(out * inp);
-    let mut bias = Vec::with_capacity(out);
-    for p in &parts {
-        weight.extend_from_slice(&p.weight.data);
-        if let Some(b) = &p.bias {
-            bias.extend_from_slice(&b.data);
+    let bias: Vec<f32> = parts
+        .iter()
+        .filter_map(|p| p.bias.as_ref())
+        .flat_map(|b| b.data.iter().copied())
+        .collect();
+    let out: usize = parts.iter().map(|p| p.weight.shape()[0]).sum();
+    let quant: Vec<_> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            WeightData::Quant(q) => Some(q),
+            WeightData::Dense(_) => None,
+        })
+        .collect();
+    let weight = match (quant.len() == parts.len())
+        .then(|| QuantMatrix::concat_rows(&quant))
+        .flatten()
+    {
+        Some(q) => WeightData::Quant(q),
+        None => {
+            let inp = parts[0].weight.shape()[1];
+            let mut data = Vec::with_capacity(out * inp);
+            for p in &parts {
+                data.extend_from_slice(&p.weight.to_dense()?.data);
+            }
+            WeightData::Dense(HostTensor::new(vec![out, inp], data))
         }
-    }
-    LinearWeights {
-        weight: HostTensor::new(vec![out, inp], weight),
+    };
+    Ok(LinearWeights {
+        weight,
         bias: has_bias.then(|| HostTensor::new(vec![out], bias)),
-    }
+    })
 }
 
 /// Reorders `head_dim`-row groups of a fused q/k/v projection: output group `i` is source
 /// group `order[i]`.
-fn reorder_heads(w: &LinearWeights, order: &[usize], head_dim: usize) -> LinearWeights {
-    let inp = w.weight.shape[1];
+fn reorder_heads(w: &LinearWeights, order: &[usize], head_dim: usize) -> Result<LinearWeights, WeightError> {
+    let dense = w.weight.to_dense()?;
+    let inp = dense.shape[1];
     let rows = head_dim * inp;
-    let mut weight = Vec::with_capacity(w.weight.data.len());
+    let mut weight = Vec::with_capacity(dense.data.len());
     let mut bias = Vec::with_capacity(order.len() * head_dim);
     for &src in order {
-        weight.extend_from_slice(&w.weight.data[src * rows..(src + 1) * rows]);
+        weight.extend_from_slice(&dense.data[src * rows..(src + 1) * rows]);
         if let Some(b) = &w.bias {
             bias.extend_from_slice(&b.data[src * head_dim..(src + 1) * head_dim]);
         }
     }
-    LinearWeights {
-        weight: HostTensor::new(w.weight.shape.clone(), weight),
+    Ok(LinearWeights {
+        weight: WeightData::Dense(HostTensor::new(dense.shape.clone(), weight)),
         bias: w
             .bias
             .as_ref()
             .map(|_| HostTensor::new(vec![order.len() * head_dim], bias)),
-    }
+    })
 }
 
 /// Source head-group order that turns a fused layout into `[q heads | k heads | v heads]`.
@@ -178,7 +198,7 @@ pub fn read_block(
                     read_linear(reader, &format!("{attn}q_proj"), q_out, d, a.qkv_bias)?,
                     read_linear(reader, &format!("{attn}k_proj"), kv_out, d, a.qkv_bias)?,
                     read_linear(reader, &format!("{attn}v_proj"), kv_out, d, a.qkv_bias)?,
-                ]),
+                ])?,
                 out: read_linear(reader, &format!("{attn}o_proj"), d, q_out, a.out_bias)?,
             }
         }
@@ -186,7 +206,7 @@ pub fn read_block(
             let attn = format!("{p}self_attention.");
             let qkv = read_linear(reader, &format!("{attn}query_key_value"), fused, d, a.qkv_bias)?;
             AttentionWeights {
-                qkv: reorder_heads(&qkv, &fused_order(layout, a.num_heads, a.num_kv_heads), a.head_dim),
+                qkv: reorder_heads(&qkv, &fused_order(layout, a.num_heads, a.num_kv_heads), a.head_dim)?,
                 out: read_linear(reader, &format!("{attn}dense"), d, q_out, a.out_bias)?,
             }
         }
@@ -201,7 +221,7 @@ pub fn read_block(
                 gate_up: concat_rows(vec![
                     read_linear(reader, &format!("{m}gate_proj"), i, d, bias)?,
                     read_linear(reader, &format!("{m}up_proj"), i, d, bias)?,
-                ]),
+                ])?,
                 down: read_linear(reader, &format!("{m}down_proj"), d, i, bias)?,
             }
         }
@@ -228,7 +248,7 @@ pub fn read_block(
                         concat_rows(vec![
                             read_linear(reader, &format!("{x}w1"), i, d, false)?,
                             read_linear(reader, &format!("{x}w3"), i, d, false)?,
-                        ]),
+                        ])?,
                         read_linear(reader, &format!("{x}w2"), d, i, false)?,
                     ))
                 })
@@ -260,11 +280,11 @@ mod tests {
     #[test]
     fn reorder_moves_rows_and_bias_together() {
         let w = LinearWeights {
-            weight: HostTensor::new(vec![4, 1], vec![0.0, 1.0, 2.0, 3.0]),
+            weight: WeightData::Dense(HostTensor::new(vec![4, 1], vec![0.0, 1.0, 2.0, 3.0])),
             bias: Some(HostTensor::new(vec![4], vec![10.0, 11.0, 12.0, 13.0])),
         };
-        let r = reorder_heads(&w, &[1, 0], 2);
-        assert_eq!(r.weight.data, vec![2.0, 3.0, 0.0, 1.0]);
+        let r = reorder_heads(&w, &[1, 0], 2).unwrap();
+        assert_eq!(r.weight.to_dense().unwrap().data, vec![2.0, 3.0, 0.0, 1.0]);
         assert_eq!(r.bias.map(|b| b.data), Some(vec![12.0, 13.0, 10.0, 11.0]));
     }
 }

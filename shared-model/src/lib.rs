@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

@@ -10,7 +10,7 @@ use crate::checkpoint::{self, LM_HEAD};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::layers::block::Block;
-use crate::layers::linear::to_device;
+use crate::layers::linear::{Linear, to_device};
 use crate::layers::norm::Norm;
 use crate::layers::positions::{SeqLayout, StepContext};
 use crate::weights::{HostTensor, TensorReader, WeightError, WeightSource};
@@ -237,8 +237,8 @@ impl<B: Backend> BlockSpan<B> {
 #[derive(Debug, Clone)]
 pub struct LmHead<B: Backend> {
     norm: Norm<B>,
-    /// `[hidden, vocab]`
-    weight: Tensor<B, 2>,
+    /// `[hidden] -> [vocab]`, quantized when the checkpoint stores it so.
+    projection: Linear<B>,
 }
 
 impl<B: Backend> LmHead<B> {
@@ -248,16 +248,16 @@ impl<B: Backend> LmHead<B> {
         let norm = checkpoint::read_norm(&mut reader, config, &norm_prefix)?.to_norm(config.norm, device);
         let shape = [config.vocab_size, config.hidden_size];
         let weight = if reader.contains(LM_HEAD) {
-            reader.take(LM_HEAD, &shape)?
+            reader.take_matrix(LM_HEAD, shape)?
         } else if config.tie_word_embeddings {
-            reader.take(&checkpoint::embedding_name(config.family), &shape)?
+            reader.take_matrix(&checkpoint::embedding_name(config.family), shape)?
         } else {
             return Err(WeightError::Missing { name: LM_HEAD.into() }.into());
         };
         reader.finish(&[norm_prefix, LM_HEAD.into()])?;
         Ok(Self {
             norm,
-            weight: to_device::<B, 2>(&weight, device).transpose(),
+            projection: Linear::new(&weight, None, device)?,
         })
     }
 
@@ -265,11 +265,7 @@ impl<B: Backend> LmHead<B> {
     /// - `x`: `[batch, seq, hidden]` (the last block's raw output)
     /// - returns `[batch, seq, vocab]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, d] = x.dims();
-        let h = self.norm.forward(x).reshape([b * t, d]);
-        let logits = h.matmul(self.weight.clone());
-        let v = logits.dims()[1];
-        logits.reshape([b, t, v])
+        self.projection.forward(self.norm.forward(x))
     }
 }
 

@@ -149,3 +149,21 @@ fn maps_tensors_to_hugging_face_names() {
     let norm = model.read("model.norm.weight").expect("norm");
     assert_eq!(norm.shape, vec![576]);
 }
+
+/// Weights kept quantized (rows un-permuted in block form) equal the dequantized reads.
+#[test]
+fn quantized_reads_match_dequantized_reads() {
+    let model = GgufModel::new(open()).expect("llama GGUF");
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.3.self_attn.k_proj.weight",
+        "model.layers.7.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ] {
+        let quant = model.read_quant(name).expect("readable").expect("stored quantized");
+        let dense = model.read(name).expect("readable");
+        assert_eq!(quant.dequantize().expect("dequantizes"), dense, "{name}");
+    }
+    // Norms are f32 in the file: no quantized form.
+    assert!(model.read_quant("model.norm.weight").expect("readable").is_none());
+}

@@ -1,5 +1,6 @@
 //! A Hugging Face view of llama-architecture GGUF files (Llama, Mistral, SmolLM, Mixtral, ...).
 
+use crate::quant::{QuantKind, QuantMatrix};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -312,6 +313,44 @@ impl WeightSource for GgufModel {
             Err(GgufError::MissingTensor(_)) => Err(WeightError::Missing { name: name.to_string() }),
             other => Ok(other?),
         }
+    }
+
+    fn read_quant(&self, name: &str) -> Result<Option<QuantMatrix>, WeightError> {
+        let Some(src) = self.sources.get(name) else {
+            return Ok(None);
+        };
+        let Some(info) = self.file.tensor_info(&src.gguf_name) else {
+            return Ok(None);
+        };
+        let Some(kind) = QuantKind::from_ggml(info.ggml_type) else {
+            return Ok(None);
+        };
+        if info.dims.len() != 2 {
+            return Ok(None);
+        }
+        let (cols, rows) = (info.dims[0] as usize, info.dims[1] as usize);
+        let order: Vec<usize> = match src.transform {
+            Transform::Plain => (0..rows).collect(),
+            // Stored row `h*hd + 2*i + t` is original row `h*hd + t*hd/2 + i`.
+            Transform::Unpermute { n_head } => {
+                let hd = rows / n_head.max(1);
+                let half = hd / 2;
+                (0..rows)
+                    .map(|orig| {
+                        let (h, rest) = (orig / hd, orig % hd);
+                        let (t, i) = (rest / half, rest % half);
+                        h * hd + 2 * i + t
+                    })
+                    .collect()
+            }
+            Transform::Expert { .. } => return Ok(None),
+        };
+        let bytes = self.file.tensor_bytes(&src.gguf_name)?;
+        let matrix = QuantMatrix::new(name, kind, rows, cols, bytes.to_vec())?;
+        Ok(Some(match src.transform {
+            Transform::Plain => matrix,
+            _ => matrix.permute_rows(&order),
+        }))
     }
 }
 

@@ -5,6 +5,7 @@ use super::linear::{Linear, LinearWeights};
 use super::positions::{StepContext, apply_rope};
 use crate::cache::LayerCache;
 use crate::config::AttentionConfig;
+use crate::weights::WeightError;
 
 /// Host weights of an attention layer, q/k/v already fused as `[q heads | k heads | v heads]`.
 #[derive(Debug, Clone)]
@@ -23,12 +24,12 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    pub fn new(config: AttentionConfig, weights: &AttentionWeights, device: &B::Device) -> Self {
-        Self {
+    pub fn new(config: AttentionConfig, weights: &AttentionWeights, device: &B::Device) -> Result<Self, WeightError> {
+        Ok(Self {
             config,
-            qkv: weights.qkv.to_linear(device),
-            out: weights.out.to_linear(device),
-        }
+            qkv: weights.qkv.to_linear(device)?,
+            out: weights.out.to_linear(device)?,
+        })
     }
 
     /// # Shapes

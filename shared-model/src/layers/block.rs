@@ -58,8 +58,8 @@ impl<B: Backend> Block<B> {
         Ok(Self {
             wiring,
             attn_norm: weights.attn_norm.to_norm(config.norm, device),
-            attention: Attention::new(config.attention, &weights.attention, device),
-            mlp: Mlp::new(&weights.mlp, act, top_k, device),
+            attention: Attention::new(config.attention, &weights.attention, device)?,
+            mlp: Mlp::new(&weights.mlp, act, top_k, device)?,
         })
     }
 

@@ -4,6 +4,7 @@ use burn::tensor::activation::{gelu, silu, softmax};
 
 use super::linear::{Linear, LinearWeights};
 use crate::config::Activation;
+use crate::weights::WeightError;
 
 /// Host weights of a feed-forward layer. Gated MLPs keep gate and up fused as one
 /// `[gate | up]` projection: one matmul instead of two.
@@ -61,28 +62,30 @@ pub enum Mlp<B: Backend> {
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn new(weights: &MlpWeights, act: Activation, top_k: usize, device: &B::Device) -> Self {
-        let gated = |gu: &LinearWeights, d: &LinearWeights| GatedMlp {
-            gate_up: gu.to_linear(device),
-            down: d.to_linear(device),
+    pub fn new(weights: &MlpWeights, act: Activation, top_k: usize, device: &B::Device) -> Result<Self, WeightError> {
+        let gated = |gu: &LinearWeights, d: &LinearWeights| -> Result<GatedMlp<B>, WeightError> {
+            Ok(GatedMlp {
+                gate_up: gu.to_linear(device)?,
+                down: d.to_linear(device)?,
+            })
         };
-        match weights {
+        Ok(match weights {
             MlpWeights::Gated { gate_up, down } => Mlp::Gated {
-                inner: gated(gate_up, down),
+                inner: gated(gate_up, down)?,
                 act,
             },
             MlpWeights::Plain { up, down } => Mlp::Plain {
-                up: up.to_linear(device),
-                down: down.to_linear(device),
+                up: up.to_linear(device)?,
+                down: down.to_linear(device)?,
                 act,
             },
             MlpWeights::Moe { router, experts } => Mlp::Moe {
-                router: router.to_linear(device),
-                experts: experts.iter().map(|(gu, d)| gated(gu, d)).collect(),
+                router: router.to_linear(device)?,
+                experts: experts.iter().map(|(gu, d)| gated(gu, d)).collect::<Result<_, _>>()?,
                 top_k,
                 act,
             },
-        }
+        })
     }
 
     /// # Shapes

@@ -10,6 +10,8 @@ pub use host_tensor::HostTensor;
 pub use safetensors_source::SafetensorsSource;
 
 use std::collections::BTreeSet;
+
+use crate::quant::QuantMatrix;
 use std::path::PathBuf;
 
 /// Errors while reading weights.
@@ -50,6 +52,36 @@ pub trait WeightSource: Send + Sync {
     fn names(&self) -> BTreeSet<String>;
     /// Reads one tensor, converted to f32 (dequantized where stored quantized).
     fn read(&self, name: &str) -> Result<HostTensor, WeightError>;
+
+    /// Reads a 2-D tensor in its stored quantized form, if it is stored in a format that
+    /// [`QuantMatrix`] computes with directly.
+    fn read_quant(&self, _name: &str) -> Result<Option<QuantMatrix>, WeightError> {
+        Ok(None)
+    }
+}
+
+/// A projection weight as loaded: dense f32, or quantized blocks.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    Dense(HostTensor),
+    Quant(QuantMatrix),
+}
+
+impl WeightData {
+    /// `[out, in]`
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            Self::Dense(t) => [t.shape[0], t.shape[1]],
+            Self::Quant(q) => q.shape(),
+        }
+    }
+
+    pub fn to_dense(&self) -> Result<HostTensor, WeightError> {
+        match self {
+            Self::Dense(t) => Ok(t.clone()),
+            Self::Quant(q) => q.dequantize(),
+        }
+    }
 }
 
 /// Reads tensors from a source and records which names were taken, so a loader can fail on
@@ -84,6 +116,22 @@ impl<'a> TensorReader<'a> {
         }
         self.taken.insert(name.to_string());
         Ok(tensor)
+    }
+
+    /// Reads a `[out, in]` projection weight, quantized when the checkpoint stores it so.
+    pub fn take_matrix(&mut self, name: &str, shape: [usize; 2]) -> Result<WeightData, WeightError> {
+        if let Some(q) = self.source.read_quant(name)? {
+            if q.shape() != shape {
+                return Err(WeightError::Shape {
+                    name: name.to_string(),
+                    expected: shape.to_vec(),
+                    actual: q.shape().to_vec(),
+                });
+            }
+            self.taken.insert(name.to_string());
+            return Ok(WeightData::Quant(q));
+        }
+        Ok(WeightData::Dense(self.take(name, &shape)?))
     }
 
     /// Names taken so far.
