@@ -93,6 +93,15 @@ pub struct GenerateArgs {
     /// Element type of hidden states on the wire (f16/bf16 halve the traffic, lose precision).
     #[arg(long, value_enum, default_value_t = WireDtypeArg::F32)]
     pub wire_dtype: WireDtypeArg,
+    /// Route for the lowest latency (chat) or spread by servers' throughput (batch work).
+    #[arg(long, value_enum, default_value_t = RoutingArg::Latency)]
+    pub routing: RoutingArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoutingArg {
+    Latency,
+    Throughput,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -11,9 +11,10 @@ use shared_model::model::{Embeddings, LmHead};
 use swarm::node::{self, NodeConfig};
 use swarm::protocol::Limits;
 use swarm::remote::{RemoteBlocks, RemoteConfig};
+use swarm::routing::RouteMode;
 use swarm::wire::WireDtype;
 
-use crate::args::{BackendKind, GenerateArgs, WireDtypeArg};
+use crate::args::{BackendKind, GenerateArgs, RoutingArg, WireDtypeArg};
 use crate::generate::emit;
 
 pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params: GenerateParams) -> Result<()> {
@@ -63,6 +64,10 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
         discovery_timeout: Duration::from_secs(10),
         max_failovers: 8,
         limits: Limits::default(),
+        route_mode: match args.routing {
+            RoutingArg::Latency => RouteMode::MinLatency,
+            RoutingArg::Throughput => RouteMode::MaxThroughput,
+        },
     };
     let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
     let result = emit(files, args, &prompt_ids, &params, |params, on_token| {

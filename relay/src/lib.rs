@@ -1,9 +1,11 @@
 //! The Corolla relay: a public node that servers behind NAT reserve circuit-relay v2 slots on,
 //! the DHT's bootstrap peer, and an AutoNAT server so peers learn whether they are reachable.
+//! Besides TCP and QUIC it listens on WebRTC-direct, the one transport a browser can dial
+//! without a CA-signed TLS certificate: browsers find it by its `/certhash/` address.
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, noise, ping, relay, tcp, yamux};
+use libp2p_webrtc::tokio::Certificate;
 use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 
 /// Command line of the `relay` binary.
@@ -24,8 +27,10 @@ use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
     about = "Corolla relay: circuit relay v2, DHT bootstrap node and AutoNAT server"
 )]
 pub struct Cli {
-    /// Address to listen on (repeatable).
-    /// [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1]
+    /// Address to listen on (repeatable): TCP, QUIC (`/udp/PORT/quic-v1`) or WebRTC-direct for
+    /// browsers (`/udp/PORT/webrtc-direct`; the advertised address gains `/certhash/...`).
+    /// [default: /ip4/0.0.0.0/tcp/4001, /ip4/0.0.0.0/udp/4001/quic-v1 and
+    /// /ip4/0.0.0.0/udp/4002/webrtc-direct]
     #[arg(long = "listen", value_name = "MULTIADDR")]
     pub listen: Vec<String>,
     /// Publicly reachable address to advertise in addition to the listen addresses (repeatable),
@@ -33,7 +38,8 @@ pub struct Cli {
     #[arg(long = "external-addr", value_name = "MULTIADDR")]
     pub external_addr: Vec<String>,
     /// Keypair file; created if missing. Without it the peer id changes on every start, which
-    /// breaks every bootstrap address that names this relay.
+    /// breaks every bootstrap address that names this relay. The WebRTC certificate, whose hash
+    /// is part of the browsers' address, is kept next to it in FILE.webrtc.pem.
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
     /// File (re)written with this relay's full addresses, one per line, each ending in /p2p/<peer id>.
@@ -80,7 +86,12 @@ pub struct RelayLimits {
     pub max_reservations: usize,
 }
 
-pub const DEFAULT_LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/4001", "/ip4/0.0.0.0/udp/4001/quic-v1"];
+pub const DEFAULT_LISTEN: [&str; 3] = [
+    "/ip4/0.0.0.0/tcp/4001",
+    "/ip4/0.0.0.0/udp/4001/quic-v1",
+    // QUIC holds udp/4001; WebRTC-direct needs a UDP socket of its own.
+    "/ip4/0.0.0.0/udp/4002/webrtc-direct",
+];
 
 impl TryFrom<Cli> for RelayConfig {
     type Error = anyhow::Error;
@@ -146,7 +157,62 @@ struct Behaviour {
     ping: ping::Behaviour,
 }
 
-fn build_swarm(keypair: Keypair, config: &RelayConfig) -> anyhow::Result<Swarm<Behaviour>> {
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("WebRTC certificate file {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("WebRTC certificate file {} is not a PEM certificate with its private key: {detail}", path.display())]
+    Decode { path: PathBuf, detail: String },
+    #[error("cannot generate a WebRTC certificate: {detail}")]
+    Generate { detail: String },
+}
+
+/// Where the WebRTC certificate of the relay with identity file `identity` is kept.
+pub fn certificate_path(identity: &Path) -> PathBuf {
+    let mut name = identity.as_os_str().to_os_string();
+    name.push(".webrtc.pem");
+    PathBuf::from(name)
+}
+
+/// libp2p-webrtc's error only says "Failed to generate certificate"; the cause is its source.
+fn certificate_error_detail(error: &libp2p_webrtc::tokio::certificate::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => cause.to_string(),
+        None => error.to_string(),
+    }
+}
+
+fn generate_certificate() -> Result<Certificate, CertificateError> {
+    // libp2p-webrtc ignores the RNG (rcgen draws from the OS), but its signature wants rand 0.10's.
+    Certificate::generate(&mut rand_0_10::rng()).map_err(|e| CertificateError::Generate {
+        detail: certificate_error_detail(&e),
+    })
+}
+
+/// Loads the WebRTC certificate at `path`, or generates one and stores it there (mode 0600: the
+/// file holds the private key). Its hash is part of the relay's WebRTC-direct address, so a new
+/// certificate would break every such address handed out.
+pub fn load_or_create_certificate(path: &Path) -> Result<Certificate, CertificateError> {
+    let io_err = |source| CertificateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(pem) => Certificate::from_pem(&pem).map_err(|e| CertificateError::Decode {
+            path: path.to_path_buf(),
+            detail: certificate_error_detail(&e),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let certificate = generate_certificate()?;
+            write_atomically(path, certificate.serialize_pem().as_bytes(), true).map_err(io_err)?;
+            tracing::info!(path = %path.display(), "created new WebRTC certificate");
+            Ok(certificate)
+        }
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = config.limits.clone();
     let record_ttl = config.record_ttl;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -158,6 +224,8 @@ fn build_swarm(keypair: Keypair, config: &RelayConfig) -> anyhow::Result<Swarm<B
         )
         .context("cannot set up the TCP transport")?
         .with_quic()
+        .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))
+        .context("cannot set up the WebRTC transport")?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let relay_config = relay::Config {
@@ -229,19 +297,32 @@ fn build_swarm(keypair: Keypair, config: &RelayConfig) -> anyhow::Result<Swarm<B
     Ok(swarm)
 }
 
+/// Selects rustls' process-wide crypto provider, which WebRTC's DTLS handshake uses. QUIC brings
+/// rustls' aws-lc-rs backend and DTLS its ring backend, so rustls cannot choose by itself and
+/// would panic on the first WebRTC connection. Ring is DTLS's own choice; QUIC names aws-lc-rs
+/// explicitly and is unaffected. Harmless if a provider is already installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Runs the relay until `shutdown` resolves. Start-up failures (identity, listening) are
 /// returned as errors; later per-connection problems are only logged.
 pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let keypair = match &config.identity {
-        Some(path) => swarm::identity::load_or_create(path)?,
+    install_crypto_provider();
+    let (keypair, certificate) = match &config.identity {
+        Some(path) => (
+            swarm::identity::load_or_create(path)?,
+            load_or_create_certificate(&certificate_path(path))?,
+        ),
         None => {
             tracing::warn!(
-                "no --identity given: using a throwaway peer id; bootstrap addresses will not survive a restart"
+                "no --identity given: using a throwaway peer id and WebRTC certificate; \
+                 bootstrap and browser addresses will not survive a restart"
             );
-            Keypair::generate_ed25519()
+            (Keypair::generate_ed25519(), generate_certificate()?)
         }
     };
-    let mut swarm = build_swarm(keypair, &config)?;
+    let mut swarm = build_swarm(keypair, certificate, &config)?;
     let local_peer_id = *swarm.local_peer_id();
     tracing::info!(peer_id = %local_peer_id, "relay starting");
 
@@ -398,27 +479,44 @@ fn write_addr_file(config: &RelayConfig, listen_addrs: &BTreeSet<Multiaddr>, pee
         contents.push_str(&addr.clone().with(Protocol::P2p(peer)).to_string());
         contents.push('\n');
     }
-    if let Err(error) = write_atomically(path, contents.as_bytes()) {
+    if let Err(error) = write_atomically(path, contents.as_bytes(), false) {
         tracing::error!(path = %path.display(), %error, "cannot write the address file");
     }
 }
 
-/// Readers (scripts, tests) poll this file; a rename means they never see a half-written one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes via a temporary file and a rename: readers polling the address file never see a
+/// half-written one, and a crash never leaves a truncated certificate behind. `private` files
+/// (keys) are created with mode 0600, so they are never readable by others, not even briefly.
+fn write_atomically(path: &Path, bytes: &[u8], private: bool) -> io::Result<()> {
     let mut tmp_name = path
         .file_name()
-        .ok_or_else(|| std::io::Error::other("path has no file name"))?
+        .ok_or_else(|| io::Error::other("path has no file name"))?
         .to_os_string();
     tmp_name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    let result = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        let mut file = options.open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 #[cfg(test)]
@@ -436,7 +534,8 @@ mod tests {
     #[test]
     fn defaults() {
         let c = config(&[]).unwrap();
-        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.listen.len(), 3);
+        assert!(c.listen[2].iter().any(|p| matches!(p, Protocol::WebRTCDirect)));
         assert_eq!(c.limits.max_circuits, 512);
         assert_eq!(c.limits.max_circuits_per_peer, 16);
         assert_eq!(c.limits.max_circuit_duration, Duration::from_secs(3600));
@@ -483,6 +582,28 @@ mod tests {
                 format!("/ip4/203.0.113.7/tcp/4001/p2p/{peer}")
             ]
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn certificate_is_created_private_and_reloaded() {
+        let dir = std::env::temp_dir().join(format!("corolla-relay-cert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = certificate_path(&dir.join("relay.key"));
+        assert_eq!(path, dir.join("relay.key.webrtc.pem"));
+        let first = load_or_create_certificate(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let second = load_or_create_certificate(&path).unwrap();
+        assert_eq!(first.fingerprint(), second.fingerprint());
+
+        std::fs::write(&path, "not a certificate").unwrap();
+        let e = load_or_create_certificate(&path).unwrap_err().to_string();
+        assert!(e.contains("relay.key.webrtc.pem"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

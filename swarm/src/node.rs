@@ -318,6 +318,39 @@ fn strip_peer(addr: &Multiaddr) -> Multiaddr {
     a
 }
 
+/// Routes a request-response event: inbound requests to `on_request`, responses and failures
+/// to the waiting caller.
+fn on_request_response<Req, Resp>(
+    event: request_response::Event<Req, Resp>,
+    pending: &mut HashMap<OutboundRequestId, Reply<Resp>>,
+    on_request: impl FnOnce(PeerId, Req, ResponseChannel<Resp>),
+) {
+    match event {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request { request, channel, .. } => on_request(peer, request, channel),
+            request_response::Message::Response { request_id, response } => {
+                if let Some(r) = pending.remove(&request_id) {
+                    let _ = r.send(Ok(response));
+                }
+            }
+        },
+        request_response::Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(r) = pending.remove(&request_id) {
+                let _ = r.send(Err(NodeError::Request {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+        }
+        _ => {}
+    }
+}
+
 enum QueryReply {
     Unit(Reply<()>),
     Providers(Reply<HashSet<PeerId>>, HashSet<PeerId>),
@@ -520,64 +553,20 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_query(id, result, step.last);
             }
-            BehaviourEvent::Span(event) => match event {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request { request, channel, .. } => {
-                        if self
-                            .inbound
-                            .try_send(InboundEvent::Span { peer, request, channel })
-                            .is_err()
-                        {
-                            tracing::warn!(%peer, "dropping a span request: the server is saturated");
-                        }
+            BehaviourEvent::Span(event) => {
+                let inbound = &self.inbound;
+                on_request_response(event, &mut self.pending_span, |peer, request, channel| {
+                    if inbound.try_send(InboundEvent::Span { peer, request, channel }).is_err() {
+                        tracing::warn!(%peer, "dropping a span request: the server is saturated");
                     }
-                    request_response::Message::Response { request_id, response } => {
-                        if let Some(r) = self.pending_span.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
-                    peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_span.remove(&request_id) {
-                        let _ = r.send(Err(NodeError::Request {
-                            peer,
-                            reason: error.to_string(),
-                        }));
-                    }
-                }
-                _ => {}
-            },
-            BehaviourEvent::Info(event) => match event {
-                request_response::Event::Message { peer, message, .. } => match message {
-                    request_response::Message::Request { channel, .. } => {
-                        let _ = self.inbound.try_send(InboundEvent::Info { peer, channel });
-                    }
-                    request_response::Message::Response { request_id, response } => {
-                        if let Some(r) = self.pending_info.remove(&request_id) {
-                            let _ = r.send(Ok(response));
-                        }
-                    }
-                },
-                request_response::Event::OutboundFailure {
-                    peer,
-                    request_id,
-                    error,
-                    ..
-                } => {
-                    if let Some(r) = self.pending_info.remove(&request_id) {
-                        let _ = r.send(Err(NodeError::Request {
-                            peer,
-                            reason: error.to_string(),
-                        }));
-                    }
-                }
-                _ => {}
-            },
+                });
+            }
+            BehaviourEvent::Info(event) => {
+                let inbound = &self.inbound;
+                on_request_response(event, &mut self.pending_info, |peer, _, channel| {
+                    let _ = inbound.try_send(InboundEvent::Info { peer, channel });
+                });
+            }
             _ => {}
         }
     }

@@ -16,7 +16,7 @@ use shared_model::weights::HostTensor;
 use crate::dht;
 use crate::node::Client;
 use crate::protocol::{Limits, ServerInfo};
-use crate::routing::{Candidate, Hop, min_latency_route};
+use crate::routing::{Candidate, Hop, RouteMode, route};
 use crate::session::{HopSession, SessionError, SessionSpec};
 use crate::wire::WireDtype;
 
@@ -43,6 +43,7 @@ pub struct RemoteConfig {
     /// Most server replacements within one step before giving up.
     pub max_failovers: usize,
     pub limits: Limits,
+    pub route_mode: RouteMode,
 }
 
 struct ActiveHop {
@@ -124,12 +125,14 @@ impl<B: Backend> RemoteBlocks<B> {
     }
 
     async fn plan(&mut self, start: usize, end: usize) -> Result<Vec<Hop>, SessionError> {
-        let route = match min_latency_route(&self.candidates().await, start, end) {
+        let mode = self.config.route_mode;
+        let seed = self.bans.len() as u64 ^ crate::dht::now_ms();
+        let route = match route(mode, &self.candidates().await, start, end, seed) {
             Ok(route) => Ok(route),
             Err(_) => {
                 // Servers come and go: look again before giving up.
                 self.refresh().await?;
-                min_latency_route(&self.candidates().await, start, end)
+                route(mode, &self.candidates().await, start, end, seed)
             }
         };
         route.map_err(|gap| SessionError::NoRoute {

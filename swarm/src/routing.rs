@@ -19,6 +19,68 @@ pub struct Candidate {
     pub rtt: Duration,
 }
 
+/// How a client picks its chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteMode {
+    /// Lowest expected latency per token: interactive generation.
+    #[default]
+    MinLatency,
+    /// Servers drawn in proportion to their throughput: batch work (fine-tuning, many
+    /// clients) spreads over the swarm instead of piling onto the fastest chain.
+    MaxThroughput,
+}
+
+/// A route for `mode`; `seed` makes the throughput-weighted draw reproducible.
+pub fn route(mode: RouteMode, candidates: &[Candidate], start: usize, end: usize, seed: u64) -> Result<Vec<Hop>, Gap> {
+    match mode {
+        RouteMode::MinLatency => min_latency_route(candidates, start, end),
+        RouteMode::MaxThroughput => throughput_route(candidates, start, end, seed),
+    }
+}
+
+/// Walks the blocks in order; at each block draws one of the servers holding it with
+/// probability proportional to its throughput, and stays on it to the end of its span.
+pub fn throughput_route(candidates: &[Candidate], start: usize, end: usize, seed: u64) -> Result<Vec<Hop>, Gap> {
+    // A small xorshift: routing needs spread, not cryptographic randomness.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut hops = Vec::new();
+    let mut block = start;
+    while block < end {
+        let holders: Vec<&Candidate> = candidates
+            .iter()
+            .filter(|c| c.start <= block && block < c.end)
+            .collect();
+        if holders.is_empty() {
+            return Err(first_gap(candidates, start, end));
+        }
+        // Throughput is the inverse of the per-block cost.
+        let weights: Vec<f64> = holders.iter().map(|c| 1.0 / c.block_cost.max(1e-12)).collect();
+        let mut pick = next() * weights.iter().sum::<f64>();
+        let mut chosen = holders[holders.len() - 1];
+        for (c, w) in holders.iter().zip(&weights) {
+            if pick < *w {
+                chosen = c;
+                break;
+            }
+            pick -= w;
+        }
+        let stop = chosen.end.min(end);
+        hops.push(Hop {
+            peer: chosen.peer.clone(),
+            start: block,
+            end: stop,
+        });
+        block = stop;
+    }
+    Ok(hops)
+}
+
 /// One hop of a route: `peer` runs blocks `[start, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hop {
@@ -168,6 +230,30 @@ mod tests {
                 start: 3,
                 end: 5
             }]
+        );
+    }
+
+    #[test]
+    fn throughput_routing_spreads_by_throughput_and_covers_everything() {
+        let mut fast = c("fast", 0, 4, 10);
+        fast.block_cost = 0.001;
+        let mut slow = c("slow", 0, 4, 10);
+        slow.block_cost = 0.003;
+        let cands = [fast, slow, c("tail", 2, 6, 10)];
+        let mut fast_first = 0;
+        for seed in 0..400 {
+            let r = throughput_route(&cands, 0, 6, seed).expect("covered");
+            assert_eq!(r.first().map(|h| h.start), Some(0));
+            assert_eq!(r.last().map(|h| h.end), Some(6));
+            assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+            fast_first += usize::from(r[0].peer == "fast");
+        }
+        // 3:1 in favour of the faster server, within sampling noise.
+        assert!((250..350).contains(&fast_first), "{fast_first}");
+        assert_eq!(throughput_route(&cands, 0, 6, 7), throughput_route(&cands, 0, 6, 7));
+        assert_eq!(
+            throughput_route(&[c("a", 0, 2, 1)], 0, 4, 1).unwrap_err(),
+            Gap { start: 2, end: 4 }
         );
     }
 

@@ -40,11 +40,23 @@ fn error_kind(r: SessionResponse) -> ErrorKind {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
-    let dir = temp_dir("malformed");
+/// A relay, one server on `blocks` of fixture `family`, and a client node connected to it.
+struct OneServer {
+    _relay: Proc,
+    _server: Proc,
+    relay: Multiaddr,
+    server: PeerId,
+    model_dir: std::path::PathBuf,
+    files: ModelFiles,
+    /// The model's fingerprint.
+    model: String,
+    client: node::Client,
+}
+
+async fn one_server(family: &str, blocks: &str) -> OneServer {
+    let dir = temp_dir(family);
     let relay_file = dir.join("relay.addrs");
-    let _relay = Proc::spawn(
+    let relay_proc = Proc::spawn(
         "relay",
         Command::new(bin("relay"))
             .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
@@ -53,16 +65,16 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
     let relay: Multiaddr = wait_for_file_lines(&relay_file, 1, Duration::from_secs(60))[0]
         .parse()
         .expect("addr");
-    let model_dir = fixture("llama");
+    let model_dir = fixture(family);
     let server_file = dir.join("server.addrs");
-    let _server = Proc::spawn(
+    let server_proc = Proc::spawn(
         "server",
         Command::new(bin("server"))
             .arg("--model")
             .arg(&model_dir)
             .args([
                 "--blocks",
-                "0:4",
+                blocks,
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
                 "--initial-peers",
@@ -74,14 +86,35 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
     let server_addr: Multiaddr = wait_for_file_lines(&server_file, 1, Duration::from_secs(60))[0]
         .parse()
         .expect("addr");
-    let server: PeerId = node::peer_of(&server_addr).expect("peer id");
+    let server = node::peer_of(&server_addr).expect("peer id");
     let files = ModelFiles::open(&model_dir).expect("model");
     let model = fingerprint(&files.config, files.weights.as_ref()).expect("fingerprint");
-
     let (client, _inbound, event_loop) =
         node::start(NodeConfig::new(libp2p::identity::Keypair::generate_ed25519())).expect("node");
     tokio::spawn(event_loop.run());
     client.dial(server_addr).await.expect("dial server");
+    OneServer {
+        _relay: relay_proc,
+        _server: server_proc,
+        relay,
+        server,
+        model_dir,
+        files,
+        model,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
+    let swarm = one_server("llama", "0:4").await;
+    let (client, server, model, model_dir, relay) = (
+        &swarm.client,
+        swarm.server,
+        &swarm.model,
+        &swarm.model_dir,
+        &swarm.relay,
+    );
 
     // Garbage in a well-formed frame: an error, and the session stays usable.
     let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
@@ -230,43 +263,8 @@ async fn stateless_forward_and_backward_match_local() {
     use shared_model::model::{BlockSpan, to_host};
     use shared_model::{Cpu, CpuAutodiff};
 
-    let dir = temp_dir("span");
-    let relay_file = dir.join("relay.addrs");
-    let _relay = Proc::spawn(
-        "relay",
-        Command::new(bin("relay"))
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-            .arg(&relay_file),
-    );
-    let relay = wait_for_file_lines(&relay_file, 1, Duration::from_secs(60)).remove(0);
-    let model_dir = fixture("mixtral");
-    let server_file = dir.join("server.addrs");
-    let _server = Proc::spawn(
-        "server",
-        Command::new(bin("server"))
-            .arg("--model")
-            .arg(&model_dir)
-            .args([
-                "--blocks",
-                "1:4",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--initial-peers",
-                &relay,
-            ])
-            .arg("--addr-file")
-            .arg(&server_file),
-    );
-    let server_addr: Multiaddr = wait_for_file_lines(&server_file, 1, Duration::from_secs(60))[0]
-        .parse()
-        .expect("addr");
-    let server = node::peer_of(&server_addr).expect("peer id");
-    let files = ModelFiles::open(&model_dir).expect("model");
-    let model = fingerprint(&files.config, files.weights.as_ref()).expect("fingerprint");
-    let (client, _inbound, event_loop) =
-        node::start(NodeConfig::new(libp2p::identity::Keypair::generate_ed25519())).expect("node");
-    tokio::spawn(event_loop.run());
-    client.dial(server_addr).await.expect("dial server");
+    let swarm = one_server("mixtral", "1:4").await;
+    let (client, server, model, files) = (&swarm.client, swarm.server, &swarm.model, &swarm.files);
 
     let (b, t, h) = (2, 5, 64);
     let x = HostTensor::new(

@@ -137,6 +137,13 @@ fn three_overlapping_servers_match_local_and_golden() {
                 "{family} row {row}"
             );
             assert_eq!(remote, local(&model, &args), "{family} row {row}: swarm vs local");
+            let mut spread = args.to_vec();
+            spread.extend(["--routing", "throughput"]);
+            let (batchy, _) = swarm.generate(&model, &spread);
+            assert_eq!(
+                batchy["token_ids"], remote["token_ids"],
+                "{family} row {row}: throughput routing"
+            );
         }
     }
 }
