@@ -43,16 +43,6 @@ impl<B: Backend> LayerCache<B> {
         }
         (k, v)
     }
-
-    /// Drops the last `n` positions (to undo a step whose result was discarded).
-    pub fn truncate(&mut self, len: usize) {
-        if let Some((k, v)) = self.kv.take()
-            && len > 0
-        {
-            let len = len.min(k.dims()[2]);
-            self.kv = Some((k.narrow(2, 0, len), v.narrow(2, 0, len)));
-        }
-    }
 }
 
 impl<B: Backend> Default for LayerCache<B> {
