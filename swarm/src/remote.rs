@@ -48,9 +48,10 @@ pub struct RemoteConfig {
 
 struct ActiveHop {
     session: HopSession,
-    /// Every input this hop has seen, `[batch, tokens so far, hidden]` (what a replacement
-    /// server needs replayed).
-    history: Option<HostTensor>,
+    /// Every input this hop has seen, one `[batch, new, hidden]` chunk per step (what a
+    /// replacement server needs replayed). Kept in chunks so a step costs no copy of the past;
+    /// they are joined only on replay.
+    history: Vec<HostTensor>,
 }
 
 /// Runs the blocks on remote servers; `step` blocks on the async client through `handle`.
@@ -185,7 +186,7 @@ impl<B: Backend> RemoteBlocks<B> {
                     Ok((session, out)) => {
                         hops.push(ActiveHop {
                             session,
-                            history: x.clone(),
+                            history: x.iter().cloned().collect(),
                         });
                         x = out;
                     }
@@ -240,11 +241,7 @@ impl<B: Backend> RemoteBlocks<B> {
         while i < self.hops.len() {
             match self.hops[i].session.step(&x).await {
                 Ok(out) => {
-                    let hop = &mut self.hops[i];
-                    hop.history = Some(match hop.history.take() {
-                        Some(h) => concat_tokens(&h, &x),
-                        None => x.clone(),
-                    });
+                    self.hops[i].history.push(x);
                     x = out;
                     i += 1;
                 }
@@ -263,7 +260,7 @@ impl<B: Backend> RemoteBlocks<B> {
                         });
                     }
                     self.ban(&peer);
-                    let history = self.hops[i].history.clone();
+                    let history = concat_all(&self.hops[i].history);
                     let (replacement, _) = self.connect(start, end, history).await?;
                     self.hops.splice(i..=i, replacement);
                     tracing::info!(route = ?self.route(), "session re-routed");
@@ -275,16 +272,19 @@ impl<B: Backend> RemoteBlocks<B> {
     }
 }
 
-/// `[b, t1, h]` ++ `[b, t2, h]` along the token axis.
-fn concat_tokens(a: &HostTensor, b: &HostTensor) -> HostTensor {
-    let (batch, t1, h) = (a.shape[0], a.shape[1], a.shape[2]);
-    let t2 = b.shape[1];
-    let mut data = Vec::with_capacity(a.data.len() + b.data.len());
+/// All chunks (`[b, t_i, h]`) joined along the token axis in one pass; `None` for no chunks.
+fn concat_all(chunks: &[HostTensor]) -> Option<HostTensor> {
+    let first = chunks.first()?;
+    let (batch, h) = (first.shape[0], first.shape[2]);
+    let total: usize = chunks.iter().map(|c| c.shape[1]).sum();
+    let mut data = Vec::with_capacity(batch * total * h);
     for row in 0..batch {
-        data.extend_from_slice(&a.data[row * t1 * h..(row + 1) * t1 * h]);
-        data.extend_from_slice(&b.data[row * t2 * h..(row + 1) * t2 * h]);
+        for c in chunks {
+            let t = c.shape[1];
+            data.extend_from_slice(&c.data[row * t * h..(row + 1) * t * h]);
+        }
     }
-    HostTensor::new(vec![batch, t1 + t2, h], data)
+    Some(HostTensor::new(vec![batch, total, h], data))
 }
 
 impl<B: Backend> BlockRunner<B> for RemoteBlocks<B> {
@@ -325,7 +325,7 @@ mod tests {
     fn concat_keeps_rows_apart() {
         let a = HostTensor::new(vec![2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]);
         let b = HostTensor::new(vec![2, 2, 2], vec![5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0]);
-        let c = concat_tokens(&a, &b);
+        let c = concat_all(&[a.clone(), b.clone()]).expect("two chunks");
         assert_eq!(c.shape, vec![2, 3, 2]);
         assert_eq!(
             c.data,
