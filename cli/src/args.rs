@@ -131,7 +131,22 @@ pub struct DemoArgs {
     /// Use this model instead of fetching SmolLM2.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Answer this one message and exit, instead of chatting on stdin.
+    /// Port of the chat page (and of the relay's bootstrap JSON).
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Address the local swarm and the page listen on; 0.0.0.0 shares them with the LAN.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// The built chat page (`trunk build --release` writes it to dist/).
+    #[arg(long, default_value = "dist")]
+    pub web_root: PathBuf,
+    /// How many servers share the model's blocks.
+    #[arg(long, default_value_t = 2)]
+    pub servers: usize,
+    /// Chat in this terminal with the whole model in this process (no swarm, no page).
+    #[arg(long)]
+    pub terminal: bool,
+    /// Answer this one message in the terminal and exit (implies --terminal).
     #[arg(long)]
     pub prompt: Option<String>,
     #[arg(long, default_value_t = 256)]

@@ -11,12 +11,22 @@ use shared_model::tokenizer::ChatMessage;
 use crate::args::DemoArgs;
 use crate::fetch;
 
-/// Chats in the terminal, the whole conversation going through the chat template each turn.
+/// `corolla demo`: a local swarm serving the chat page, or (`--terminal`, `--prompt`) a chat
+/// in the terminal.
 pub fn run(args: DemoArgs) -> Result<()> {
     let path = match &args.model {
         Some(p) => p.clone(),
         None => fetch::ensure_smollm2(&fetch::cache_dir(args.fetch.cache_dir.clone()))?,
     };
+    if args.terminal || args.prompt.is_some() {
+        terminal(args, path)
+    } else {
+        crate::demo_swarm::run(&args, &path)
+    }
+}
+
+/// Chats in the terminal, the whole conversation going through the chat template each turn.
+fn terminal(args: DemoArgs, path: std::path::PathBuf) -> Result<()> {
     let files = ModelFiles::open(&path).with_context(|| format!("cannot open model {}", path.display()))?;
     let tokenizer = files
         .tokenizer

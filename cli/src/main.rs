@@ -1,5 +1,5 @@
-//! `corolla`: run a model locally (later: through the swarm), inspect its outputs, or chat
-//! with the demo model.
+//! `corolla`: run a model locally or through the swarm, inspect its outputs, or bring up the
+//! demo swarm with its chat page.
 
 #![allow(clippy::print_stdout)]
 
@@ -10,6 +10,7 @@ use clap::Parser;
 mod args;
 mod backend;
 mod demo;
+mod demo_swarm;
 mod fetch;
 mod forward;
 mod generate;

@@ -68,6 +68,13 @@ pub struct ServerArgs {
     /// Write the announced addresses here (one per line) once announced.
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// Serve the model's client bundle (tokenizer, config, embeddings, LM head) over HTTP on
+    /// this address, for browsers (e.g. 0.0.0.0:8081).
+    #[arg(long)]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// The public base URL of --http-listen, as browsers reach it (default: http://ADDR).
+    #[arg(long, requires = "http_listen")]
+    pub http_url: Option<String>,
 }
 
 /// A validated server configuration.
@@ -86,6 +93,8 @@ pub struct ServerConfig {
     pub announce_ttl: Duration,
     pub session_timeout: Duration,
     pub addr_file: Option<PathBuf>,
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub http_url: Option<String>,
 }
 
 impl ServerArgs {
@@ -115,7 +124,12 @@ impl ServerArgs {
             bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
         }
         let listen = if self.listen.is_empty() {
-            vec!["/ip4/0.0.0.0/tcp/0".parse()?, "/ip4/0.0.0.0/udp/0/quic-v1".parse()?]
+            // WebRTC-direct lets browsers dial the server without a relay in between.
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+                "/ip4/0.0.0.0/udp/0/webrtc-direct".parse()?,
+            ]
         } else {
             self.listen
         };
@@ -133,6 +147,8 @@ impl ServerArgs {
             announce_ttl: Duration::from_secs(self.announce_ttl),
             session_timeout: Duration::from_secs(self.session_timeout),
             addr_file: self.addr_file,
+            http_listen: self.http_listen,
+            http_url: self.http_url.map(|u| u.trim_end_matches('/').to_string()),
         })
     }
 }

@@ -10,17 +10,18 @@ use burn::tensor::backend::AutodiffBackend;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream};
+use shared_model::bundle::{BundleMeta, write_bundle};
 use shared_model::cache::SpanCache;
 use shared_model::fingerprint::fingerprint;
 use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, to_host};
-use swarm::dht;
 use swarm::node::{self, Client, InboundEvent, NodeConfig};
 use swarm::protocol::{
     ErrorKind, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, ServerInfo, SessionRequest,
     SessionResponse, SpanRequest, SpanResponse,
 };
 use swarm::wire::{self, WireDtype, WireError, WireTensor};
+use swarm::{dht, http};
 use tokio::sync::Semaphore;
 
 use crate::args::{BackendKind, ServerConfig};
@@ -116,6 +117,12 @@ where
     }
     let span = BlockSpan::<B>::load(&files.config, files.weights.as_ref(), start..end, &device)
         .context("cannot load the blocks")?;
+    let client_url = match config.http_listen {
+        Some(addr) => {
+            Some(serve_client_bundle(&files, &model_name, &model_fp, addr, config.http_url.as_deref()).await?)
+        }
+        None => None,
+    };
     let throughput = measure_throughput(&span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, "serving");
 
@@ -154,6 +161,8 @@ where
         relayed,
         addrs,
         expires_at_ms: dht::now_ms() + config.announce_ttl.as_millis() as u64,
+        client_url: client_url.clone(),
+        serves_head: false,
     };
 
     let mut announce = tokio::time::interval(config.announce_ttl / 3);
@@ -210,6 +219,45 @@ where
     let _ = dht::withdraw(&client, &model_fp).await;
     sessions.abort();
     Ok(())
+}
+
+/// Serves the model's client bundle over HTTP; returns its URL.
+async fn serve_client_bundle(
+    files: &ModelFiles,
+    name: &str,
+    fingerprint: &str,
+    addr: std::net::SocketAddr,
+    base_url: Option<&str>,
+) -> Result<String> {
+    let meta = BundleMeta {
+        name,
+        hf_config: &files.hf_config,
+        tokenizer: files.tokenizer.as_ref(),
+        chat_template: files.chat_template.as_ref(),
+        stop_ids: &files.stop_ids,
+    };
+    let bundle =
+        Arc::new(write_bundle(&meta, &files.config, files.weights.as_ref()).context("cannot build the client bundle")?);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let path = format!("/corolla/v1/models/{fingerprint}/client.safetensors");
+    let url = format!(
+        "{}{path}",
+        base_url.map_or_else(|| format!("http://{bound}"), str::to_string)
+    );
+    let fp = fingerprint.to_string();
+    let handler: http::Handler = Arc::new(move |request: &http::HttpRequest| {
+        if request.path == path {
+            http::HttpResponse::ok("application/octet-stream", bundle.clone()).immutable(&fp)
+        } else {
+            http::HttpResponse::error(404, "not found")
+        }
+    });
+    tokio::spawn(http::serve(listener, handler));
+    tracing::info!(%url, "serving the client bundle");
+    Ok(url)
 }
 
 /// Addresses others can dial: circuit addresses, plus direct listeners unless relay-only.

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,6 +18,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, noise, ping, relay, tcp, yamux};
 use libp2p_webrtc::tokio::Certificate;
+use swarm::http;
 use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 
 /// Command line of the `relay` binary.
@@ -64,6 +66,13 @@ pub struct Cli {
     /// How long DHT provider records stored here live without being re-announced.
     #[arg(long, default_value_t = 900)]
     pub record_ttl_secs: u64,
+    /// Serve HTTP on this address (e.g. 0.0.0.0:8080): the browsers' bootstrap addresses at
+    /// /corolla/v1/bootstrap.json, and the chat page if --web-root is given.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// The built chat page (Trunk's `dist/` folder), served at / by --http-listen.
+    #[arg(long, value_name = "DIR", requires = "http_listen")]
+    pub web_root: Option<PathBuf>,
 }
 
 /// Validated relay settings.
@@ -75,6 +84,8 @@ pub struct RelayConfig {
     pub addr_file: Option<PathBuf>,
     pub limits: RelayLimits,
     pub record_ttl: Duration,
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub web_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +147,8 @@ impl TryFrom<Cli> for RelayConfig {
                 max_reservations: cli.max_reservations,
             },
             record_ttl: Duration::from_secs(cli.record_ttl_secs.max(1)),
+            http_listen: cli.http_listen,
+            web_root: cli.web_root,
         })
     }
 }
@@ -297,13 +310,7 @@ fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig)
     Ok(swarm)
 }
 
-/// Selects rustls' process-wide crypto provider, which WebRTC's DTLS handshake uses. QUIC brings
-/// rustls' aws-lc-rs backend and DTLS its ring backend, so rustls cannot choose by itself and
-/// would panic on the first WebRTC connection. Ring is DTLS's own choice; QUIC names aws-lc-rs
-/// explicitly and is unaffected. Harmless if a provider is already installed.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use swarm::node::install_crypto_provider;
 
 /// Runs the relay until `shutdown` resolves. Start-up failures (identity, listening) are
 /// returned as errors; later per-connection problems are only logged.
@@ -337,6 +344,12 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
         swarm.add_external_address(addr.clone());
     }
 
+    let browser_addrs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let http = match config.http_listen {
+        Some(addr) => Some(start_http(addr, config.web_root.as_deref(), browser_addrs.clone()).await?),
+        None => None,
+    };
+
     let mut listen_addrs: BTreeSet<Multiaddr> = BTreeSet::new();
     let shutdown = std::pin::pin!(shutdown);
     let mut shutdown = shutdown;
@@ -353,6 +366,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 swarm.add_external_address(address.clone());
                 listen_addrs.insert(address);
                 write_addr_file(&config, &listen_addrs, local_peer_id);
+                set_browser_addrs(&browser_addrs, &listen_addrs, &config.external_addrs, local_peer_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 tracing::info!(%address, "listen address expired");
@@ -361,6 +375,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 }
                 listen_addrs.remove(&address);
                 write_addr_file(&config, &listen_addrs, local_peer_id);
+                set_browser_addrs(&browser_addrs, &listen_addrs, &config.external_addrs, local_peer_id);
             }
             SwarmEvent::ListenerError { listener_id, error } => {
                 tracing::warn!(?listener_id, %error, "listener error");
@@ -406,7 +421,60 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
         }
     }
     tracing::info!("relay shutting down");
+    if let Some(task) = http {
+        task.abort();
+    }
     Ok(())
+}
+
+/// The addresses a browser can dial: WebRTC-direct ones, with their certificate hash.
+fn set_browser_addrs(out: &Mutex<Vec<String>>, listen: &BTreeSet<Multiaddr>, external: &[Multiaddr], peer: PeerId) {
+    let addrs = external
+        .iter()
+        .chain(listen.iter())
+        .filter(|a| a.iter().any(|p| p == Protocol::WebRTCDirect))
+        .filter(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())))
+        .map(|a| a.clone().with(Protocol::P2p(peer)).to_string())
+        .collect();
+    if let Ok(mut guard) = out.lock() {
+        *guard = addrs;
+    }
+}
+
+/// Serves `/corolla/v1/bootstrap.json` (the browsers' way into the swarm) and the page.
+async fn start_http(
+    addr: std::net::SocketAddr,
+    web_root: Option<&Path>,
+    browser_addrs: Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let files = match web_root {
+        Some(root) => {
+            let files = http::StaticFiles::load(root)
+                .with_context(|| format!("cannot read the web root {}", root.display()))?;
+            if files.get("/").is_none() {
+                bail!(
+                    "the web root {} has no index.html (build the page: trunk build --release)",
+                    root.display()
+                );
+            }
+            files
+        }
+        None => http::StaticFiles::default(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving HTTP");
+    let handler: http::Handler = Arc::new(move |request: &http::HttpRequest| {
+        if request.path == "/corolla/v1/bootstrap.json" {
+            let relays = browser_addrs.lock().map(|g| g.clone()).unwrap_or_default();
+            return http::HttpResponse::json(&serde_json::json!({ "relays": relays }));
+        }
+        files
+            .get(&request.path)
+            .unwrap_or_else(|| http::HttpResponse::error(404, "not found"))
+    });
+    Ok(tokio::spawn(http::serve(listener, handler)))
 }
 
 fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, event: BehaviourEvent) {

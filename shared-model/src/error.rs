@@ -14,6 +14,8 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
     #[error("token id {id} is out of range for a vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{tokens} tokens do not fit the model's context of {context}")]

@@ -4,6 +4,7 @@
 //! The model is split the way a swarm runs it: a client holds [`model::Embeddings`] and
 //! [`model::LmHead`], servers hold [`model::BlockSpan`]s.
 
+pub mod bundle;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;

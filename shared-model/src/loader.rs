@@ -17,6 +17,8 @@ use crate::weights::{SafetensorsSource, WeightError, WeightSource};
 pub struct ModelFiles {
     pub path: PathBuf,
     pub config: ModelConfig,
+    /// The config in Hugging Face form (for GGUF files, as converted), handed to clients.
+    pub hf_config: serde_json::Value,
     pub weights: Arc<dyn WeightSource>,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
@@ -39,7 +41,13 @@ impl ModelFiles {
     }
 
     fn open_hf_dir(dir: &Path) -> Result<Self, ModelError> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| crate::config::ConfigError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let hf_config: serde_json::Value = serde_json::from_str(&text).map_err(crate::config::ConfigError::from)?;
+        let config = ModelConfig::from_json_value(hf_config.clone())?;
         let weights = Arc::new(SafetensorsSource::open_dir(dir)?);
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
@@ -63,6 +71,7 @@ impl ModelFiles {
         Ok(Self {
             path: dir.to_path_buf(),
             config,
+            hf_config,
             weights,
             tokenizer,
             chat_template,
@@ -72,7 +81,8 @@ impl ModelFiles {
 
     fn open_gguf(path: &Path) -> Result<Self, ModelError> {
         let model = GgufModel::open(path)?;
-        let config = ModelConfig::from_json_value(model.hf_config()?)?;
+        let hf_config = model.hf_config()?;
+        let config = ModelConfig::from_json_value(hf_config.clone())?;
         let tokenizer = Tokenizer::from_gguf(model.file())?;
         let chat_template = tokenizer.chat_template()?;
         let mut stop_ids = tokenizer.end_of_turn_ids();
@@ -81,6 +91,7 @@ impl ModelFiles {
         Ok(Self {
             path: path.to_path_buf(),
             config,
+            hf_config,
             weights: Arc::new(model),
             tokenizer: Some(tokenizer),
             chat_template,

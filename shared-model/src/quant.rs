@@ -77,6 +77,11 @@ impl QuantMatrix {
         self.kind
     }
 
+    /// The blocks as stored (GGUF layout), row after row.
+    pub fn raw(&self) -> &[u8] {
+        &self.data
+    }
+
     /// `[rows, cols]`
     pub fn shape(&self) -> [usize; 2] {
         [self.rows, self.cols]

@@ -167,3 +167,19 @@ fn quantized_reads_match_dequantized_reads() {
     // Norms are f32 in the file: no quantized form.
     assert!(model.read_quant("model.norm.weight").expect("readable").is_none());
 }
+
+/// The copy the browser-side tests use (`tests/fixtures/smollm2-tokenizer.json`, made by
+/// `examples/export_tokenizer.rs`) is the tokenizer the GGUF gives.
+#[test]
+fn exported_tokenizer_json_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/smollm2-tokenizer.json");
+    let committed = std::fs::read_to_string(path).expect("tests/fixtures/smollm2-tokenizer.json");
+    let from_gguf = Tokenizer::from_gguf(&open())
+        .expect("tokenizer")
+        .to_json()
+        .expect("json");
+    assert!(
+        committed == from_gguf,
+        "{path} is stale: regenerate it with examples/export_tokenizer.rs"
+    );
+}

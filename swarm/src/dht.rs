@@ -5,7 +5,9 @@
 //! `corolla/server/<fingerprint>/<peer id>`. Both expire unless re-announced; clients also
 //! drop infos whose `expires_at_ms` has passed.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::rt::{self, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use libp2p::PeerId;
@@ -23,6 +25,16 @@ pub fn server_key(fingerprint: &str, peer: &PeerId) -> RecordKey {
     RecordKey::new(&format!("corolla/server/{fingerprint}/{peer}"))
 }
 
+/// Every server provides this key, so a client that knows no model yet can list them.
+pub fn all_servers_key() -> RecordKey {
+    RecordKey::new(&"corolla/servers")
+}
+
+/// A server's latest [`ServerInfo`], whatever its model.
+pub fn peer_key(peer: &PeerId) -> RecordKey {
+    RecordKey::new(&format!("corolla/peer/{peer}"))
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -33,24 +45,70 @@ pub fn now_ms() -> u64 {
 pub async fn announce(client: &Client, info: &ServerInfo) -> Result<(), NodeError> {
     let value = wire::to_cbor(info).map_err(|e| NodeError::Dht(e.to_string()))?;
     client
-        .put_record(server_key(&info.model, &client.peer_id()), value)
+        .put_record(server_key(&info.model, &client.peer_id()), value.clone())
         .await?;
-    client.start_providing(model_key(&info.model)).await
+    client.put_record(peer_key(&client.peer_id()), value).await?;
+    client.start_providing(model_key(&info.model)).await?;
+    client.start_providing(all_servers_key()).await
 }
 
 /// Withdraws this server (it also disappears by itself once its records expire).
 pub async fn withdraw(client: &Client, fingerprint: &str) -> Result<(), NodeError> {
-    client.stop_providing(model_key(fingerprint)).await
+    client.stop_providing(model_key(fingerprint)).await?;
+    client.stop_providing(all_servers_key()).await
 }
 
-/// Every live server of the model, newest record per peer.
-pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> Result<Vec<ServerInfo>, NodeError> {
-    let providers = tokio::time::timeout(timeout, client.get_providers(model_key(fingerprint)))
+/// A model some live server serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelListing {
+    pub fingerprint: String,
+    pub name: String,
+    /// How many live servers announce it.
+    pub servers: usize,
+}
+
+/// Every model that live servers announce, by fingerprint.
+pub async fn list_models(client: &Client, timeout: Duration) -> Result<Vec<ModelListing>, NodeError> {
+    let providers = rt::timeout(timeout, client.get_providers(all_servers_key()))
         .await
         .map_err(|_| NodeError::Dht("provider lookup timed out".into()))??;
     let now = now_ms();
     let lookups = providers.into_iter().map(|peer| async move {
-        let records = tokio::time::timeout(timeout, client.get_record(server_key(fingerprint, &peer)))
+        let records = rt::timeout(timeout, client.get_record(peer_key(&peer)))
+            .await
+            .ok()?
+            .ok()?;
+        records
+            .iter()
+            .filter_map(|bytes| wire::from_cbor::<ServerInfo>(bytes).ok())
+            .filter(|info| {
+                info.peer_id == peer.to_string() && info.protocol == PROTOCOL_VERSION && info.expires_at_ms > now
+            })
+            .max_by_key(|info| info.expires_at_ms)
+    });
+    let mut models: Vec<ModelListing> = Vec::new();
+    for info in join_all(lookups).await.into_iter().flatten() {
+        match models.iter_mut().find(|m| m.fingerprint == info.model) {
+            Some(m) => m.servers += 1,
+            None => models.push(ModelListing {
+                fingerprint: info.model,
+                name: info.model_name,
+                servers: 1,
+            }),
+        }
+    }
+    models.sort_by(|a, b| b.servers.cmp(&a.servers).then(a.name.cmp(&b.name)));
+    Ok(models)
+}
+
+/// Every live server of the model, newest record per peer.
+pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> Result<Vec<ServerInfo>, NodeError> {
+    let providers = rt::timeout(timeout, client.get_providers(model_key(fingerprint)))
+        .await
+        .map_err(|_| NodeError::Dht("provider lookup timed out".into()))??;
+    let now = now_ms();
+    let lookups = providers.into_iter().map(|peer| async move {
+        let records = rt::timeout(timeout, client.get_record(server_key(fingerprint, &peer)))
             .await
             .ok()?
             .ok()?;

@@ -1,11 +1,14 @@
-//! Corolla's libp2p protocol, shared by native code and (later) the browser: message types,
+//! Corolla's libp2p protocol, shared by native code and the browser: message types,
 //! the tensor wire format, DHT records, and the swarm event loop with its client handle.
 
 pub mod dht;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod http;
 pub mod identity;
 pub mod node;
 pub mod protocol;
 pub mod remote;
 pub mod routing;
+pub mod rt;
 pub mod session;
 pub mod wire;

@@ -10,9 +10,11 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+#[cfg(not(target_arch = "wasm32"))]
+use libp2p::tcp;
 use libp2p::{
     Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, noise, ping, relay,
-    tcp, yamux,
+    yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -183,17 +185,37 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     let request_timeout = config.request_timeout;
     let dht_server = config.dht_server;
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone());
+    // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay in
+    // between). In the browser: WebRTC-direct only, the one transport a page can dial without a
+    // CA-signed certificate. Both reach relays' circuits.
+    #[cfg(not(target_arch = "wasm32"))]
+    let builder = {
+        install_crypto_provider();
+        let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand_0_10::rng())
+            .map_err(|e| NodeError::Transport(format!("cannot generate a WebRTC certificate: {e}")))?;
+        builder
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| transport_err(&e))?
+            .with_quic()
+            .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))
+            .map_err(|e| transport_err(&e))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport_err(&e))?
+    };
+    #[cfg(target_arch = "wasm32")]
+    let builder = builder
+        .with_wasm_bindgen()
+        .with_other_transport(|key| libp2p::webrtc_websys::Transport::new(libp2p::webrtc_websys::Config::new(key)))
         .map_err(|e| transport_err(&e))?
-        .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| transport_err(&e))?
+        .map_err(|e| transport_err(&e))?;
+    let mut swarm = builder
         .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -730,4 +752,12 @@ impl Client {
             .accept(protocol)
             .map_err(|e| NodeError::Transport(e.to_string()))
     }
+}
+
+/// Selects rustls' process-wide crypto provider, which WebRTC's DTLS handshake uses. QUIC brings
+/// rustls' aws-lc-rs backend and DTLS its ring backend, so rustls cannot choose by itself and
+/// the handshake would panic.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -16,6 +16,10 @@ pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/1")
 /// A server describes itself (request-response, CBOR).
 pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1");
 
+/// Embeddings and LM head run by a server for a client that cannot hold them
+/// (request-response, CBOR).
+pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/1");
+
 /// Version of the message formats below; announced in the DHT.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -113,6 +117,27 @@ pub enum SpanResponse {
     Error(ProtocolError),
 }
 
+/// A client's request to a server offering head service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HeadRequest {
+    /// The input of block 0 for these tokens: `token_ids` is `[batch, seq]` row-major.
+    Embed {
+        model: String,
+        batch: u32,
+        token_ids: Vec<u32>,
+        reply_dtype: WireDtype,
+    },
+    /// Final norm and LM head over `[batch, seq, hidden_size]` (the last block's output).
+    Logits { model: String, hidden: WireTensor },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HeadResponse {
+    /// Embed: `[batch, seq, hidden_size]`; logits: `[batch, seq, vocab]` in f32.
+    Tensor(WireTensor),
+    Error(ProtocolError),
+}
+
 /// Ask a server what it serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InfoRequest;
@@ -171,4 +196,12 @@ pub struct ServerInfo {
     pub addrs: Vec<String>,
     /// Milliseconds since the Unix epoch after which this record is stale.
     pub expires_at_ms: u64,
+    /// Where clients download the model's client bundle (tokenizer, config, embeddings and LM
+    /// head: see `shared_model::bundle`) over HTTP, if this server offers it.
+    #[serde(default)]
+    pub client_url: Option<String>,
+    /// Whether this server runs the embeddings and LM head for clients that cannot hold them
+    /// (a browser facing a 176B model's head), on [`HEAD_PROTOCOL`].
+    #[serde(default)]
+    pub serves_head: bool,
 }

@@ -3,12 +3,15 @@
 //! the lost span and replays that history, so the output is what an undisturbed run gives.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+#[cfg(not(target_arch = "wasm32"))]
 use burn::prelude::*;
 use libp2p::{Multiaddr, PeerId};
 use shared_model::ModelError;
+#[cfg(not(target_arch = "wasm32"))]
 use shared_model::generate::BlockRunner;
+#[cfg(not(target_arch = "wasm32"))]
 use shared_model::model::to_host;
 use shared_model::sampling::SamplingError;
 use shared_model::weights::HostTensor;
@@ -17,6 +20,7 @@ use crate::dht;
 use crate::node::Client;
 use crate::protocol::{Limits, ServerInfo};
 use crate::routing::{Candidate, Hop, RouteMode, route};
+use crate::rt::Instant;
 use crate::session::{HopSession, SessionError, SessionSpec};
 use crate::wire::WireDtype;
 
@@ -54,29 +58,42 @@ struct ActiveHop {
     history: Vec<HostTensor>,
 }
 
-/// Runs the blocks on remote servers; `step` blocks on the async client through `handle`.
-pub struct RemoteBlocks<B: Backend> {
-    handle: tokio::runtime::Handle,
+/// A session's chain of servers covering every block, driven asynchronously (the browser
+/// uses it directly; native code through [`RemoteBlocks`]).
+pub struct RemoteChain {
     client: Client,
     config: RemoteConfig,
-    device: B::Device,
     servers: Vec<ServerInfo>,
     bans: HashMap<String, (Instant, u32)>,
     hops: Vec<ActiveHop>,
     spec: Option<SessionSpec>,
 }
 
-impl<B: Backend> RemoteBlocks<B> {
-    pub fn new(handle: tokio::runtime::Handle, client: Client, config: RemoteConfig, device: B::Device) -> Self {
+impl RemoteChain {
+    pub fn new(client: Client, config: RemoteConfig) -> Self {
         Self {
-            handle,
             client,
             config,
-            device,
             servers: Vec::new(),
             bans: HashMap::new(),
             hops: Vec::new(),
             spec: None,
+        }
+    }
+
+    /// The servers found by the last discovery.
+    pub fn servers(&self) -> &[ServerInfo] {
+        &self.servers
+    }
+
+    /// Ends the current session: returns a future that frees the servers' caches (to run in the
+    /// background: a server that is gone would otherwise stall the caller).
+    pub fn close(&mut self) -> impl std::future::Future<Output = ()> + use<> {
+        let hops: Vec<ActiveHop> = self.hops.drain(..).collect();
+        async move {
+            for hop in hops {
+                hop.session.close().await;
+            }
         }
     }
 
@@ -212,7 +229,9 @@ impl<B: Backend> RemoteBlocks<B> {
         Err(SessionError::Exhausted { start, end, last })
     }
 
-    async fn start_async(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), SessionError> {
+    /// Opens a session for a batch left-padded by `pad[row]` tokens, holding at most
+    /// `max_length` tokens, on a fresh route (any previous session is closed).
+    pub async fn start(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), SessionError> {
         for hop in self.hops.drain(..) {
             hop.session.close().await;
         }
@@ -234,7 +253,9 @@ impl<B: Backend> RemoteBlocks<B> {
         Ok(())
     }
 
-    async fn step_async(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
+    /// Runs `[batch, new, hidden]` states through every block; a failed server is replaced and
+    /// its history replayed, so the result is what an undisturbed run gives.
+    pub async fn step(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
         let mut x = hidden;
         let mut i = 0;
         let mut failovers = 0;
@@ -287,33 +308,52 @@ fn concat_all(chunks: &[HostTensor]) -> Option<HostTensor> {
     Some(HostTensor::new(vec![batch, total, h], data))
 }
 
+/// Runs the blocks on remote servers for synchronous callers; each call blocks on the async
+/// [`RemoteChain`] through `handle`.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct RemoteBlocks<B: Backend> {
+    handle: tokio::runtime::Handle,
+    chain: RemoteChain,
+    device: B::Device,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<B: Backend> RemoteBlocks<B> {
+    pub fn new(handle: tokio::runtime::Handle, client: Client, config: RemoteConfig, device: B::Device) -> Self {
+        Self {
+            handle,
+            chain: RemoteChain::new(client, config),
+            device,
+        }
+    }
+
+    /// The current route, for display: (peer, start, end).
+    pub fn route(&self) -> Vec<(PeerId, usize, usize)> {
+        self.chain.route()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 impl<B: Backend> BlockRunner<B> for RemoteBlocks<B> {
     type Error = RemoteError;
 
     fn start(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), RemoteError> {
         let handle = self.handle.clone();
-        Ok(handle.block_on(self.start_async(pad, max_length))?)
+        Ok(handle.block_on(self.chain.start(pad, max_length))?)
     }
 
     fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, RemoteError> {
         let handle = self.handle.clone();
-        let out = handle.block_on(self.step_async(to_host(hidden)))?;
+        let out = handle.block_on(self.chain.step(to_host(hidden)))?;
         Ok(Tensor::from_data(TensorData::new(out.data, out.shape), &self.device))
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl<B: Backend> Drop for RemoteBlocks<B> {
     fn drop(&mut self) {
         // Closing frees the servers' caches at once instead of at their idle timeout.
-        let hops: Vec<ActiveHop> = self.hops.drain(..).collect();
-        if !hops.is_empty() {
-            let handle = self.handle.clone();
-            handle.spawn(async move {
-                for hop in hops {
-                    hop.session.close().await;
-                }
-            });
-        }
+        self.handle.spawn(self.chain.close());
     }
 }
 

@@ -62,7 +62,7 @@ impl HopSession {
         end: usize,
         spec: &SessionSpec,
     ) -> Result<Self, SessionError> {
-        let stream = tokio::time::timeout(spec.timeout, client.open_stream(peer, INFERENCE_PROTOCOL))
+        let stream = crate::rt::timeout(spec.timeout, client.open_stream(peer, INFERENCE_PROTOCOL))
             .await
             .map_err(|_| SessionError::Timeout {
                 peer,
@@ -126,7 +126,7 @@ impl HopSession {
             wire::write_frame(&mut self.stream, request, max).await?;
             wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await
         };
-        match tokio::time::timeout(timeout, io).await {
+        match crate::rt::timeout(timeout, io).await {
             Err(_) => Err(SessionError::Timeout { peer, timeout }),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok(SessionResponse::Error(error))) => Err(SessionError::Remote { peer, error }),

@@ -42,6 +42,7 @@ const TEMPLATE_NAME: &str = "chat";
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -63,9 +64,11 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.into())?;
+        let source = source.into();
+        env.add_template_owned(TEMPLATE_NAME, source.clone())?;
         Ok(ChatTemplate {
             env,
+            source,
             bos_token: bos_token.into(),
             eos_token: eos_token.into(),
         })
@@ -108,6 +111,11 @@ impl ChatTemplate {
             })
         };
         ChatTemplate::new(source, token("bos_token")?, token("eos_token")?)
+    }
+
+    /// The Jinja source, with the BOS and EOS strings it sees (to hand the template on).
+    pub fn parts(&self) -> (&str, &str, &str) {
+        (&self.source, &self.bos_token, &self.eos_token)
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
@@ -163,8 +171,8 @@ fn raise_exception(message: String) -> Result<String, minijinja::Error> {
 /// transformers' `strftime_now(format)` (used by Llama 3.2 templates for the date line), in
 /// UTC, for the common format codes.
 fn strftime_now(format: String) -> Result<String, minijinja::Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let secs = web_time::SystemTime::now()
+        .duration_since(web_time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     strftime(&format, secs)
 }

@@ -122,6 +122,22 @@ impl Tokenizer {
         })
     }
 
+    /// Parses a `tokenizer.json` held in memory (what [`Tokenizer::to_json`] writes).
+    pub fn from_json(json: &str) -> Result<Tokenizer, TokenizerError> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(TokenizerError::Build)?;
+        Ok(Tokenizer {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            chat_template: None,
+        })
+    }
+
+    /// The tokenizer as `tokenizer.json` text (BOS/EOS ids and the chat template are not in it).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(false).map_err(TokenizerError::Build)
+    }
+
     /// Rebuilds the tokenizer llama.cpp's converter stored in GGUF metadata.
     pub fn from_gguf(file: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let model = file.get_str("tokenizer.ggml.model")?;

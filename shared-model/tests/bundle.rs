@@ -1,0 +1,121 @@
+//! Client bundles: what a server hands a browser must give the same embeddings, logits,
+//! tokens and chat prompts as the checkpoint it was made from.
+
+use std::path::{Path, PathBuf};
+
+use shared_model::Cpu;
+use shared_model::bundle::{BundleMeta, ClientBundle, write_bundle};
+use shared_model::loader::ModelFiles;
+use shared_model::model::{Embeddings, LmHead, to_host};
+use shared_model::tokenizer::ChatMessage;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn bundle_of(files: &ModelFiles) -> ClientBundle {
+    let meta = BundleMeta {
+        name: "test",
+        hf_config: &files.hf_config,
+        tokenizer: files.tokenizer.as_ref(),
+        chat_template: files.chat_template.as_ref(),
+        stop_ids: &files.stop_ids,
+    };
+    let bytes = write_bundle(&meta, &files.config, files.weights.as_ref()).expect("bundle written");
+    ClientBundle::from_bytes(bytes).expect("bundle read back")
+}
+
+/// Embeddings and logits from the bundle equal those from the checkpoint, bit for bit.
+fn same_outputs(files: &ModelFiles, bundle: &ClientBundle, ids: &[Vec<u32>]) {
+    let device = Default::default();
+    assert_eq!(bundle.config, files.config);
+    let e1 = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device).expect("embeddings");
+    let e2 = Embeddings::<Cpu>::load(&bundle.config, &bundle.weights, &device).expect("bundle embeddings");
+    let h1 = e1.forward(ids).expect("embed");
+    let h2 = e2.forward(ids).expect("embed");
+    assert_eq!(to_host(h1.clone()).data, to_host(h2).data);
+    let l1 = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device).expect("head");
+    let l2 = LmHead::<Cpu>::load(&bundle.config, &bundle.weights, &device).expect("bundle head");
+    let a = to_host(l1.forward(h1.clone())).data;
+    let b = to_host(l2.forward(h1)).data;
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    // A quantized head runs quantized kernels natively and a dense matmul from the bundle.
+    assert!(
+        worst <= 1e-5 * scale.max(1.0),
+        "logits differ by {worst} (scale {scale})"
+    );
+}
+
+#[test]
+fn fixture_bundles_reproduce_the_checkpoint() {
+    for family in ["llama", "bloom", "falcon", "mixtral"] {
+        let files = ModelFiles::open(&fixture(family)).expect("fixture opens");
+        let bundle = bundle_of(&files);
+        assert_eq!(bundle.stop_ids, files.stop_ids, "{family}");
+        same_outputs(&files, &bundle, &[vec![1, 5, 9, 200], vec![3, 3, 7, 11]]);
+    }
+}
+
+#[test]
+fn bundles_hold_only_the_client_tensors() {
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let bundle = bundle_of(&files);
+    use shared_model::weights::WeightSource;
+    let names: Vec<String> = bundle.weights.names().into_iter().collect();
+    assert_eq!(
+        names,
+        ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    );
+}
+
+#[test]
+fn damaged_bundles_are_refused() {
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let meta = BundleMeta {
+        name: "test",
+        hf_config: &files.hf_config,
+        tokenizer: None,
+        chat_template: None,
+        stop_ids: &files.stop_ids,
+    };
+    let bytes = write_bundle(&meta, &files.config, files.weights.as_ref()).expect("bundle");
+    assert!(ClientBundle::from_bytes(bytes[..bytes.len() / 2].to_vec()).is_err());
+    assert!(ClientBundle::from_bytes(b"not a bundle at all".to_vec()).is_err());
+    // A plain checkpoint is not a bundle: it has no format marker.
+    let plain = std::fs::read(fixture("bloom/model.safetensors")).expect("fixture");
+    let err = ClientBundle::from_bytes(plain).expect_err("not a bundle").to_string();
+    assert!(err.contains("bundle"), "{err}");
+}
+
+/// The GGUF's quantized embeddings travel as their blocks; tokenizer and chat template survive.
+#[test]
+fn smollm2_bundle_matches_the_gguf() {
+    let Some(path) = std::env::var_os("COROLLA_SMOLLM2_GGUF") else {
+        panic!("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches the model and sets it)");
+    };
+    let files = ModelFiles::open(Path::new(&path)).expect("GGUF opens");
+    let bundle = bundle_of(&files);
+    same_outputs(&files, &bundle, &[vec![6403, 1980, 253, 655]]);
+    let messages = [ChatMessage::user("What is the capital of France?")];
+    let t1 = files
+        .chat_template
+        .as_ref()
+        .expect("template")
+        .render(&messages, true)
+        .expect("render");
+    let t2 = bundle
+        .chat_template
+        .as_ref()
+        .expect("template")
+        .render(&messages, true)
+        .expect("render");
+    assert_eq!(t1, t2);
+    let k1 = files.tokenizer.as_ref().expect("tokenizer");
+    let k2 = bundle.tokenizer.as_ref().expect("tokenizer");
+    assert_eq!(k1.encode(&t1).expect("encode"), k2.encode(&t2).expect("encode"));
+    assert_eq!((k1.bos_id(), k1.eos_id()), (k2.bos_id(), k2.eos_id()));
+    assert_eq!(bundle.stop_ids, files.stop_ids);
+}

@@ -1,0 +1,298 @@
+//! The page's swarm client: joins the swarm through a relay over WebRTC-direct, finds models
+//! and their servers in the DHT, loads the client bundle, and generates with the blocks run by
+//! the servers (the same protocol and failover as the native client).
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use shared_model::bundle::{ClientBundle, client_f32_bytes};
+use shared_model::sampling::{Sampler, SamplingParams};
+use shared_model::tokenizer::ChatMessage;
+use swarm::dht::{self, ModelListing};
+use swarm::node::{self, Client, NodeConfig};
+use swarm::protocol::{Limits, ServerInfo};
+use swarm::remote::{RemoteChain, RemoteConfig};
+use swarm::routing::RouteMode;
+use swarm::rt::{self, Instant};
+use swarm::wire::WireDtype;
+
+use crate::compute::{ClientModel, ComputeError};
+use crate::fetch;
+
+/// Largest client part (embeddings + LM head, f32) the page loads itself; beyond it a server
+/// must run them ("head service").
+pub const BROWSER_HEAD_BUDGET: u64 = 2 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Node(#[from] swarm::node::NodeError),
+    #[error(transparent)]
+    Session(#[from] swarm::session::SessionError),
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error(transparent)]
+    Model(#[from] shared_model::ModelError),
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+    #[error(transparent)]
+    Sampling(#[from] shared_model::sampling::SamplingError),
+    #[error(transparent)]
+    Tokenizer(#[from] shared_model::tokenizer::TokenizerError),
+}
+
+/// The relays' WebRTC-direct addresses: from the URL, else from the JSON the relay serves next
+/// to the page.
+pub async fn bootstrap_addrs(from_url: &[String]) -> Result<Vec<Multiaddr>, ClientError> {
+    let texts: Vec<String> = if from_url.is_empty() {
+        let doc = fetch::json("/corolla/v1/bootstrap.json").await?;
+        doc.get("relays")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    } else {
+        from_url.to_vec()
+    };
+    let addrs: Vec<Multiaddr> = texts.iter().filter_map(|t| t.parse().ok()).collect();
+    if addrs.is_empty() {
+        return Err(ClientError::Setup(
+            "no relay address: give ?relay=/ip4/.../webrtc-direct/certhash/.../p2p/... or serve /corolla/v1/bootstrap.json"
+                .into(),
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Starts the browser's libp2p node.
+pub fn start_node(relays: Vec<Multiaddr>) -> Result<Client, ClientError> {
+    let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    config.bootstrap = relays;
+    config.dht_server = false;
+    config.request_timeout = Duration::from_secs(60);
+    let (client, mut inbound, event_loop) = node::start(config)?;
+    rt::spawn(event_loop.run());
+    // A browser serves nothing; drain what peers might send anyway.
+    rt::spawn(async move { while inbound.recv().await.is_some() {} });
+    Ok(client)
+}
+
+/// The models live servers announce; waits up to `patience` for the first to appear.
+pub async fn list_models(client: &Client, patience: Duration) -> Result<Vec<ModelListing>, ClientError> {
+    let start = Instant::now();
+    loop {
+        match dht::list_models(client, Duration::from_secs(10)).await {
+            Ok(models) if !models.is_empty() => return Ok(models),
+            Ok(_) | Err(_) if start.elapsed() < patience => rt::sleep(Duration::from_millis(700)).await,
+            Ok(_) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The servers of a model, and the bundle URL one of them offers.
+pub async fn find_bundle(client: &Client, model: &str) -> Result<(Vec<ServerInfo>, String), ClientError> {
+    let servers = dht::discover(client, model, Duration::from_secs(10)).await?;
+    let url = servers
+        .iter()
+        .find_map(|s| s.client_url.clone())
+        .ok_or_else(|| ClientError::Setup("no server of this model offers its client bundle over HTTP".into()))?;
+    Ok((servers, url))
+}
+
+/// Refuses a bundle this page could not hold, before it is downloaded.
+pub fn check_fits(bundle: &ClientBundle) -> Result<(), ClientError> {
+    let bytes = client_f32_bytes(&bundle.config);
+    if bytes > BROWSER_HEAD_BUDGET {
+        return Err(ClientError::Setup(format!(
+            "this model's embeddings and LM head take {:.1} GB: too large for a browser tab",
+            bytes as f64 / 1e9
+        )));
+    }
+    Ok(())
+}
+
+/// A loaded model, ready to chat.
+pub struct Loaded {
+    pub bundle: ClientBundle,
+    pub model: ClientModel,
+    pub fingerprint: String,
+}
+
+/// Sampling settings from the page.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+/// Figures of one reply, for the swarm view.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    pub tokens: usize,
+    pub first_token_ms: f64,
+    pub last_token_ms: f64,
+    pub tokens_per_s: f64,
+}
+
+/// One hop of the current route, for the swarm view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteHop {
+    pub peer: String,
+    pub start: usize,
+    pub end: usize,
+    pub rtt_ms: Option<f64>,
+}
+
+/// A conversation's link to the swarm.
+pub struct Chat {
+    client: Client,
+    chain: RemoteChain,
+}
+
+impl Chat {
+    pub fn new(client: Client, loaded: &Loaded) -> Self {
+        let config = RemoteConfig {
+            model: loaded.fingerprint.clone(),
+            model_name: loaded.bundle.name.clone(),
+            num_layers: loaded.bundle.config.num_layers,
+            dtype: WireDtype::F32,
+            step_timeout: Duration::from_secs(30),
+            discovery_timeout: Duration::from_secs(10),
+            max_failovers: 4,
+            limits: Limits::default(),
+            route_mode: RouteMode::MinLatency,
+        };
+        Self {
+            chain: RemoteChain::new(client.clone(), config),
+            client,
+        }
+    }
+
+    /// Frees the servers' caches of the current session (in the background).
+    pub fn close(&mut self) {
+        rt::spawn(self.chain.close());
+    }
+
+    /// The route without RTTs (which need the node).
+    fn route_now(&self) -> Vec<RouteHop> {
+        self.chain
+            .route()
+            .into_iter()
+            .map(|(peer, start, end)| RouteHop {
+                peer: short_peer(&peer),
+                start,
+                end,
+                rtt_ms: None,
+            })
+            .collect()
+    }
+
+    pub async fn route(&self) -> Vec<RouteHop> {
+        let mut out = Vec::new();
+        for (peer, start, end) in self.chain.route() {
+            let rtt = self.client.rtt(peer).await.map(|d| d.as_secs_f64() * 1e3);
+            out.push(RouteHop {
+                peer: short_peer(&peer),
+                start,
+                end,
+                rtt_ms: rtt,
+            });
+        }
+        out
+    }
+
+    /// Generates the assistant's reply to `messages`, calling `on_token(id, text so far)` for
+    /// every token; stops early when `stop` is set.
+    pub async fn reply(
+        &mut self,
+        loaded: &Loaded,
+        messages: &[ChatMessage],
+        settings: Settings,
+        stop: Rc<Cell<bool>>,
+        mut on_token: impl FnMut(&[u32], &str, &Stats),
+        mut on_route: impl FnMut(Vec<RouteHop>),
+    ) -> Result<(Vec<u32>, String), ClientError> {
+        let tokenizer = loaded
+            .bundle
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| ClientError::Setup("this model has no tokenizer".into()))?;
+        let template = loaded
+            .bundle
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ClientError::Setup("this model has no chat template".into()))?;
+        let prompt = tokenizer.encode(&template.render(messages, true)?)?;
+        let context = loaded.bundle.config.max_position_embeddings.unwrap_or(usize::MAX);
+        if prompt.len() >= context {
+            return Err(ClientError::Setup(format!(
+                "the conversation ({} tokens) no longer fits the model's context of {context}",
+                prompt.len()
+            )));
+        }
+        let max_new = settings.max_tokens.min(context - prompt.len());
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: settings.temperature,
+            top_k: None,
+            top_p: Some(settings.top_p),
+            repetition_penalty: 1.0,
+            seed: settings.seed,
+        })?;
+        let started = Instant::now();
+        self.chain.start(vec![0], prompt.len() + max_new).await?;
+        on_route(self.route_now());
+        let mut history = prompt.clone();
+        let mut out: Vec<u32> = Vec::new();
+        let mut input = prompt;
+        let mut stats = Stats {
+            prompt_tokens: history.len(),
+            ..Stats::default()
+        };
+        let mut last = Instant::now();
+        while out.len() < max_new && !stop.get() {
+            let hidden = loaded.model.embed(&[input]).await?;
+            let before = self.chain.route();
+            let hidden = self.chain.step(hidden).await?;
+            if self.chain.route() != before {
+                on_route(self.route_now());
+            }
+            let mut logits = loaded.model.last_logits(&hidden).await?.data;
+            let token = sampler.sample(&mut logits, &history);
+            history.push(token);
+            out.push(token);
+            let now = Instant::now();
+            if out.len() == 1 {
+                stats.first_token_ms = now.duration_since(started).as_secs_f64() * 1e3;
+            }
+            stats.tokens = out.len();
+            stats.last_token_ms = now.duration_since(last).as_secs_f64() * 1e3;
+            let decode = now.duration_since(started).as_secs_f64() - stats.first_token_ms / 1e3;
+            stats.tokens_per_s = if out.len() > 1 && decode > 0.0 {
+                (out.len() - 1) as f64 / decode
+            } else {
+                0.0
+            };
+            last = now;
+            let text = tokenizer.decode(&out, true)?;
+            on_token(&out, &text, &stats);
+            if loaded.bundle.stop_ids.contains(&token) {
+                break;
+            }
+            input = vec![token];
+        }
+        let text = tokenizer.decode(&out, true)?;
+        Ok((out, text))
+    }
+}
+
+pub fn short_peer(peer: &PeerId) -> String {
+    let s = peer.to_string();
+    format!("…{}", &s[s.len().saturating_sub(8)..])
+}

@@ -1,0 +1,179 @@
+//! The page's compute: the embeddings and LM head on the user's GPU through WebGPU (burn's
+//! wgpu backend), or on burn's CPU backend compiled to WASM when the browser has no WebGPU.
+
+use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::WebGpu, init_setup_async};
+use burn::prelude::*;
+use shared_model::bundle::ClientBundle;
+use shared_model::model::{Embeddings, LmHead};
+use shared_model::weights::HostTensor;
+use shared_model::{Cpu, ModelError};
+use wasm_bindgen::JsValue;
+use wasm_bindgen_futures::JsFuture;
+
+type Gpu = burn::backend::Wgpu;
+
+/// Which device the page computes on, as shown to the user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Device {
+    WebGpu { adapter: String },
+    Cpu { reason: String },
+}
+
+impl Device {
+    pub fn label(&self) -> String {
+        match self {
+            Device::WebGpu { adapter } => format!("WebGPU: {adapter}"),
+            Device::Cpu { reason } => format!("CPU (WASM): {reason}"),
+        }
+    }
+}
+
+/// The adapter WebGPU would give us, or why there is none. Asked through JavaScript first:
+/// wgpu panics (aborting the whole page) where the browser has no adapter.
+async fn webgpu_adapter() -> Result<String, String> {
+    let navigator = web_sys::window().ok_or("no window")?.navigator();
+    let gpu = js_sys::Reflect::get(&navigator, &JsValue::from_str("gpu")).map_err(|_| "no navigator.gpu")?;
+    if gpu.is_undefined() || gpu.is_null() {
+        return Err("this browser has no WebGPU".into());
+    }
+    let request = js_sys::Reflect::get(&gpu, &JsValue::from_str("requestAdapter"))
+        .ok()
+        .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+        .ok_or("navigator.gpu.requestAdapter is missing")?;
+    let promise = request
+        .call0(&gpu)
+        .ok()
+        .and_then(|p| p.dyn_into::<js_sys::Promise>().ok())
+        .ok_or("requestAdapter failed")?;
+    let adapter = JsFuture::from(promise)
+        .await
+        .map_err(|_| "requestAdapter was rejected")?;
+    if adapter.is_null() || adapter.is_undefined() {
+        return Err("WebGPU offers no adapter".into());
+    }
+    let info = js_sys::Reflect::get(&adapter, &JsValue::from_str("info")).unwrap_or(JsValue::UNDEFINED);
+    let field = |name: &str| {
+        js_sys::Reflect::get(&info, &JsValue::from_str(name))
+            .ok()
+            .and_then(|v| v.as_string())
+            .filter(|s| !s.is_empty())
+    };
+    let parts: Vec<String> = ["vendor", "architecture", "description"]
+        .iter()
+        .filter_map(|k| field(k))
+        .collect();
+    Ok(if parts.is_empty() {
+        "unknown adapter".into()
+    } else {
+        parts.join("/")
+    })
+}
+
+use wasm_bindgen::JsCast;
+
+/// The embeddings and LM head on one backend.
+pub struct Parts<B: Backend> {
+    embeddings: Embeddings<B>,
+    head: LmHead<B>,
+}
+
+impl<B: Backend> Parts<B> {
+    fn load(bundle: &ClientBundle, device: &B::Device) -> Result<Self, ModelError> {
+        Ok(Self {
+            embeddings: Embeddings::load(&bundle.config, &bundle.weights, device)?,
+            head: LmHead::load(&bundle.config, &bundle.weights, device)?,
+        })
+    }
+
+    /// # Shapes
+    /// - `ids`: rows of equal length `seq`; returns `[rows, seq, hidden]`, block 0's input
+    async fn embed(&self, ids: &[Vec<u32>]) -> Result<HostTensor, ComputeError> {
+        read(self.embeddings.forward(ids)?).await
+    }
+
+    /// # Shapes
+    /// - `hidden`: `[rows, seq, hidden]`, the last block's output; returns `[rows, vocab]`,
+    ///   the logits of the last position
+    async fn last_logits(&self, hidden: &HostTensor, device: &B::Device) -> Result<HostTensor, ComputeError> {
+        let [b, t, h] =
+            <[usize; 3]>::try_from(hidden.shape.as_slice()).map_err(|_| ComputeError::Shape(hidden.shape.clone()))?;
+        let x = Tensor::<B, 3>::from_data(TensorData::new(hidden.data.clone(), [b, t, h]), device);
+        let logits = self.head.forward(x.narrow(1, t - 1, 1));
+        let [b, _, v] = logits.dims();
+        let mut out = read(logits).await?;
+        out.shape = vec![b, v];
+        Ok(out)
+    }
+}
+
+/// Copies a tensor to the host without blocking the page (WebGPU reads are asynchronous).
+async fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, ComputeError> {
+    let shape = t.dims().to_vec();
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| ComputeError::Read(format!("{e:?}")))?
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| ComputeError::Read(format!("{e:?}")))?;
+    Ok(HostTensor::new(shape, data))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("cannot read a result back: {0}")]
+    Read(String),
+    #[error("unexpected hidden-state shape {0:?}")]
+    Shape(Vec<usize>),
+}
+
+/// The client's model parts on the chosen device.
+pub enum ClientModel {
+    Gpu(Parts<Gpu>, WgpuDevice),
+    Cpu(Parts<Cpu>),
+}
+
+impl ClientModel {
+    /// Loads onto WebGPU when `prefer_gpu` and the browser offers an adapter, else the CPU.
+    pub async fn load(bundle: &ClientBundle, prefer_gpu: bool) -> Result<(Self, Device), ComputeError> {
+        let gpu = if prefer_gpu {
+            webgpu_adapter().await
+        } else {
+            Err("CPU requested in the page URL (device=cpu)".to_string())
+        };
+        match gpu {
+            Ok(adapter) => {
+                let device = WgpuDevice::default();
+                let setup = init_setup_async::<WebGpu>(&device, RuntimeOptions::default()).await;
+                let info = setup.adapter.get_info();
+                let name = if info.name.is_empty() {
+                    adapter
+                } else {
+                    format!("{adapter} ({})", info.name)
+                };
+                let parts = Parts::load(bundle, &device)?;
+                Ok((ClientModel::Gpu(parts, device), Device::WebGpu { adapter: name }))
+            }
+            Err(reason) => {
+                let parts = Parts::load(bundle, &Default::default())?;
+                Ok((ClientModel::Cpu(parts), Device::Cpu { reason }))
+            }
+        }
+    }
+
+    pub async fn embed(&self, ids: &[Vec<u32>]) -> Result<HostTensor, ComputeError> {
+        match self {
+            ClientModel::Gpu(p, _) => p.embed(ids).await,
+            ClientModel::Cpu(p) => p.embed(ids).await,
+        }
+    }
+
+    pub async fn last_logits(&self, hidden: &HostTensor) -> Result<HostTensor, ComputeError> {
+        match self {
+            ClientModel::Gpu(p, device) => p.last_logits(hidden, device).await,
+            ClientModel::Cpu(p) => p.last_logits(hidden, &Default::default()).await,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The chat page. Built for wasm32 with Trunk (see `Trunk.toml`); natively it only says so.
+
+#[cfg(target_arch = "wasm32")]
+mod app;
+#[cfg(target_arch = "wasm32")]
+mod client;
+#[cfg(target_arch = "wasm32")]
+mod compute;
+#[cfg(target_arch = "wasm32")]
+mod fetch;
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod params;
+#[cfg(all(test, target_arch = "wasm32"))]
+mod wasm_tests;
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() {
+    eprintln!("the web app runs in a browser: build it with `trunk build --release` (see README)");
+    std::process::exit(2);
+}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {
+    console_error_panic_hook::set_once();
+    tracing_wasm::set_as_global_default_with_config(
+        tracing_wasm::WASMLayerConfigBuilder::new()
+            .set_max_level(tracing::Level::INFO)
+            .build(),
+    );
+    leptos::mount::mount_to_body(app::App);
+}

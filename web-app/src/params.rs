@@ -1,0 +1,96 @@
+//! The page URL's query string: a contract used by links and by checks outside the repo
+//! (`?prompt=TEXT&send=1&temperature=T&max_tokens=N`).
+
+/// What the URL asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageParams {
+    /// Prefills the message box.
+    pub prompt: Option<String>,
+    /// Sends `prompt` as soon as the model is ready.
+    pub send: bool,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<usize>,
+    /// Relay addresses (repeatable); default: the relay that serves the page.
+    pub relays: Vec<String>,
+    /// A model fingerprint to pick instead of the first one found.
+    pub model: Option<String>,
+    /// `cpu` forces the WASM CPU backend even where WebGPU exists.
+    pub force_cpu: bool,
+}
+
+impl PageParams {
+    /// Parses `search` (`?a=1&b=2`, as `location.search` gives it). Unknown keys are ignored;
+    /// values that do not parse are dropped (the page's defaults apply).
+    pub fn parse(search: &str) -> Self {
+        let mut out = PageParams {
+            prompt: None,
+            send: false,
+            temperature: None,
+            top_p: None,
+            max_tokens: None,
+            relays: Vec::new(),
+            model: None,
+            force_cpu: false,
+        };
+        for pair in search.trim_start_matches('?').split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = decode(value);
+            match key {
+                "prompt" => out.prompt = Some(value),
+                "send" => out.send = matches!(value.as_str(), "1" | "true" | "yes"),
+                "temperature" => out.temperature = value.parse().ok().filter(|t: &f32| t.is_finite() && *t >= 0.0),
+                "top_p" => out.top_p = value.parse().ok().filter(|p: &f32| *p > 0.0 && *p <= 1.0),
+                "max_tokens" => out.max_tokens = value.parse().ok().filter(|n: &usize| *n > 0),
+                "relay" => out.relays.push(value),
+                "model" => out.model = Some(value),
+                "device" => out.force_cpu = value == "cpu",
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Percent-decoding with `+` as space (form encoding); invalid escapes are kept as typed.
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_contract() {
+        let p = PageParams::parse("?prompt=What+is+the%20capital%3F&send=1&temperature=0&max_tokens=12");
+        assert_eq!(p.prompt.as_deref(), Some("What is the capital?"));
+        assert!(p.send);
+        assert_eq!(p.temperature, Some(0.0));
+        assert_eq!(p.max_tokens, Some(12));
+        let bad = PageParams::parse("temperature=-1&max_tokens=0&top_p=2&prompt=%ZZ%4");
+        assert_eq!((bad.temperature, bad.max_tokens, bad.top_p), (None, None, None));
+        assert_eq!(bad.prompt.as_deref(), Some("%ZZ%4"));
+        assert_eq!(decode("%E2%82%AC"), "€");
+    }
+}
