@@ -19,7 +19,10 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
-use crate::protocol::{INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo, SpanRequest, SpanResponse};
+use crate::protocol::{
+    HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
+    SpanRequest, SpanResponse,
+};
 
 /// Errors of the node and of requests made through it.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,7 @@ pub struct Behaviour {
     ping: ping::Behaviour,
     streams: libp2p_stream::Behaviour,
     span: request_response::cbor::Behaviour<SpanRequest, SpanResponse>,
+    head: request_response::cbor::Behaviour<HeadRequest, HeadResponse>,
     info: request_response::cbor::Behaviour<InfoRequest, ServerInfo>,
 }
 
@@ -99,6 +103,11 @@ pub enum InboundEvent {
         peer: PeerId,
         channel: ResponseChannel<ServerInfo>,
     },
+    Head {
+        peer: PeerId,
+        request: HeadRequest,
+        channel: ResponseChannel<HeadResponse>,
+    },
 }
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
@@ -145,6 +154,15 @@ enum Command {
     RespondSpan {
         channel: ResponseChannel<SpanResponse>,
         response: SpanResponse,
+    },
+    Head {
+        peer: PeerId,
+        request: HeadRequest,
+        reply: Reply<HeadResponse>,
+    },
+    RespondHead {
+        channel: ResponseChannel<HeadResponse>,
+        response: HeadResponse,
     },
     RespondInfo {
         channel: ResponseChannel<ServerInfo>,
@@ -258,6 +276,13 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                     [(SPAN_PROTOCOL, ProtocolSupport::Full)],
                     rr_config.clone(),
                 ),
+                head: request_response::Behaviour::with_codec(
+                    request_response::cbor::codec::Codec::default()
+                        .set_request_size_maximum(max)
+                        .set_response_size_maximum(max),
+                    [(HEAD_PROTOCOL, ProtocolSupport::Full)],
+                    rr_config.clone(),
+                ),
                 info: request_response::cbor::Behaviour::new([(INFO_PROTOCOL, ProtocolSupport::Full)], rr_config),
             })
         })
@@ -309,6 +334,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         pending_dials: HashMap::new(),
         pending_queries: HashMap::new(),
         pending_span: HashMap::new(),
+        pending_head: HashMap::new(),
         pending_info: HashMap::new(),
         rtt: HashMap::new(),
         relayed: false,
@@ -390,6 +416,7 @@ pub struct EventLoop {
     pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
     pending_queries: HashMap<kad::QueryId, QueryReply>,
     pending_span: HashMap<OutboundRequestId, Reply<SpanResponse>>,
+    pending_head: HashMap<OutboundRequestId, Reply<HeadResponse>>,
     pending_info: HashMap<OutboundRequestId, Reply<ServerInfo>>,
     rtt: HashMap<PeerId, Duration>,
     relayed: bool,
@@ -478,6 +505,13 @@ impl EventLoop {
             }
             Command::RespondSpan { channel, response } => {
                 let _ = behaviour.span.send_response(channel, response);
+            }
+            Command::Head { peer, request, reply } => {
+                let id = behaviour.head.send_request(&peer, request);
+                self.pending_head.insert(id, reply);
+            }
+            Command::RespondHead { channel, response } => {
+                let _ = behaviour.head.send_response(channel, response);
             }
             Command::RespondInfo { channel, info } => {
                 let _ = behaviour.info.send_response(channel, info);
@@ -580,6 +614,14 @@ impl EventLoop {
                 on_request_response(event, &mut self.pending_span, |peer, request, channel| {
                     if inbound.try_send(InboundEvent::Span { peer, request, channel }).is_err() {
                         tracing::warn!(%peer, "dropping a span request: the server is saturated");
+                    }
+                });
+            }
+            BehaviourEvent::Head(event) => {
+                let inbound = &self.inbound;
+                on_request_response(event, &mut self.pending_head, |peer, request, channel| {
+                    if inbound.try_send(InboundEvent::Head { peer, request, channel }).is_err() {
+                        tracing::warn!(%peer, "dropping a head request: the server is saturated");
                     }
                 });
             }
@@ -693,6 +735,22 @@ impl Client {
 
     pub async fn span_request(&self, peer: PeerId, request: SpanRequest) -> Result<SpanResponse, NodeError> {
         self.ask(|reply| Command::Span { peer, request, reply }).await
+    }
+
+    /// Asks a server offering head service to embed tokens or compute logits.
+    pub async fn head_request(&self, peer: PeerId, request: HeadRequest) -> Result<HeadResponse, NodeError> {
+        self.ask(|reply| Command::Head { peer, request, reply }).await
+    }
+
+    pub async fn respond_head(
+        &self,
+        channel: ResponseChannel<HeadResponse>,
+        response: HeadResponse,
+    ) -> Result<(), NodeError> {
+        self.commands
+            .send(Command::RespondHead { channel, response })
+            .await
+            .map_err(|_| NodeError::Shutdown)
     }
 
     pub async fn info(&self, peer: PeerId) -> Result<ServerInfo, NodeError> {
