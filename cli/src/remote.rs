@@ -64,6 +64,8 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
         discovery_timeout: Duration::from_secs(10),
         max_failovers: 8,
         limits: Limits::default(),
+        deep_prompts: None,
+        adapter: None,
         route_mode: match args.routing {
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,

@@ -56,6 +56,19 @@ struct Shared<B: Backend> {
     session_timeout: Duration,
 }
 
+impl<B: Backend> Shared<B> {
+    /// The adapter a session asked for, if this server has it.
+    fn adapter(&self, name: Option<&str>) -> Result<Option<usize>, ProtocolError> {
+        match name {
+            None => Ok(None),
+            Some(name) => Err(refuse(
+                ErrorKind::BadRequest,
+                format!("this server has no adapter {name:?}"),
+            )),
+        }
+    }
+}
+
 async fn serve<B: AutodiffBackend>(
     config: ServerConfig,
     device: B::Device,
@@ -154,6 +167,7 @@ where
         relayed,
         addrs,
         expires_at_ms: dht::now_ms() + config.announce_ttl.as_millis() as u64,
+        adapters: Vec::new(),
     };
 
     let mut announce = tokio::time::interval(config.announce_ttl / 3);
@@ -323,6 +337,31 @@ fn hidden_input<B: Backend>(
     ))
 }
 
+/// Decodes deep prompts for `blocks` after checking their shape: `[blocks, prefix, hidden]`.
+fn deep_prompts<B: Backend>(
+    shared: &Shared<B>,
+    t: Option<&WireTensor>,
+    blocks: &Range<usize>,
+) -> Result<Option<Tensor<B, 3>>, ProtocolError> {
+    let Some(t) = t else { return Ok(None) };
+    let h = shared.span.config().hidden_size as u64;
+    let bad = |e: WireError| refuse(ErrorKind::BadRequest, e.to_string());
+    t.expect_shape(&[Some(blocks.len() as u64), None, Some(h)])
+        .map_err(bad)?;
+    let prefix = t.shape[1] as usize;
+    if prefix == 0 || prefix > shared.limits.max_step_tokens {
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("deep prompts of {prefix} positions"),
+        ));
+    }
+    let host = t.decode(&shared.limits).map_err(bad)?;
+    Ok(Some(Tensor::from_data(
+        TensorData::new(host.data, host.shape),
+        &shared.device,
+    )))
+}
+
 fn pads(pad: &[u32], batch: usize) -> Result<Vec<usize>, ProtocolError> {
     if pad.len() != batch {
         return Err(refuse(
@@ -343,7 +382,7 @@ where
     B::Device: Send + Sync,
 {
     let shared = shared.clone();
-    let work = tokio::task::spawn_blocking(move || -> Result<WireTensor, ProtocolError> {
+    let work = tokio::task::spawn_blocking(move || -> Result<SpanResponse, ProtocolError> {
         match request {
             SpanRequest::Forward {
                 model,
@@ -352,15 +391,17 @@ where
                 pad,
                 hidden,
                 reply_dtype,
+                prompts,
             } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
                 let pad = pads(&pad, x.dims()[0])?;
+                let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
                 let y = shared
                     .span
-                    .forward_full_blocks(x, pad, blocks)
+                    .forward_full_prompted(x, pad, blocks, prompts.as_ref())
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
-                Ok(to_wire(y, reply_dtype))
+                Ok(SpanResponse::Tensor(to_wire(y, reply_dtype)))
             }
             SpanRequest::Backward {
                 model,
@@ -370,6 +411,7 @@ where
                 hidden,
                 grad_output,
                 reply_dtype,
+                prompts,
             } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
@@ -379,22 +421,30 @@ where
                     return Err(refuse(ErrorKind::BadRequest, "grad_output must have the input's shape"));
                 }
                 let pad = pads(&pad, batch)?;
+                let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
                 let x = x.require_grad();
+                let prompts = prompts.map(Tensor::require_grad);
                 let y = shared
                     .span
-                    .forward_full_blocks(x.clone(), pad, blocks)
+                    .forward_full_prompted(x.clone(), pad, blocks, prompts.as_ref())
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
                 // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
                 let grads = (y * g).sum().backward();
-                let grad = x
-                    .grad(&grads)
-                    .ok_or_else(|| refuse(ErrorKind::Internal, "no gradient reached the input"))?;
-                Ok(WireTensor::encode(&to_host(grad), reply_dtype))
+                let missing = || refuse(ErrorKind::Internal, "no gradient reached the input");
+                let grad = x.grad(&grads).ok_or_else(missing)?;
+                let input = WireTensor::encode(&to_host(grad), reply_dtype);
+                Ok(match prompts {
+                    Some(p) => SpanResponse::Gradients {
+                        input,
+                        prompts: WireTensor::encode(&to_host(p.grad(&grads).ok_or_else(missing)?), reply_dtype),
+                    },
+                    None => SpanResponse::Tensor(input),
+                })
             }
         }
     });
     match work.await {
-        Ok(Ok(t)) => SpanResponse::Tensor(t),
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => SpanResponse::Error(e),
         Err(e) => SpanResponse::Error(refuse(ErrorKind::Internal, e.to_string())),
     }
@@ -437,11 +487,15 @@ where
         max_length,
         pad,
         reply_dtype,
+        prompts,
+        adapter,
     } = first
     else {
         return Err(refuse(ErrorKind::BadRequest, "a session must start with Open"));
     };
     let blocks = check_span(shared, &model, start, end)?;
+    let prompts = deep_prompts(shared, prompts.as_ref(), &blocks)?.map(Arc::new);
+    let _adapter = shared.adapter(adapter.as_deref())?;
     let batch = batch as usize;
     let max_length = max_length as usize;
     if batch == 0 || batch > shared.limits.max_batch || max_length == 0 {
@@ -525,10 +579,11 @@ where
             Ok(x) => {
                 let worker = shared.clone();
                 let blocks = blocks.clone();
+                let prompts = prompts.clone();
                 let joined = tokio::task::spawn_blocking(move || {
                     let out = worker
                         .span
-                        .forward_blocks(x, &mut c, blocks, |_, _| {})
+                        .forward_blocks_prompted(x, &mut c, blocks, prompts.as_deref(), |_, _| {})
                         .map(|y| to_wire(y, reply_dtype));
                     (c, out)
                 })
