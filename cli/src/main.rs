@@ -14,6 +14,7 @@ mod fetch;
 mod forward;
 mod generate;
 mod remote;
+mod train;
 
 use args::{Cli, Command};
 
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
