@@ -101,7 +101,8 @@ pub struct GenerateArgs {
     /// Prompts trained by `corolla train` (deep prompts are added by the servers).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// A LoRA adapter the servers announce (`server --adapters`): only they are used.
+    /// A LoRA adapter: with --initial-peers, the name servers announce (`server --adapters`;
+    /// only they are used); locally, the adapter's folder.
     #[arg(long)]
     pub adapter: Option<String>,
 }

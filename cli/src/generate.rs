@@ -5,10 +5,12 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::Backend;
 use burn::prelude::{Tensor, TensorData};
 use shared_model::generate::{GenerateParams, LocalBlocks, generate_with_prefix};
+use shared_model::layers::lora::LoraAdapter;
 use shared_model::loader::{LocalModel, ModelFiles};
 use shared_model::sampling::SamplingParams;
 use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
+use std::path::Path;
 
 use crate::args::GenerateArgs;
 use crate::backend::{OnBackend, dispatch};
@@ -44,9 +46,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.initial_peers.is_empty() {
         return crate::remote::run(&files, &args, prompt_ids, params, prompts);
     }
-    if args.adapter.is_some() {
-        bail!("--adapter selects an adapter that swarm servers host: it needs --initial-peers");
-    }
+    // Locally there is no server to name an adapter: `--adapter` is its folder.
+    let adapter = match &args.adapter {
+        Some(dir) => Some(
+            LoraAdapter::load(Path::new(dir), &files.config, 0..files.config.num_layers)
+                .with_context(|| format!("cannot load adapter {dir} (locally, --adapter is the adapter's folder)"))?,
+        ),
+        None => None,
+    };
     dispatch(
         backend,
         Job {
@@ -55,6 +62,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             prompt_ids,
             params,
             prompts,
+            adapter,
         },
     )
 }
@@ -138,6 +146,7 @@ struct Job<'a> {
     prompt_ids: Vec<u32>,
     params: GenerateParams,
     prompts: Option<Prompts>,
+    adapter: Option<LoraAdapter>,
 }
 
 impl OnBackend for Job<'_> {
@@ -152,6 +161,9 @@ impl OnBackend for Job<'_> {
                 TensorData::new(deep.data.clone(), [s[0], s[1], s[2]]),
                 &device,
             ));
+        }
+        if let Some(adapter) = &self.adapter {
+            blocks = blocks.with_lora(adapter)?;
         }
         let prefix = self.prompts.as_ref().map(|p| upload_prompt::<B>(p, &device));
         emit(

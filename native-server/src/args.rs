@@ -68,6 +68,10 @@ pub struct ServerArgs {
     /// Write the announced addresses here (one per line) once announced.
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors) to offer;
+    /// each is named after its folder, and clients pick one per session.
+    #[arg(long, num_args = 1..)]
+    pub adapters: Vec<PathBuf>,
 }
 
 /// A validated server configuration.
@@ -86,6 +90,7 @@ pub struct ServerConfig {
     pub announce_ttl: Duration,
     pub session_timeout: Duration,
     pub addr_file: Option<PathBuf>,
+    pub adapters: Vec<PathBuf>,
 }
 
 impl ServerArgs {
@@ -133,6 +138,7 @@ impl ServerArgs {
             announce_ttl: Duration::from_secs(self.announce_ttl),
             session_timeout: Duration::from_secs(self.session_timeout),
             addr_file: self.addr_file,
+            adapters: self.adapters,
         })
     }
 }

@@ -12,6 +12,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream};
 use shared_model::cache::SpanCache;
 use shared_model::fingerprint::fingerprint;
+use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, to_host};
 use swarm::dht;
@@ -54,14 +55,17 @@ struct Shared<B: Backend> {
     cache_budget: Semaphore,
     sessions: Semaphore,
     session_timeout: Duration,
+    /// LoRA adapters for this span, by name.
+    adapters: Vec<(String, Arc<LoraSpan<B>>)>,
 }
 
 impl<B: Backend> Shared<B> {
     /// The adapter a session asked for, if this server has it.
-    fn adapter(&self, name: Option<&str>) -> Result<Option<usize>, ProtocolError> {
-        match name {
-            None => Ok(None),
-            Some(name) => Err(refuse(
+    fn adapter(&self, name: Option<&str>) -> Result<Option<Arc<LoraSpan<B>>>, ProtocolError> {
+        let Some(name) = name else { return Ok(None) };
+        match self.adapters.iter().find(|(n, _)| n == name) {
+            Some((_, span)) => Ok(Some(span.clone())),
+            None => Err(refuse(
                 ErrorKind::BadRequest,
                 format!("this server has no adapter {name:?}"),
             )),
@@ -129,6 +133,17 @@ where
     }
     let span = BlockSpan::<B>::load(&files.config, files.weights.as_ref(), start..end, &device)
         .context("cannot load the blocks")?;
+    let mut adapters: Vec<(String, Arc<LoraSpan<B>>)> = Vec::new();
+    for path in &config.adapters {
+        let adapter = LoraAdapter::load(path, &files.config, start..end)
+            .with_context(|| format!("cannot load adapter {}", path.display()))?;
+        if adapters.iter().any(|(n, _)| *n == adapter.name) {
+            bail!("two adapters are named {}", adapter.name);
+        }
+        tracing::info!(name = %adapter.name, "loaded LoRA adapter");
+        adapters.push((adapter.name.clone(), Arc::new(adapter.to_device(&device))));
+    }
+    let adapter_names: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
     let throughput = measure_throughput(&span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, "serving");
 
@@ -140,6 +155,7 @@ where
         cache_budget: Semaphore::new(config.cache_tokens.min(Semaphore::MAX_PERMITS)),
         sessions: Semaphore::new(config.max_sessions),
         session_timeout: config.session_timeout,
+        adapters,
     });
 
     let mut incoming = client.accept(INFERENCE_PROTOCOL)?;
@@ -167,7 +183,7 @@ where
         relayed,
         addrs,
         expires_at_ms: dht::now_ms() + config.announce_ttl.as_millis() as u64,
-        adapters: Vec::new(),
+        adapters: adapter_names.clone(),
     };
 
     let mut announce = tokio::time::interval(config.announce_ttl / 3);
@@ -399,7 +415,7 @@ where
                 let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
                 let y = shared
                     .span
-                    .forward_full_prompted(x, pad, blocks, prompts.as_ref())
+                    .forward_full_prompted(x, pad, blocks, prompts.as_ref(), None)
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
                 Ok(SpanResponse::Tensor(to_wire(y, reply_dtype)))
             }
@@ -426,7 +442,7 @@ where
                 let prompts = prompts.map(Tensor::require_grad);
                 let y = shared
                     .span
-                    .forward_full_prompted(x.clone(), pad, blocks, prompts.as_ref())
+                    .forward_full_prompted(x.clone(), pad, blocks, prompts.as_ref(), None)
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
                 // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
                 let grads = (y * g).sum().backward();
@@ -495,7 +511,7 @@ where
     };
     let blocks = check_span(shared, &model, start, end)?;
     let prompts = deep_prompts(shared, prompts.as_ref(), &blocks)?.map(Arc::new);
-    let _adapter = shared.adapter(adapter.as_deref())?;
+    let adapter = shared.adapter(adapter.as_deref())?;
     let batch = batch as usize;
     let max_length = max_length as usize;
     if batch == 0 || batch > shared.limits.max_batch || max_length == 0 {
@@ -580,10 +596,11 @@ where
                 let worker = shared.clone();
                 let blocks = blocks.clone();
                 let prompts = prompts.clone();
+                let adapter = adapter.clone();
                 let joined = tokio::task::spawn_blocking(move || {
                     let out = worker
                         .span
-                        .forward_blocks_prompted(x, &mut c, blocks, prompts.as_deref(), |_, _| {})
+                        .forward_blocks_prompted(x, &mut c, blocks, prompts.as_deref(), adapter.as_deref(), |_, _| {})
                         .map(|y| to_wire(y, reply_dtype));
                     (c, out)
                 })

@@ -7,6 +7,7 @@ use burn::prelude::*;
 
 use crate::cache::SpanCache;
 use crate::error::ModelError;
+use crate::layers::lora::{LoraAdapter, LoraSpan};
 use crate::model::{BlockSpan, Embeddings, LmHead, to_host};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 
@@ -41,6 +42,8 @@ pub struct LocalBlocks<'a, B: Backend> {
     caches: Vec<SpanCache<B>>,
     /// Deep prompts of each span's blocks (see [`crate::tuning`]).
     deep: Option<Vec<Tensor<B, 3>>>,
+    /// A LoRA adapter's updates for each span.
+    lora: Option<Vec<LoraSpan<B>>>,
 }
 
 impl<'a, B: Backend> LocalBlocks<'a, B> {
@@ -60,6 +63,7 @@ impl<'a, B: Backend> LocalBlocks<'a, B> {
                 spans,
                 caches: Vec::new(),
                 deep: None,
+                lora: None,
             }),
             _ => Err(ModelError::Invalid(format!(
                 "spans cover blocks 0..{next}, not the whole model"
@@ -82,6 +86,22 @@ impl<B: Backend> LocalBlocks<'_, B> {
         );
         self
     }
+
+    /// Applies a LoRA adapter loaded for the whole model.
+    pub fn with_lora(mut self, adapter: &LoraAdapter) -> Result<Self, ModelError> {
+        if adapter.range.start > 0 || self.spans.last().is_some_and(|s| s.range().end > adapter.range.end) {
+            return Err(ModelError::Invalid(format!(
+                "adapter {} covers blocks {:?} only",
+                adapter.name, adapter.range
+            )));
+        }
+        let Some(device) = self.spans.first().map(BlockSpan::device) else {
+            return Ok(self);
+        };
+        let span = adapter.to_device::<B>(&device);
+        self.lora = Some(self.spans.iter().map(|_| span.clone()).collect());
+        Ok(self)
+    }
 }
 
 impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
@@ -96,7 +116,14 @@ impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
         let mut h = hidden;
         for (i, (span, cache)) in self.spans.iter().zip(self.caches.iter_mut()).enumerate() {
             let deep = self.deep.as_ref().map(|d| &d[i]);
-            h = span.forward_blocks_prompted(h, cache, span.range(), deep, |_, _| {})?;
+            h = span.forward_blocks_prompted(
+                h,
+                cache,
+                span.range(),
+                deep,
+                self.lora.as_ref().and_then(|l| l.get(i)),
+                |_, _| {},
+            )?;
         }
         Ok(h)
     }

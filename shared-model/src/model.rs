@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::layers::block::Block;
 use crate::layers::linear::{Linear, to_device};
+use crate::layers::lora::LoraSpan;
 use crate::layers::norm::Norm;
 use crate::layers::positions::{SeqLayout, StepContext};
 use crate::weights::{HostTensor, TensorReader, WeightError, WeightSource};
@@ -96,6 +97,7 @@ pub struct BlockSpan<B: Backend> {
     config: ModelConfig,
     range: Range<usize>,
     blocks: Vec<Block<B>>,
+    device: B::Device,
 }
 
 impl<B: Backend> BlockSpan<B> {
@@ -129,6 +131,7 @@ impl<B: Backend> BlockSpan<B> {
             config: config.clone(),
             range,
             blocks,
+            device: device.clone(),
         })
     }
 
@@ -138,6 +141,10 @@ impl<B: Backend> BlockSpan<B> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.device.clone()
     }
 
     /// A fresh KV cache for a session over this span.
@@ -173,7 +180,7 @@ impl<B: Backend> BlockSpan<B> {
         blocks: Range<usize>,
         inspect: impl FnMut(usize, &Tensor<B, 3>),
     ) -> Result<Tensor<B, 3>, ModelError> {
-        self.forward_blocks_prompted(x, cache, blocks, None, inspect)
+        self.forward_blocks_prompted(x, cache, blocks, None, None, inspect)
     }
 
     /// [`Self::forward_blocks`] with deep prompts (Petals' `deep_ptune`): before block
@@ -191,8 +198,17 @@ impl<B: Backend> BlockSpan<B> {
         cache: &mut SpanCache<B>,
         blocks: Range<usize>,
         prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
         mut inspect: impl FnMut(usize, &Tensor<B, 3>),
     ) -> Result<Tensor<B, 3>, ModelError> {
+        if let Some(l) = lora
+            && (l.range().start > blocks.start || l.range().end < blocks.end)
+        {
+            return Err(ModelError::Invalid(format!(
+                "the adapter covers blocks {:?}, not {blocks:?}",
+                l.range()
+            )));
+        }
         if blocks.start < self.range.start || blocks.end > self.range.end || blocks.is_empty() {
             return Err(ModelError::BadSpan {
                 start: blocks.start,
@@ -241,7 +257,8 @@ impl<B: Backend> BlockSpan<B> {
                     h = h + delta;
                 }
             }
-            h = block.forward(h, &ctx, layer_cache);
+            let block_lora = lora.and_then(|l| l.block(blocks.start + i));
+            h = block.forward_lora(h, &ctx, layer_cache, block_lora);
             inspect(blocks.start + i, &h);
         }
         cache.len += new;
@@ -264,7 +281,7 @@ impl<B: Backend> BlockSpan<B> {
         pad: Vec<usize>,
         blocks: Range<usize>,
     ) -> Result<Tensor<B, 3>, ModelError> {
-        self.forward_full_prompted(x, pad, blocks, None)
+        self.forward_full_prompted(x, pad, blocks, None, None)
     }
 
     /// [`Self::forward_full_blocks`] with deep prompts (see [`Self::forward_blocks_prompted`]).
@@ -278,13 +295,14 @@ impl<B: Backend> BlockSpan<B> {
         pad: Vec<usize>,
         blocks: Range<usize>,
         prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         let mut cache = SpanCache {
             layers: (0..blocks.len()).map(|_| LayerCache::scratch()).collect(),
             pad,
             len: 0,
         };
-        self.forward_blocks_prompted(x, &mut cache, blocks, prompts, |_, _| {})
+        self.forward_blocks_prompted(x, &mut cache, blocks, prompts, lora, |_, _| {})
     }
 }
 

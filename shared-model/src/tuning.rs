@@ -596,7 +596,7 @@ pub fn span_backward<B: AutodiffBackend>(
     let batch = x.dims()[0];
     let x = x.require_grad();
     let deep = deep.map(Tensor::require_grad);
-    let y = span.forward_full_prompted(x.clone(), vec![0; batch], blocks, deep.as_ref())?;
+    let y = span.forward_full_prompted(x.clone(), vec![0; batch], blocks, deep.as_ref(), None)?;
     // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
     let grads = (y * grad_output).sum().backward();
     let missing = || ModelError::Invalid("no gradient reached the input".into());
@@ -642,7 +642,7 @@ impl<B: AutodiffBackend> TrainBlocks for LocalTrainBlocks<'_, B> {
         let mut h = x.clone();
         for span in self.spans {
             let d = deep.map(|d| self.upload(&deep_rows(d, span.range())));
-            let y = span.forward_full_prompted(self.upload(&h), vec![0; h.shape[0]], span.range(), d.as_ref())?;
+            let y = span.forward_full_prompted(self.upload(&h), vec![0; h.shape[0]], span.range(), d.as_ref(), None)?;
             self.saved.push(std::mem::replace(&mut h, to_host(y)));
         }
         Ok(h)

@@ -307,6 +307,7 @@ async fn stateless_forward_and_backward_match_local() {
     let remote = |r: SpanResponse| match r {
         SpanResponse::Tensor(t) => t.decode(&Default::default()).expect("valid tensor"),
         SpanResponse::Error(e) => panic!("server refused: {e}"),
+        other => panic!("unexpected answer {other:?}"),
     };
     let forward = remote(client.span_request(server, request(false)).await.expect("answer"));
     let backward = remote(client.span_request(server, request(true)).await.expect("answer"));

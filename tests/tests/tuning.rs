@@ -111,7 +111,7 @@ fn reference_grads(
     let x = with_prompt(&model.embeddings, raw, &prompt, &vec![0; batch.ids.len()]);
     let span = &model.spans[0];
     let y = span
-        .forward_full_prompted(x, vec![0; batch.ids.len()], span.range(), Some(&d))
+        .forward_full_prompted(x, vec![0; batch.ids.len()], span.range(), Some(&d), None)
         .expect("forward");
     let loss = masked_next_token_loss(model.head.forward(y), batch, prompts.prefix_len()).expect("loss");
     let value = loss.clone().into_scalar();
