@@ -291,7 +291,7 @@ where
         let picked = batch_indices(examples.len(), args.batch_size, args.seed, step);
         let chosen: Vec<&Example> = picked.iter().map(|&i| &examples[i]).collect();
         let batch = TrainBatch::new(&chosen, pad_id)?;
-        let tokens = batch.real_tokens(&chosen);
+        let tokens = batch.tokens;
         let t0 = Instant::now();
         let (loss, grads) = train_step(embeddings, head, blocks, &state.prompts, &batch)?;
         if !loss.is_finite() {

@@ -460,6 +460,8 @@ pub struct Example {
 pub struct TrainBatch {
     pub ids: Vec<Vec<u32>>,
     pub weights: Vec<Vec<f32>>,
+    /// Tokens that are not padding.
+    pub tokens: usize,
 }
 
 impl TrainBatch {
@@ -484,12 +486,11 @@ impl TrainBatch {
             ids.push(row);
             weights.push(w);
         }
-        Ok(Self { ids, weights })
-    }
-
-    /// Tokens that are not padding.
-    pub fn real_tokens(&self, examples: &[&Example]) -> usize {
-        examples.iter().map(|e| e.ids.len()).sum()
+        Ok(Self {
+            ids,
+            weights,
+            tokens: examples.iter().map(|e| e.ids.len()).sum(),
+        })
     }
 }
 
@@ -649,9 +650,13 @@ impl<B: AutodiffBackend> TrainBlocks for LocalTrainBlocks<'_, B> {
     }
 
     fn backward(&mut self, grad_output: &HostTensor) -> Result<(HostTensor, Option<HostTensor>), ModelError> {
+        if self.saved.is_empty() {
+            return Err(ModelError::Invalid("backward needs a forward first".into()));
+        }
+        let saved = std::mem::take(&mut self.saved);
         let mut g = grad_output.clone();
         let mut deep_grads: Vec<HostTensor> = Vec::new();
-        for (span, x) in self.spans.iter().zip(&self.saved).rev() {
+        for (span, x) in self.spans.iter().zip(&saved).rev() {
             let d = self.deep.as_ref().map(|d| self.upload(&deep_rows(d, span.range())));
             let (gx, gd) = span_backward(span, span.range(), self.upload(x), d, self.upload(&g))?;
             g = to_host(gx);
@@ -676,7 +681,7 @@ pub fn train_step<B: AutodiffBackend, R: TrainBlocks>(
     prompts: &Prompts,
     batch: &TrainBatch,
 ) -> Result<(f32, PromptGrads), R::Error> {
-    let device = head_device(embeddings);
+    let device = embeddings.device();
     let [prefix, hidden] = [prompts.prompt.shape[0], prompts.prompt.shape[1]];
     let prompt = Tensor::<B, 2>::from_data(TensorData::new(prompts.prompt.data.clone(), [prefix, hidden]), &device)
         .require_grad();
@@ -702,10 +707,6 @@ pub fn train_step<B: AutodiffBackend, R: TrainBlocks>(
             deep: g_deep,
         },
     ))
-}
-
-fn head_device<B: Backend>(embeddings: &Embeddings<B>) -> B::Device {
-    embeddings.device()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 use burn::prelude::*;
 use libp2p::{Multiaddr, PeerId};
+use shared_model::ModelError;
 use shared_model::tuning::{TrainBlocks, deep_rows};
 use shared_model::weights::HostTensor;
 
@@ -241,6 +242,9 @@ impl<B: Backend> TrainBlocks for RemoteBlocks<B> {
     }
 
     fn backward(&mut self, grad_output: &HostTensor) -> Result<(HostTensor, Option<HostTensor>), RemoteError> {
+        if self.train.is_empty() {
+            return Err(ModelError::Invalid("backward needs a forward first".into()).into());
+        }
         let handle = self.handle.clone();
         Ok(handle.block_on(self.train_backward(grad_output))?)
     }
