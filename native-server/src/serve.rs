@@ -15,6 +15,7 @@ use shared_model::fingerprint::fingerprint;
 use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, to_host};
+use shared_model::tuning::span_backward;
 use swarm::dht;
 use swarm::node::{self, Client, InboundEvent, NodeConfig};
 use swarm::protocol::{
@@ -438,21 +439,13 @@ where
                 }
                 let pad = pads(&pad, batch)?;
                 let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
-                let x = x.require_grad();
-                let prompts = prompts.map(Tensor::require_grad);
-                let y = shared
-                    .span
-                    .forward_full_prompted(x.clone(), pad, blocks, prompts.as_ref(), None)
+                let (grad, prompt_grad) = span_backward(&shared.span, blocks, pad, x, prompts, g)
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
-                // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
-                let grads = (y * g).sum().backward();
-                let missing = || refuse(ErrorKind::Internal, "no gradient reached the input");
-                let grad = x.grad(&grads).ok_or_else(missing)?;
                 let input = WireTensor::encode(&to_host(grad), reply_dtype);
-                Ok(match prompts {
+                Ok(match prompt_grad {
                     Some(p) => SpanResponse::Gradients {
                         input,
-                        prompts: WireTensor::encode(&to_host(p.grad(&grads).ok_or_else(missing)?), reply_dtype),
+                        prompts: WireTensor::encode(&to_host(p), reply_dtype),
                     },
                     None => SpanResponse::Tensor(input),
                 })

@@ -581,6 +581,12 @@ pub fn deep_rows(deep: &HostTensor, range: std::ops::Range<usize>) -> HostTensor
     )
 }
 
+/// Gradients w.r.t. a span's input and, if given, its deep prompts.
+pub type SpanGrads<B> = (
+    Tensor<<B as AutodiffBackend>::InnerBackend, 3>,
+    Option<Tensor<<B as AutodiffBackend>::InnerBackend, 3>>,
+);
+
 /// A span's stateless forward, and its backward recomputed with autodiff (what a server does
 /// for a span request).
 ///
@@ -590,14 +596,14 @@ pub fn deep_rows(deep: &HostTensor, range: std::ops::Range<usize>) -> HostTensor
 pub fn span_backward<B: AutodiffBackend>(
     span: &BlockSpan<B>,
     blocks: std::ops::Range<usize>,
+    pad: Vec<usize>,
     x: Tensor<B, 3>,
     deep: Option<Tensor<B, 3>>,
     grad_output: Tensor<B, 3>,
-) -> Result<(Tensor<B::InnerBackend, 3>, Option<Tensor<B::InnerBackend, 3>>), ModelError> {
-    let batch = x.dims()[0];
+) -> Result<SpanGrads<B>, ModelError> {
     let x = x.require_grad();
     let deep = deep.map(Tensor::require_grad);
-    let y = span.forward_full_prompted(x.clone(), vec![0; batch], blocks, deep.as_ref(), None)?;
+    let y = span.forward_full_prompted(x.clone(), pad, blocks, deep.as_ref(), None)?;
     // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
     let grads = (y * grad_output).sum().backward();
     let missing = || ModelError::Invalid("no gradient reached the input".into());
@@ -658,7 +664,8 @@ impl<B: AutodiffBackend> TrainBlocks for LocalTrainBlocks<'_, B> {
         let mut deep_grads: Vec<HostTensor> = Vec::new();
         for (span, x) in self.spans.iter().zip(&saved).rev() {
             let d = self.deep.as_ref().map(|d| self.upload(&deep_rows(d, span.range())));
-            let (gx, gd) = span_backward(span, span.range(), self.upload(x), d, self.upload(&g))?;
+            let pad = vec![0; x.shape[0]];
+            let (gx, gd) = span_backward(span, span.range(), pad, self.upload(x), d, self.upload(&g))?;
             g = to_host(gx);
             deep_grads.extend(gd.map(to_host));
         }

@@ -188,6 +188,23 @@ fn lora_equals_merged_weights_locally_and_through_a_server() {
         "the adapter must change the outputs"
     );
 
+    // A tensor the loader cannot apply is refused, not skipped.
+    let bad = dir.join("bad-adapter");
+    std::fs::create_dir_all(&bad).expect("dir");
+    std::fs::copy(adapter.join("adapter_config.json"), bad.join("adapter_config.json")).expect("copy");
+    let mut tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
+    let good = SafetensorsSource::open_file(&adapter.join("adapter_model.safetensors")).expect("adapter");
+    for n in good.names() {
+        tensors.insert(n.clone(), good.read(&n).expect("tensor"));
+    }
+    tensors.insert(
+        "base_model.model.lm_head.lora_A.weight".into(),
+        HostTensor::new(vec![R, 64], vec![0.1; R * 64]),
+    );
+    write_safetensors(&bad.join("adapter_model.safetensors"), &tensors);
+    let err = LoraAdapter::load(&bad, &files.config, 0..4).expect_err("must refuse");
+    assert!(err.to_string().contains("lm_head"), "{err}");
+
     // Tokens: local adapter, merged model, and a swarm where only one server has the adapter.
     let (merged_tokens, _) = generate(&merged, &[]);
     let (plain_tokens, _) = generate(&model, &[]);

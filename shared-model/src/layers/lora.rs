@@ -84,6 +84,9 @@ pub struct LoraAdapter {
     pub blocks: Vec<BlockLoraWeights>,
 }
 
+/// One projection's `(output rows in the fused projection, A, B)`.
+type FusedPart = (Range<usize>, HostTensor, HostTensor);
+
 /// Stacks `(a, b)` parts whose outputs lie at `rows` of a fused projection of `out` rows.
 fn fuse(parts: &[(Range<usize>, &HostTensor, &HostTensor)], out: usize, scale: f32) -> Option<LoraPairWeights> {
     let first = parts.first()?;
@@ -170,11 +173,40 @@ impl LoraAdapter {
             .into_iter()
             .find(|n| names.contains(n))
         };
+        // A tensor this loader would skip (another module, `modules_to_save`, a LoRA bias)
+        // would silently change what the adapter computes: refuse it instead.
+        let known: std::collections::BTreeSet<String> = (0..config.num_layers)
+            .flat_map(|i| {
+                let prefix = block_prefix(config.family, i);
+                shapes
+                    .keys()
+                    .flat_map(|m| ["A", "B"].map(|ab| (m.to_string(), ab)))
+                    .flat_map(move |(m, ab)| {
+                        let sub = if matches!(m.as_str(), "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+                            "self_attn"
+                        } else {
+                            "mlp"
+                        };
+                        [
+                            format!("base_model.model.{prefix}{sub}.{m}.lora_{ab}.weight"),
+                            format!("base_model.model.{prefix}{sub}.{m}.lora_{ab}.default.weight"),
+                        ]
+                    })
+            })
+            .collect();
+        if let Some(unknown) = names.iter().find(|n| !known.contains(*n)) {
+            return Err(invalid(format!(
+                "tensor {unknown} is not a LoRA weight this model can apply"
+            )));
+        }
+        if names.is_empty() {
+            return Err(invalid("adapter_model.safetensors holds no tensors".into()));
+        }
         let scale = lora.scale();
         let mut blocks = Vec::with_capacity(range.len());
         for index in range.clone() {
             let prefix = block_prefix(config.family, index);
-            let mut found: BTreeMap<&str, Vec<(Range<usize>, HostTensor, HostTensor)>> = BTreeMap::new();
+            let mut found: BTreeMap<&str, Vec<FusedPart>> = BTreeMap::new();
             for (module, (fused, rows, inp, out)) in &shapes {
                 let (Some(an), Some(bn)) = (find(&prefix, module, "A"), find(&prefix, module, "B")) else {
                     continue;
@@ -202,12 +234,8 @@ impl LoraAdapter {
                 down: pair("down", d),
             });
         }
-        if blocks.iter().all(|b| *b == BlockLoraWeights::default()) {
-            return Err(invalid(format!(
-                "no LoRA weights for blocks {}..{}",
-                range.start, range.end
-            )));
-        }
+        // An adapter without weights for these blocks (PEFT's `layers_to_transform`) leaves
+        // them unchanged: the server still offers it, so routes can pass through.
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
