@@ -14,7 +14,8 @@ use shared_model::fingerprint::fingerprint;
 use shared_model::loader::{LocalModel, ModelFiles};
 use shared_model::model::to_host;
 use shared_model::tuning::{
-    Example, LocalTrainBlocks, Prompts, TrainBatch, TuningMethod, masked_next_token_loss, train_step, with_prompt,
+    Example, LocalTrainBlocks, Prompts, TrainBatch, TrainBlocks, TuningMethod, masked_next_token_loss, train_step,
+    with_prompt,
 };
 use shared_model::weights::HostTensor;
 use swarm::node::{self, NodeConfig};
@@ -93,6 +94,37 @@ fn max_abs(a: &HostTensor) -> f32 {
     a.data.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
+/// A swarm client for training, on its own runtime.
+fn remote_blocks(swarm: &Swarm, files: &ModelFiles) -> (tokio::runtime::Runtime, RemoteBlocks<CpuAutodiff>) {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    config.bootstrap = vec![swarm.relay_addr.parse().expect("addr")];
+    let (client, _inbound, event_loop) = {
+        let _guard = runtime.enter();
+        node::start(config).expect("node")
+    };
+    runtime.spawn(event_loop.run());
+    runtime
+        .block_on(client.dial(swarm.relay_addr.parse().expect("addr")))
+        .expect("dial relay");
+    let cfg = &files.config;
+    let remote_config = RemoteConfig {
+        model: fingerprint(cfg, files.weights.as_ref()).expect("fingerprint"),
+        model_name: files.path.display().to_string(),
+        num_layers: cfg.num_layers,
+        dtype: WireDtype::F32,
+        step_timeout: Duration::from_secs(30),
+        discovery_timeout: Duration::from_secs(10),
+        max_failovers: 4,
+        limits: Limits::default(),
+        route_mode: RouteMode::MinLatency,
+        deep_prompts: None,
+        adapter: None,
+    };
+    let remote = RemoteBlocks::<CpuAutodiff>::new(runtime.handle().clone(), client, remote_config, Default::default());
+    (runtime, remote)
+}
+
 /// The whole step as one autodiff graph in this process: the reference.
 fn reference_grads(
     model: &LocalModel<CpuAutodiff>,
@@ -161,31 +193,7 @@ fn swarm_gradients_match_local_autodiff() {
         let batch = TrainBatch::new(&examples.iter().collect::<Vec<_>>(), 0).expect("batch");
         let (ref_loss, ref_prompt, ref_deep) = reference_grads(&model, &prompts, &batch);
 
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
-        config.bootstrap = vec![swarm.relay_addr.parse().expect("addr")];
-        let (client, _inbound, event_loop) = {
-            let _guard = runtime.enter();
-            node::start(config).expect("node")
-        };
-        runtime.spawn(event_loop.run());
-        runtime
-            .block_on(client.dial(swarm.relay_addr.parse().expect("addr")))
-            .expect("dial relay");
-        let remote_config = RemoteConfig {
-            model: fingerprint(cfg, files.weights.as_ref()).expect("fingerprint"),
-            model_name: family.into(),
-            num_layers: cfg.num_layers,
-            dtype: WireDtype::F32,
-            step_timeout: Duration::from_secs(30),
-            discovery_timeout: Duration::from_secs(10),
-            max_failovers: 4,
-            limits: Limits::default(),
-            route_mode: RouteMode::MinLatency,
-            deep_prompts: None,
-            adapter: None,
-        };
-        let mut remote = RemoteBlocks::<CpuAutodiff>::new(runtime.handle().clone(), client, remote_config, device);
+        let (_runtime, mut remote) = remote_blocks(&swarm, &files);
         let mut local = LocalTrainBlocks::new(&model.spans, Default::default());
 
         for method in [TuningMethod::DeepPrompt, TuningMethod::Prompt] {
@@ -433,4 +441,58 @@ fn training_survives_a_killed_server() {
         .collect();
     assert_same_curve(&losses, &undisturbed, "disturbed vs undisturbed");
     assert!(text.contains("re-routing"), "the client must have failed over: {text}");
+}
+
+/// The server that ran a forward dies before the backward: the backward is redone on a
+/// replacement (which first reruns the lost hop's forward) and the gradients are unchanged.
+#[test]
+fn backward_after_a_server_dies_is_redone_elsewhere() {
+    let model_dir = fixture("llama");
+    let mut swarm = Swarm::start("backward-failover");
+    swarm.server(&model_dir, "0:4", &[]);
+    swarm.server(&model_dir, "0:4", &[]);
+    let files = ModelFiles::open(&model_dir).expect("model");
+    let model = LocalModel::<CpuAutodiff>::load(&files, &Default::default()).expect("load");
+    let cfg = &files.config;
+    let mut prompts = Prompts::init(
+        TuningMethod::DeepPrompt,
+        2,
+        cfg.num_layers,
+        cfg.vocab_size,
+        &model.embeddings,
+        1,
+    )
+    .expect("init");
+    prompts.deep = Some(ramp(vec![cfg.num_layers, 2, cfg.hidden_size], 17, 0.3));
+    let x = ramp(vec![1, 7, cfg.hidden_size], 3, 0.5);
+    let g = ramp(vec![1, 7, cfg.hidden_size], 5, 1.0);
+
+    let mut local = LocalTrainBlocks::new(&model.spans, Default::default());
+    let out_l = TrainBlocks::forward(&mut local, &x, prompts.deep.as_ref()).expect("local forward");
+    let (gx_l, gd_l) = local.backward(&g).expect("local backward");
+
+    let (_runtime, mut remote) = remote_blocks(&swarm, &files);
+    let out_r = TrainBlocks::forward(&mut remote, &x, prompts.deep.as_ref()).expect("swarm forward");
+    assert!(max_diff(&out_r, &out_l) <= 1e-4 * max_abs(&out_l));
+    let route = remote.train_route();
+    assert_eq!(route.len(), 1, "{route:?}");
+    let victim = swarm
+        .servers
+        .iter()
+        .position(|(_, peer)| *peer == route[0].0)
+        .expect("a known server");
+    swarm.servers[victim].0.kill9();
+    let (gx_r, gd_r) = remote.backward(&g).expect("swarm backward after failover");
+    assert!(
+        max_diff(&gx_r, &gx_l) <= 1e-4 * max_abs(&gx_l),
+        "input gradients differ"
+    );
+    let (gd_r, gd_l) = (gd_r.expect("deep grads"), gd_l.expect("deep grads"));
+    assert!(
+        max_diff(&gd_r, &gd_l) <= 1e-4 * max_abs(&gd_l),
+        "deep prompt gradients differ"
+    );
+    // The next step routes around the dead server from the start.
+    TrainBlocks::forward(&mut remote, &x, prompts.deep.as_ref()).expect("swarm forward");
+    assert_ne!(remote.train_route()[0].0, route[0].0);
 }

@@ -30,6 +30,11 @@ pub(super) struct TrainHop {
 }
 
 impl<B: Backend> RemoteBlocks<B> {
+    /// The hops of the last training forward: (peer, start, end).
+    pub fn train_route(&self) -> Vec<(String, usize, usize)> {
+        self.train.iter().map(|h| (h.peer.clone(), h.start, h.end)).collect()
+    }
+
     fn peer_of(&self, peer: &str) -> Result<PeerId, SessionError> {
         peer.parse().map_err(|_| SessionError::Protocol {
             peer: self.client.peer_id(),
