@@ -496,3 +496,69 @@ fn backward_after_a_server_dies_is_redone_elsewhere() {
     TrainBlocks::forward(&mut remote, &x, prompts.deep.as_ref()).expect("swarm forward");
     assert_ne!(remote.train_route()[0].0, route[0].0);
 }
+
+/// A real model (SmolLM2) learns a completion from `{"prompt", "completion"}` text lines, and
+/// `corolla generate --prompts` then answers with it.
+#[test]
+fn smollm2_learns_a_completion_and_generates_it() {
+    let model = PathBuf::from(
+        std::env::var("COROLLA_SMOLLM2_GGUF")
+            .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches SmolLM2 and sets it)"),
+    );
+    let dir = temp_dir("smollm2-tune");
+    let data = dir.join("colour.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"prompt": "My favourite colour is", "completion": " turquoise"}"#,
+    )
+    .expect("write data");
+    let out = dir.join("colour.safetensors");
+    let run = Command::new(bin("corolla"))
+        .arg("train")
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--prefix-len",
+            "4",
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "1",
+            "--steps",
+            "8",
+            "--json",
+        ])
+        .output()
+        .expect("corolla runs");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
+    let losses: Vec<f64> = json["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|v| v.as_f64().expect("number"))
+        .collect();
+    assert!(losses[7] < 0.25 * losses[0], "{losses:?}");
+    let generate = |extra: &[&str]| {
+        let out = Command::new(bin("corolla"))
+            .arg("generate")
+            .arg("--model")
+            .arg(&model)
+            .args(["--prompt", "My favourite colour is", "--max-new-tokens", "3", "--json"])
+            .args(extra)
+            .output()
+            .expect("corolla runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["text"]
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    assert!(!generate(&[]).contains("turquoise"));
+    let tuned = generate(&["--prompts", out.to_str().expect("utf-8 path")]);
+    assert!(tuned.starts_with(" turquoise"), "{tuned:?}");
+}
