@@ -23,6 +23,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Fetch the demo model into the cache (if needed) and print its path.
     Fetch(FetchArgs),
+    /// Prompt-tune the model (its weights stay frozen), locally or through the swarm.
+    Train(crate::train::TrainArgs),
 }
 
 /// Compute backend for the blocks, embeddings and head.
@@ -96,6 +98,13 @@ pub struct GenerateArgs {
     /// Route for the lowest latency (chat) or spread by servers' throughput (batch work).
     #[arg(long, value_enum, default_value_t = RoutingArg::Latency)]
     pub routing: RoutingArg,
+    /// Prompts trained by `corolla train` (deep prompts are added by the servers).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// A LoRA adapter: with --initial-peers, the name servers announce (`server --adapters`;
+    /// only they are used); locally, the adapter's folder.
+    #[arg(long)]
+    pub adapter: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,10 +3,14 @@ use std::ops::ControlFlow;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::Backend;
-use shared_model::generate::{GenerateParams, LocalBlocks, generate};
+use burn::prelude::{Tensor, TensorData};
+use shared_model::generate::{GenerateParams, LocalBlocks, generate_with_prefix};
+use shared_model::layers::lora::LoraAdapter;
 use shared_model::loader::{LocalModel, ModelFiles};
 use shared_model::sampling::SamplingParams;
 use shared_model::tokenizer::ChatMessage;
+use shared_model::tuning::Prompts;
+use std::path::Path;
 
 use crate::args::GenerateArgs;
 use crate::backend::{OnBackend, dispatch};
@@ -30,9 +34,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let backend = args.backend;
+    let prompts = match &args.prompts {
+        Some(path) => {
+            let p = Prompts::load(path)?;
+            p.check(files.config.hidden_size, files.config.num_layers)?;
+            check_prompt(&files, &prompt_ids, args.max_new_tokens + p.prefix_len())?;
+            Some(p)
+        }
+        None => None,
+    };
     if !args.initial_peers.is_empty() {
-        return crate::remote::run(&files, &args, prompt_ids, params);
+        return crate::remote::run(&files, &args, prompt_ids, params, prompts);
     }
+    // Locally there is no server to name an adapter: `--adapter` is its folder.
+    let adapter = match &args.adapter {
+        Some(dir) => Some(
+            LoraAdapter::load(Path::new(dir), &files.config, 0..files.config.num_layers)
+                .with_context(|| format!("cannot load adapter {dir} (locally, --adapter is the adapter's folder)"))?,
+        ),
+        None => None,
+    };
     dispatch(
         backend,
         Job {
@@ -40,8 +61,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args: &args,
             prompt_ids,
             params,
+            prompts,
+            adapter,
         },
     )
+}
+
+/// The input prompt as a `[prefix_len, hidden]` tensor.
+pub fn upload_prompt<B: Backend>(prompts: &Prompts, device: &B::Device) -> Tensor<B, 2> {
+    let p = &prompts.prompt;
+    Tensor::from_data(TensorData::new(p.data.clone(), [p.shape[0], p.shape[1]]), device)
 }
 
 /// The prompt as token ids: encoded text (optionally through the chat template) or given ids.
@@ -116,6 +145,8 @@ struct Job<'a> {
     args: &'a GenerateArgs,
     prompt_ids: Vec<u32>,
     params: GenerateParams,
+    prompts: Option<Prompts>,
+    adapter: Option<LoraAdapter>,
 }
 
 impl OnBackend for Job<'_> {
@@ -124,17 +155,29 @@ impl OnBackend for Job<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let mut blocks = LocalBlocks::new(&model.spans)?;
+        if let Some(deep) = self.prompts.as_ref().and_then(|p| p.deep.as_ref()) {
+            let s = &deep.shape;
+            blocks = blocks.with_deep_prompts(Tensor::from_data(
+                TensorData::new(deep.data.clone(), [s[0], s[1], s[2]]),
+                &device,
+            ));
+        }
+        if let Some(adapter) = &self.adapter {
+            blocks = blocks.with_lora(adapter)?;
+        }
+        let prefix = self.prompts.as_ref().map(|p| upload_prompt::<B>(p, &device));
         emit(
             self.files,
             self.args,
             &self.prompt_ids,
             &self.params,
             |params, on_token| {
-                Ok(generate(
+                Ok(generate_with_prefix(
                     &model.embeddings,
                     &model.head,
                     &mut blocks,
                     &[self.prompt_ids.clone()],
+                    prefix.as_ref(),
                     params,
                     on_token,
                 )?)

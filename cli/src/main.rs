@@ -15,6 +15,7 @@ mod fetch;
 mod forward;
 mod generate;
 mod remote;
+mod train;
 
 use args::{Cli, Command};
 
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,10 +5,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use shared_model::Cpu;
 use shared_model::fingerprint::fingerprint;
-use shared_model::generate::{GenerateParams, generate};
+use shared_model::generate::{GenerateParams, generate_with_prefix};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{Embeddings, LmHead};
-use swarm::node::{self, NodeConfig};
+use shared_model::tuning::Prompts;
+use swarm::node::{self, Client, NodeConfig};
 use swarm::protocol::Limits;
 use swarm::remote::{RemoteBlocks, RemoteConfig};
 use swarm::routing::RouteMode;
@@ -17,14 +18,11 @@ use swarm::wire::WireDtype;
 use crate::args::{BackendKind, GenerateArgs, RoutingArg, WireDtypeArg};
 use crate::generate::emit;
 
-pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params: GenerateParams) -> Result<()> {
-    if args.backend != BackendKind::Cpu {
-        bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
-    }
+/// A swarm client node on its own runtime, connected to at least one initial peer.
+pub fn connect(initial_peers: &[libp2p::Multiaddr]) -> Result<(tokio::runtime::Runtime, Client)> {
     let runtime = tokio::runtime::Runtime::new()?;
-    let model = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
     let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
-    config.bootstrap = args.initial_peers.clone();
+    config.bootstrap = initial_peers.to_vec();
     let (client, _inbound, event_loop) = {
         let _guard = runtime.enter();
         node::start(config)?
@@ -32,7 +30,7 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
     runtime.spawn(event_loop.run());
     let reachable = runtime.block_on(async {
         let mut any = false;
-        for addr in &args.initial_peers {
+        for addr in initial_peers {
             match tokio::time::timeout(Duration::from_secs(10), client.dial(addr.clone())).await {
                 Ok(Ok(())) => any = true,
                 Ok(Err(e)) => tracing::warn!(%addr, error = %e, "initial peer unreachable"),
@@ -42,20 +40,19 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
         any
     });
     if !reachable {
-        bail!(
-            "no initial peer is reachable (relay unreachable?): {:?}",
-            args.initial_peers
-        );
+        bail!("no initial peer is reachable (relay unreachable?): {initial_peers:?}");
     }
+    Ok((runtime, client))
+}
 
-    let device = Default::default();
-    let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
-    let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
-    let remote_config = RemoteConfig {
+/// Remote execution settings for this model.
+pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingArg) -> Result<RemoteConfig> {
+    let model = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
+    Ok(RemoteConfig {
         model,
         model_name: files.path.display().to_string(),
         num_layers: files.config.num_layers,
-        dtype: match args.wire_dtype {
+        dtype: match dtype {
             WireDtypeArg::F32 => WireDtype::F32,
             WireDtypeArg::F16 => WireDtype::F16,
             WireDtypeArg::Bf16 => WireDtype::Bf16,
@@ -64,18 +61,41 @@ pub fn run(files: &ModelFiles, args: &GenerateArgs, prompt_ids: Vec<u32>, params
         discovery_timeout: Duration::from_secs(10),
         max_failovers: 8,
         limits: Limits::default(),
-        route_mode: match args.routing {
+        deep_prompts: None,
+        adapter: None,
+        route_mode: match routing {
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,
         },
-    };
+    })
+}
+
+pub fn run(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    prompt_ids: Vec<u32>,
+    params: GenerateParams,
+    prompts: Option<Prompts>,
+) -> Result<()> {
+    if args.backend != BackendKind::Cpu {
+        bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
+    }
+    let (runtime, client) = connect(&args.initial_peers)?;
+    let device = Default::default();
+    let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
+    let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
+    let mut remote_config = remote_config(files, args.wire_dtype, args.routing)?;
+    remote_config.adapter = args.adapter.clone();
+    remote_config.deep_prompts = prompts.as_ref().and_then(|p| p.deep.clone());
+    let prefix = prompts.map(|p| crate::generate::upload_prompt::<Cpu>(&p, &device));
     let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
     let result = emit(files, args, &prompt_ids, &params, |params, on_token| {
-        Ok(generate(
+        Ok(generate_with_prefix(
             &embeddings,
             &head,
             &mut blocks,
             &[prompt_ids.clone()],
+            prefix.as_ref(),
             params,
             on_token,
         )?)

@@ -75,6 +75,10 @@ pub struct ServerArgs {
     /// The public base URL of --http-listen, as browsers reach it (default: http://ADDR).
     #[arg(long, requires = "http_listen")]
     pub http_url: Option<String>,
+    /// PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors) to offer;
+    /// each is named after its folder, and clients pick one per session.
+    #[arg(long, num_args = 1..)]
+    pub adapters: Vec<PathBuf>,
 }
 
 /// A validated server configuration.
@@ -95,6 +99,7 @@ pub struct ServerConfig {
     pub addr_file: Option<PathBuf>,
     pub http_listen: Option<std::net::SocketAddr>,
     pub http_url: Option<String>,
+    pub adapters: Vec<PathBuf>,
 }
 
 impl ServerArgs {
@@ -149,6 +154,7 @@ impl ServerArgs {
             addr_file: self.addr_file,
             http_listen: self.http_listen,
             http_url: self.http_url.map(|u| u.trim_end_matches('/').to_string()),
+            adapters: self.adapters,
         })
     }
 }

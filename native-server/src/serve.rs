@@ -13,11 +13,13 @@ use libp2p::{Multiaddr, PeerId, Stream};
 use shared_model::bundle::{BundleMeta, write_bundle};
 use shared_model::cache::SpanCache;
 use shared_model::fingerprint::fingerprint;
+use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, to_host};
+use shared_model::tuning::span_backward;
 use swarm::node::{self, Client, InboundEvent, NodeConfig};
 use swarm::protocol::{
-    ErrorKind, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, ServerInfo, SessionRequest,
+    ErrorKind, HeadResponse, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, ServerInfo, SessionRequest,
     SessionResponse, SpanRequest, SpanResponse,
 };
 use swarm::wire::{self, WireDtype, WireError, WireTensor};
@@ -55,6 +57,22 @@ struct Shared<B: Backend> {
     cache_budget: Semaphore,
     sessions: Semaphore,
     session_timeout: Duration,
+    /// LoRA adapters for this span, by name.
+    adapters: Vec<(String, Arc<LoraSpan<B>>)>,
+}
+
+impl<B: Backend> Shared<B> {
+    /// The adapter a session asked for, if this server has it.
+    fn adapter(&self, name: Option<&str>) -> Result<Option<Arc<LoraSpan<B>>>, ProtocolError> {
+        let Some(name) = name else { return Ok(None) };
+        match self.adapters.iter().find(|(n, _)| n == name) {
+            Some((_, span)) => Ok(Some(span.clone())),
+            None => Err(refuse(
+                ErrorKind::BadRequest,
+                format!("this server has no adapter {name:?}"),
+            )),
+        }
+    }
 }
 
 async fn serve<B: AutodiffBackend>(
@@ -123,6 +141,17 @@ where
         }
         None => None,
     };
+    let mut adapters: Vec<(String, Arc<LoraSpan<B>>)> = Vec::new();
+    for path in &config.adapters {
+        let adapter = LoraAdapter::load(path, &files.config, start..end)
+            .with_context(|| format!("cannot load adapter {}", path.display()))?;
+        if adapters.iter().any(|(n, _)| *n == adapter.name) {
+            bail!("two adapters are named {}", adapter.name);
+        }
+        tracing::info!(name = %adapter.name, "loaded LoRA adapter");
+        adapters.push((adapter.name.clone(), Arc::new(adapter.to_device(&device))));
+    }
+    let adapter_names: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
     let throughput = measure_throughput(&span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, "serving");
 
@@ -134,6 +163,7 @@ where
         cache_budget: Semaphore::new(config.cache_tokens.min(Semaphore::MAX_PERMITS)),
         sessions: Semaphore::new(config.max_sessions),
         session_timeout: config.session_timeout,
+        adapters,
     });
 
     let mut incoming = client.accept(INFERENCE_PROTOCOL)?;
@@ -163,6 +193,7 @@ where
         expires_at_ms: dht::now_ms() + config.announce_ttl.as_millis() as u64,
         client_url: client_url.clone(),
         serves_head: false,
+        adapters: adapter_names.clone(),
     };
 
     let mut announce = tokio::time::interval(config.announce_ttl / 3);
@@ -206,6 +237,11 @@ where
                         }
                         let _ = client.respond_span(channel, response).await;
                     });
+                }
+                Some(InboundEvent::Head { peer, channel, .. }) => {
+                    tracing::debug!(%peer, "refused a head request: head service is not offered");
+                    let refusal = HeadResponse::Error(refuse(ErrorKind::WrongSpan, "this server offers no head service"));
+                    let _ = client.respond_head(channel, refusal).await;
                 }
                 Some(InboundEvent::Info { channel, .. }) => {
                     let (addrs, relayed) = announce_addrs(&client, peer_id, relay_only).await;
@@ -371,6 +407,31 @@ fn hidden_input<B: Backend>(
     ))
 }
 
+/// Decodes deep prompts for `blocks` after checking their shape: `[blocks, prefix, hidden]`.
+fn deep_prompts<B: Backend>(
+    shared: &Shared<B>,
+    t: Option<&WireTensor>,
+    blocks: &Range<usize>,
+) -> Result<Option<Tensor<B, 3>>, ProtocolError> {
+    let Some(t) = t else { return Ok(None) };
+    let h = shared.span.config().hidden_size as u64;
+    let bad = |e: WireError| refuse(ErrorKind::BadRequest, e.to_string());
+    t.expect_shape(&[Some(blocks.len() as u64), None, Some(h)])
+        .map_err(bad)?;
+    let prefix = t.shape[1] as usize;
+    if prefix == 0 || prefix > shared.limits.max_step_tokens {
+        return Err(refuse(
+            ErrorKind::BadRequest,
+            format!("deep prompts of {prefix} positions"),
+        ));
+    }
+    let host = t.decode(&shared.limits).map_err(bad)?;
+    Ok(Some(Tensor::from_data(
+        TensorData::new(host.data, host.shape),
+        &shared.device,
+    )))
+}
+
 fn pads(pad: &[u32], batch: usize) -> Result<Vec<usize>, ProtocolError> {
     if pad.len() != batch {
         return Err(refuse(
@@ -391,7 +452,7 @@ where
     B::Device: Send + Sync,
 {
     let shared = shared.clone();
-    let work = tokio::task::spawn_blocking(move || -> Result<WireTensor, ProtocolError> {
+    let work = tokio::task::spawn_blocking(move || -> Result<SpanResponse, ProtocolError> {
         match request {
             SpanRequest::Forward {
                 model,
@@ -400,15 +461,17 @@ where
                 pad,
                 hidden,
                 reply_dtype,
+                prompts,
             } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
                 let pad = pads(&pad, x.dims()[0])?;
+                let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
                 let y = shared
                     .span
-                    .forward_full_blocks(x, pad, blocks)
+                    .forward_full_prompted(x, pad, blocks, prompts.as_ref(), None)
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
-                Ok(to_wire(y, reply_dtype))
+                Ok(SpanResponse::Tensor(to_wire(y, reply_dtype)))
             }
             SpanRequest::Backward {
                 model,
@@ -418,6 +481,7 @@ where
                 hidden,
                 grad_output,
                 reply_dtype,
+                prompts,
             } => {
                 let blocks = check_span(&shared, &model, start, end)?;
                 let x = hidden_input(&shared, &hidden, None)?;
@@ -427,22 +491,22 @@ where
                     return Err(refuse(ErrorKind::BadRequest, "grad_output must have the input's shape"));
                 }
                 let pad = pads(&pad, batch)?;
-                let x = x.require_grad();
-                let y = shared
-                    .span
-                    .forward_full_blocks(x.clone(), pad, blocks)
+                let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
+                let (grad, prompt_grad) = span_backward(&shared.span, blocks, pad, x, prompts, g)
                     .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
-                // d<y, g>/dx = J^T g: the input gradient for the given output gradient.
-                let grads = (y * g).sum().backward();
-                let grad = x
-                    .grad(&grads)
-                    .ok_or_else(|| refuse(ErrorKind::Internal, "no gradient reached the input"))?;
-                Ok(WireTensor::encode(&to_host(grad), reply_dtype))
+                let input = WireTensor::encode(&to_host(grad), reply_dtype);
+                Ok(match prompt_grad {
+                    Some(p) => SpanResponse::Gradients {
+                        input,
+                        prompts: WireTensor::encode(&to_host(p), reply_dtype),
+                    },
+                    None => SpanResponse::Tensor(input),
+                })
             }
         }
     });
     match work.await {
-        Ok(Ok(t)) => SpanResponse::Tensor(t),
+        Ok(Ok(r)) => r,
         Ok(Err(e)) => SpanResponse::Error(e),
         Err(e) => SpanResponse::Error(refuse(ErrorKind::Internal, e.to_string())),
     }
@@ -485,11 +549,15 @@ where
         max_length,
         pad,
         reply_dtype,
+        prompts,
+        adapter,
     } = first
     else {
         return Err(refuse(ErrorKind::BadRequest, "a session must start with Open"));
     };
     let blocks = check_span(shared, &model, start, end)?;
+    let prompts = deep_prompts(shared, prompts.as_ref(), &blocks)?.map(Arc::new);
+    let adapter = shared.adapter(adapter.as_deref())?;
     let batch = batch as usize;
     let max_length = max_length as usize;
     if batch == 0 || batch > shared.limits.max_batch || max_length == 0 {
@@ -573,10 +641,12 @@ where
             Ok(x) => {
                 let worker = shared.clone();
                 let blocks = blocks.clone();
+                let prompts = prompts.clone();
+                let adapter = adapter.clone();
                 let joined = tokio::task::spawn_blocking(move || {
                     let out = worker
                         .span
-                        .forward_blocks(x, &mut c, blocks, |_, _| {})
+                        .forward_blocks_prompted(x, &mut c, blocks, prompts.as_deref(), adapter.as_deref(), |_, _| {})
                         .map(|y| to_wire(y, reply_dtype));
                     (c, out)
                 })

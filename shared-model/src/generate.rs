@@ -7,6 +7,7 @@ use burn::prelude::*;
 
 use crate::cache::SpanCache;
 use crate::error::ModelError;
+use crate::layers::lora::{LoraAdapter, LoraSpan};
 use crate::model::{BlockSpan, Embeddings, LmHead, to_host};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 
@@ -39,6 +40,10 @@ pub enum GenerateError {
 pub struct LocalBlocks<'a, B: Backend> {
     spans: &'a [BlockSpan<B>],
     caches: Vec<SpanCache<B>>,
+    /// Deep prompts of each span's blocks (see [`crate::tuning`]).
+    deep: Option<Vec<Tensor<B, 3>>>,
+    /// A LoRA adapter's updates for each span.
+    lora: Option<Vec<LoraSpan<B>>>,
 }
 
 impl<'a, B: Backend> LocalBlocks<'a, B> {
@@ -57,11 +62,45 @@ impl<'a, B: Backend> LocalBlocks<'a, B> {
             Some(first) if next == first.config().num_layers => Ok(Self {
                 spans,
                 caches: Vec::new(),
+                deep: None,
+                lora: None,
             }),
             _ => Err(ModelError::Invalid(format!(
                 "spans cover blocks 0..{next}, not the whole model"
             ))),
         }
+    }
+}
+
+impl<B: Backend> LocalBlocks<'_, B> {
+    /// Adds deep prompts before every block.
+    ///
+    /// # Shapes
+    /// - `deep`: `[num_layers, prefix_len, hidden]`
+    pub fn with_deep_prompts(mut self, deep: Tensor<B, 3>) -> Self {
+        self.deep = Some(
+            self.spans
+                .iter()
+                .map(|s| deep.clone().narrow(0, s.range().start, s.range().len()))
+                .collect(),
+        );
+        self
+    }
+
+    /// Applies a LoRA adapter loaded for the whole model.
+    pub fn with_lora(mut self, adapter: &LoraAdapter) -> Result<Self, ModelError> {
+        if adapter.range.start > 0 || self.spans.last().is_some_and(|s| s.range().end > adapter.range.end) {
+            return Err(ModelError::Invalid(format!(
+                "adapter {} covers blocks {:?} only",
+                adapter.name, adapter.range
+            )));
+        }
+        let Some(device) = self.spans.first().map(BlockSpan::device) else {
+            return Ok(self);
+        };
+        let span = adapter.to_device::<B>(&device);
+        self.lora = Some(self.spans.iter().map(|_| span.clone()).collect());
+        Ok(self)
     }
 }
 
@@ -75,8 +114,16 @@ impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
 
     fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, GenerateError> {
         let mut h = hidden;
-        for (span, cache) in self.spans.iter().zip(self.caches.iter_mut()) {
-            h = span.forward(h, cache)?;
+        for (i, (span, cache)) in self.spans.iter().zip(self.caches.iter_mut()).enumerate() {
+            let deep = self.deep.as_ref().map(|d| &d[i]);
+            h = span.forward_blocks_prompted(
+                h,
+                cache,
+                span.range(),
+                deep,
+                self.lora.as_ref().and_then(|l| l.get(i)),
+                |_, _| {},
+            )?;
         }
         Ok(h)
     }
@@ -113,6 +160,23 @@ pub fn generate<B: Backend, R: BlockRunner<B>>(
     blocks: &mut R,
     prompts: &[Vec<u32>],
     params: &GenerateParams,
+    on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Vec<Vec<u32>>, R::Error> {
+    generate_with_prefix(embeddings, head, blocks, prompts, None, params, on_token)
+}
+
+/// [`generate`] with a trained input prompt (see [`crate::tuning`]) placed before every row's
+/// tokens, right after its left padding. Deep prompts, if any, are the block runner's business.
+///
+/// # Shapes
+/// - `prefix`: `[prefix_len, hidden]`
+pub fn generate_with_prefix<B: Backend, R: BlockRunner<B>>(
+    embeddings: &Embeddings<B>,
+    head: &LmHead<B>,
+    blocks: &mut R,
+    prompts: &[Vec<u32>],
+    prefix: Option<&Tensor<B, 2>>,
+    params: &GenerateParams,
     mut on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
 ) -> Result<Vec<Vec<u32>>, R::Error> {
     let batch = prompts.len();
@@ -138,10 +202,17 @@ pub fn generate<B: Backend, R: BlockRunner<B>>(
         return Ok(out);
     }
 
-    blocks.start(pad, longest + params.max_new_tokens)?;
+    let prefix_len = prefix.map_or(0, |p| p.dims()[0]);
+    blocks.start(pad.clone(), prefix_len + longest + params.max_new_tokens)?;
     let mut input = padded;
+    let mut first = true;
     loop {
-        let hidden = blocks.step(embeddings.forward(&input)?)?;
+        let x = match prefix {
+            Some(p) if first => crate::tuning::with_prompt(embeddings, embeddings.embed_raw(&input)?, p, &pad),
+            _ => embeddings.forward(&input)?,
+        };
+        first = false;
+        let hidden = blocks.step(x)?;
         let t = hidden.dims()[1];
         let logits = to_host(head.forward(hidden.narrow(1, t - 1, 1)));
         let vocab = logits.shape[2];

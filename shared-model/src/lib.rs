@@ -18,6 +18,7 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tuning;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -11,6 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::layers::block::Block;
 use crate::layers::linear::{Linear, to_device};
+use crate::layers::lora::LoraSpan;
 use crate::layers::norm::Norm;
 use crate::layers::positions::{SeqLayout, StepContext};
 use crate::weights::{HostTensor, TensorReader, WeightError, WeightSource};
@@ -71,6 +72,10 @@ impl<B: Backend> Embeddings<B> {
         Ok(self.weight.clone().select(0, index).reshape([batch, seq, self.hidden]))
     }
 
+    pub fn device(&self) -> B::Device {
+        self.weight.device()
+    }
+
     /// Applies what comes between the lookup and block 0 (BLOOM's LayerNorm).
     pub fn finish(&self, raw: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.norm {
@@ -92,6 +97,7 @@ pub struct BlockSpan<B: Backend> {
     config: ModelConfig,
     range: Range<usize>,
     blocks: Vec<Block<B>>,
+    device: B::Device,
 }
 
 impl<B: Backend> BlockSpan<B> {
@@ -125,6 +131,7 @@ impl<B: Backend> BlockSpan<B> {
             config: config.clone(),
             range,
             blocks,
+            device: device.clone(),
         })
     }
 
@@ -134,6 +141,10 @@ impl<B: Backend> BlockSpan<B> {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.device.clone()
     }
 
     /// A fresh KV cache for a session over this span.
@@ -167,8 +178,37 @@ impl<B: Backend> BlockSpan<B> {
         x: Tensor<B, 3>,
         cache: &mut SpanCache<B>,
         blocks: Range<usize>,
+        inspect: impl FnMut(usize, &Tensor<B, 3>),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.forward_blocks_prompted(x, cache, blocks, None, None, inspect)
+    }
+
+    /// [`Self::forward_blocks`] with deep prompts (Petals' `deep_ptune`): before block
+    /// `blocks.start + i`, `prompts[i]` is added to the hidden states of the row's first
+    /// `prefix_len` positions after its left padding (absolute positions
+    /// `pad[row] .. pad[row] + prefix_len`), whichever of them this step carries.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`
+    /// - `prompts`: `[blocks.len(), prefix_len, hidden]`
+    /// - returns `[batch, new, hidden]`
+    pub fn forward_blocks_prompted(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut SpanCache<B>,
+        blocks: Range<usize>,
+        prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
         mut inspect: impl FnMut(usize, &Tensor<B, 3>),
     ) -> Result<Tensor<B, 3>, ModelError> {
+        if let Some(l) = lora
+            && (l.range().start > blocks.start || l.range().end < blocks.end)
+        {
+            return Err(ModelError::Invalid(format!(
+                "the adapter covers blocks {:?}, not {blocks:?}",
+                l.range()
+            )));
+        }
         if blocks.start < self.range.start || blocks.end > self.range.end || blocks.is_empty() {
             return Err(ModelError::BadSpan {
                 start: blocks.start,
@@ -197,11 +237,28 @@ impl<B: Backend> BlockSpan<B> {
             past: cache.len,
             new,
         };
+        if let Some(p) = prompts {
+            let [n, _, ph] = p.dims();
+            if n != blocks.len() || ph != hidden {
+                return Err(ModelError::Shape {
+                    actual: p.dims().to_vec(),
+                    expected: format!("deep prompts [{}, prefix_len, {hidden}]", blocks.len()),
+                });
+            }
+        }
         let ctx = StepContext::new(&self.config, &layout, &x.device());
         let mut h = x;
         let local = blocks.start - self.range.start..blocks.end - self.range.start;
         for (i, (block, layer_cache)) in self.blocks[local].iter().zip(cache.layers.iter_mut()).enumerate() {
-            h = block.forward(h, &ctx, layer_cache);
+            if let Some(p) = prompts {
+                let [_, prefix, _] = p.dims();
+                let prompt = p.clone().narrow(0, i, 1).reshape([prefix, hidden]);
+                if let Some(delta) = crate::tuning::prefix_delta(prompt, &layout) {
+                    h = h + delta;
+                }
+            }
+            let block_lora = lora.and_then(|l| l.block(blocks.start + i));
+            h = block.forward_lora(h, &ctx, layer_cache, block_lora);
             inspect(blocks.start + i, &h);
         }
         cache.len += new;
@@ -224,12 +281,28 @@ impl<B: Backend> BlockSpan<B> {
         pad: Vec<usize>,
         blocks: Range<usize>,
     ) -> Result<Tensor<B, 3>, ModelError> {
+        self.forward_full_prompted(x, pad, blocks, None, None)
+    }
+
+    /// [`Self::forward_full_blocks`] with deep prompts (see [`Self::forward_blocks_prompted`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `prompts`: `[blocks.len(), prefix_len, hidden]`
+    /// - returns `[batch, seq, hidden]`
+    pub fn forward_full_prompted(
+        &self,
+        x: Tensor<B, 3>,
+        pad: Vec<usize>,
+        blocks: Range<usize>,
+        prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
         let mut cache = SpanCache {
             layers: (0..blocks.len()).map(|_| LayerCache::scratch()).collect(),
             pad,
             len: 0,
         };
-        self.forward_blocks(x, &mut cache, blocks, |_, _| {})
+        self.forward_blocks_prompted(x, &mut cache, blocks, prompts, lora, |_, _| {})
     }
 }
 

@@ -20,8 +20,14 @@ pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1")
 /// (request-response, CBOR).
 pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/1");
 
-/// Version of the message formats below; announced in the DHT.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the message formats below; announced in the DHT, and clients use only servers
+/// of their own version.
+///
+/// 2: deep prompts on span requests and session opens, prompt gradients on backward, LoRA
+/// adapters (`ServerInfo::adapters`, `Open::adapter`). The new fields are optional, so a
+/// version-1 message still decodes; the version keeps a 1 server, which would silently ignore
+/// them, out of a 2 client's routes.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +68,14 @@ pub enum SessionRequest {
         pad: Vec<u32>,
         /// How the server should encode its replies.
         reply_dtype: WireDtype,
+        /// Deep prompts of blocks `[start, end)`: `[end - start, prefix_len, hidden_size]`,
+        /// added to the first `prefix_len` positions after each row's padding before each
+        /// block (see `shared_model::tuning`).
+        #[serde(default)]
+        prompts: Option<WireTensor>,
+        /// A LoRA adapter this server announced, applied to every step of the session.
+        #[serde(default)]
+        adapter: Option<String>,
     },
     /// The next positions: `hidden` is `[batch, new, hidden_size]`.
     Step { step: u64, hidden: WireTensor },
@@ -95,6 +109,9 @@ pub enum SpanRequest {
         /// `[batch, seq, hidden_size]`
         hidden: WireTensor,
         reply_dtype: WireDtype,
+        /// Deep prompts of blocks `[start, end)`: `[end - start, prefix_len, hidden_size]`.
+        #[serde(default)]
+        prompts: Option<WireTensor>,
     },
     /// Gradient of a loss w.r.t. the span's input, given the gradient w.r.t. its output.
     Backward {
@@ -107,6 +124,10 @@ pub enum SpanRequest {
         /// `[batch, seq, hidden_size]`: d loss / d output.
         grad_output: WireTensor,
         reply_dtype: WireDtype,
+        /// Deep prompts as in `Forward`; their gradient comes back in
+        /// [`SpanResponse::Gradients`].
+        #[serde(default)]
+        prompts: Option<WireTensor>,
     },
 }
 
@@ -114,6 +135,11 @@ pub enum SpanRequest {
 pub enum SpanResponse {
     /// Forward: the output; backward: the gradient w.r.t. the input.
     Tensor(WireTensor),
+    /// Backward with deep prompts: gradients w.r.t. the input and the prompts.
+    Gradients {
+        input: WireTensor,
+        prompts: WireTensor,
+    },
     Error(ProtocolError),
 }
 
@@ -204,4 +230,7 @@ pub struct ServerInfo {
     /// (a browser facing a 176B model's head), on [`HEAD_PROTOCOL`].
     #[serde(default)]
     pub serves_head: bool,
+    /// LoRA adapters this server can apply (`server --adapters`), by name.
+    #[serde(default)]
+    pub adapters: Vec<String>,
 }

@@ -48,6 +48,10 @@ pub struct RemoteConfig {
     pub max_failovers: usize,
     pub limits: Limits,
     pub route_mode: RouteMode,
+    /// Deep prompts `[num_layers, prefix_len, hidden]` the servers add in every session.
+    pub deep_prompts: Option<HostTensor>,
+    /// Use only servers that announce this LoRA adapter, and have them apply it.
+    pub adapter: Option<String>,
 }
 
 struct ActiveHop {
@@ -67,7 +71,12 @@ pub struct RemoteChain {
     bans: HashMap<String, (Instant, u32)>,
     hops: Vec<ActiveHop>,
     spec: Option<SessionSpec>,
+    /// The last training forward: each hop's server, blocks and input (see [`train`]).
+    train: Vec<train::TrainHop>,
+    train_deep: Option<HostTensor>,
 }
+
+mod train;
 
 impl RemoteChain {
     pub fn new(client: Client, config: RemoteConfig) -> Self {
@@ -78,6 +87,8 @@ impl RemoteChain {
             bans: HashMap::new(),
             hops: Vec::new(),
             spec: None,
+            train: Vec::new(),
+            train_deep: None,
         }
     }
 
@@ -124,6 +135,11 @@ impl RemoteChain {
         let mut out = Vec::new();
         for s in &self.servers {
             if self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now) {
+                continue;
+            }
+            if let Some(adapter) = &self.config.adapter
+                && !s.adapters.contains(adapter)
+            {
                 continue;
             }
             let Ok(peer) = s.peer_id.parse::<PeerId>() else {
@@ -246,6 +262,8 @@ impl RemoteChain {
             dtype: self.config.dtype,
             timeout: self.config.step_timeout,
             limits: self.config.limits,
+            deep_prompts: self.config.deep_prompts.clone(),
+            adapter: self.config.adapter.clone(),
         });
         let (hops, _) = self.connect(0, self.config.num_layers, None).await?;
         self.hops = hops;

@@ -52,6 +52,10 @@ pub struct SessionSpec {
     pub dtype: WireDtype,
     pub timeout: Duration,
     pub limits: Limits,
+    /// Deep prompts of every block `[num_layers, prefix_len, hidden]`; each hop gets its rows.
+    pub deep_prompts: Option<HostTensor>,
+    /// The LoRA adapter every hop applies.
+    pub adapter: Option<String>,
 }
 
 impl HopSession {
@@ -86,6 +90,11 @@ impl HopSession {
             max_length: spec.max_length as u32,
             pad: spec.pad.iter().map(|&p| p as u32).collect(),
             reply_dtype: spec.dtype,
+            prompts: spec
+                .deep_prompts
+                .as_ref()
+                .map(|d| WireTensor::encode(&shared_model::tuning::deep_rows(d, start..end), WireDtype::F32)),
+            adapter: spec.adapter.clone(),
         };
         match session.exchange(&open).await? {
             SessionResponse::Opened { .. } => Ok(session),

@@ -601,6 +601,8 @@ mod tests {
                 max_length: 2048,
                 pad: vec![0, 5],
                 reply_dtype: WireDtype::Bf16,
+                prompts: Some(tensor(WireDtype::F32)),
+                adapter: Some("lora-a".into()),
             },
             SessionRequest::Step {
                 step: 42,
@@ -630,6 +632,7 @@ mod tests {
                 pad: vec![1, 0],
                 hidden: tensor(WireDtype::Bf16),
                 reply_dtype: WireDtype::F32,
+                prompts: None,
             },
             SpanRequest::Backward {
                 model: "m".into(),
@@ -639,6 +642,7 @@ mod tests {
                 hidden: tensor(WireDtype::F32),
                 grad_output: tensor(WireDtype::F16),
                 reply_dtype: WireDtype::F16,
+                prompts: Some(tensor(WireDtype::F32)),
             },
         ]
     }
@@ -656,6 +660,13 @@ mod tests {
         .map(|kind| SpanResponse::Error(ProtocolError::new(kind, format!("{kind:?} happened"))))
         .collect();
         errors.insert(0, SpanResponse::Tensor(tensor(WireDtype::F16)));
+        errors.insert(
+            1,
+            SpanResponse::Gradients {
+                input: tensor(WireDtype::F32),
+                prompts: tensor(WireDtype::F16),
+            },
+        );
         errors
     }
 

@@ -25,6 +25,8 @@ fn open(model: &str, batch: u32) -> SessionRequest {
         max_length: 32,
         pad: vec![0; batch as usize],
         reply_dtype: WireDtype::F32,
+        prompts: None,
+        adapter: None,
     }
 }
 
@@ -213,6 +215,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         pad: vec![0],
         hidden: hidden(vec![1, 2, 64]),
         reply_dtype: WireDtype::F32,
+        prompts: None,
     };
     match client.span_request(server, bad_span).await.expect("answer") {
         SpanResponse::Error(e) => assert_eq!(e.kind, ErrorKind::WrongSpan),
@@ -225,6 +228,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         pad: vec![0, 0, 0],
         hidden: hidden(vec![1, 2, 64]),
         reply_dtype: WireDtype::F32,
+        prompts: None,
     };
     match client.span_request(server, bad_pad).await.expect("answer") {
         SpanResponse::Error(e) => assert_eq!(e.kind, ErrorKind::BadRequest),
@@ -286,6 +290,7 @@ async fn stateless_forward_and_backward_match_local() {
                 hidden: WireTensor::encode(&x, WireDtype::F32),
                 grad_output: WireTensor::encode(&g, WireDtype::F32),
                 reply_dtype: WireDtype::F32,
+                prompts: None,
             }
         } else {
             SpanRequest::Forward {
@@ -295,12 +300,14 @@ async fn stateless_forward_and_backward_match_local() {
                 pad: pad.clone(),
                 hidden: WireTensor::encode(&x, WireDtype::F32),
                 reply_dtype: WireDtype::F32,
+                prompts: None,
             }
         }
     };
     let remote = |r: SpanResponse| match r {
         SpanResponse::Tensor(t) => t.decode(&Default::default()).expect("valid tensor"),
         SpanResponse::Error(e) => panic!("server refused: {e}"),
+        other => panic!("unexpected answer {other:?}"),
     };
     let forward = remote(client.span_request(server, request(false)).await.expect("answer"));
     let backward = remote(client.span_request(server, request(true)).await.expect("answer"));

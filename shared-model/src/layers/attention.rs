@@ -2,6 +2,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use super::linear::{Linear, LinearWeights};
+use super::lora::{BlockLora, add_delta};
 use super::positions::{StepContext, apply_rope};
 use crate::cache::LayerCache;
 use crate::config::AttentionConfig;
@@ -37,6 +38,17 @@ impl<B: Backend> Attention<B> {
     /// - cache holds `[batch, kv_heads, past, head_dim]` keys and values and grows by `new`
     /// - returns `[batch, new, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &StepContext<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+        self.forward_lora(x, ctx, cache, None)
+    }
+
+    /// [`Self::forward`] with LoRA updates of the q/k/v and output projections.
+    pub fn forward_lora(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &StepContext<B>,
+        cache: &mut LayerCache<B>,
+        lora: Option<&BlockLora<B>>,
+    ) -> Tensor<B, 3> {
         let AttentionConfig {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -45,7 +57,7 @@ impl<B: Backend> Attention<B> {
         } = self.config;
         let group = nh / nkv;
         let [b, t, _] = x.dims();
-        let qkv = self.qkv.forward(x);
+        let qkv = add_delta(self.qkv.forward(x.clone()), x, lora.and_then(|l| l.qkv.as_ref()));
         let q = qkv.clone().narrow(2, 0, nh * hd).reshape([b, t, nh, hd]);
         let k = qkv.clone().narrow(2, nh * hd, nkv * hd).reshape([b, t, nkv, hd]);
         let v = qkv.narrow(2, (nh + nkv) * hd, nkv * hd).reshape([b, t, nkv, hd]);
@@ -76,6 +88,6 @@ impl<B: Backend> Attention<B> {
             .reshape([b, nkv, group, t, hd])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, t, nh * hd]);
-        self.out.forward(y)
+        add_delta(self.out.forward(y.clone()), y, lora.and_then(|l| l.out.as_ref()))
     }
 }

@@ -1,6 +1,7 @@
 use burn::prelude::*;
 
 use super::attention::{Attention, AttentionWeights};
+use super::lora::BlockLora;
 use super::mlp::{Mlp, MlpWeights};
 use super::norm::{Norm, NormWeights};
 use super::positions::StepContext;
@@ -67,19 +68,34 @@ impl<B: Backend> Block<B> {
     /// - `x`: `[batch, new, hidden]`
     /// - returns `[batch, new, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, ctx: &StepContext<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+        self.forward_lora(x, ctx, cache, None)
+    }
+
+    /// [`Self::forward`] with a LoRA adapter's updates (see [`super::lora`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`
+    /// - returns `[batch, new, hidden]`
+    pub fn forward_lora(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &StepContext<B>,
+        cache: &mut LayerCache<B>,
+        lora: Option<&BlockLora<B>>,
+    ) -> Tensor<B, 3> {
         let attn_in = self.attn_norm.forward(x.clone());
         match &self.wiring {
             Wiring::Sequential { mlp_norm } => {
-                let h = x + self.attention.forward(attn_in, ctx, cache);
-                h.clone() + self.mlp.forward(mlp_norm.forward(h))
+                let h = x + self.attention.forward_lora(attn_in, ctx, cache, lora);
+                h.clone() + self.mlp.forward_lora(mlp_norm.forward(h), lora)
             }
             Wiring::Parallel { mlp_norm } => {
                 let mlp_in = match mlp_norm {
                     Some(norm) => norm.forward(x.clone()),
                     None => attn_in.clone(),
                 };
-                let attn = self.attention.forward(attn_in, ctx, cache);
-                self.mlp.forward(mlp_in) + attn + x
+                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora);
+                self.mlp.forward_lora(mlp_in, lora) + attn + x
             }
         }
     }

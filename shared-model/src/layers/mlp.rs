@@ -3,6 +3,7 @@ use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{gelu, silu, softmax};
 
 use super::linear::{Linear, LinearWeights};
+use super::lora::{BlockLora, LoraPair, add_delta_2d};
 use crate::config::Activation;
 use crate::weights::WeightError;
 
@@ -33,11 +34,17 @@ pub struct GatedMlp<B: Backend> {
 
 impl<B: Backend> GatedMlp<B> {
     fn forward_2d(&self, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
-        let gu = self.gate_up.forward_2d(x);
+        self.forward_2d_lora(x, act, None)
+    }
+
+    fn forward_2d_lora(&self, x: Tensor<B, 2>, act: Activation, lora: Option<&BlockLora<B>>) -> Tensor<B, 2> {
+        let pair = |f: fn(&BlockLora<B>) -> Option<&LoraPair<B>>| lora.and_then(f);
+        let gu = add_delta_2d(self.gate_up.forward_2d(x.clone()), x, pair(|l| l.gate_up.as_ref()));
         let inter = gu.dims()[1] / 2;
         let gate = gu.clone().narrow(1, 0, inter);
         let up = gu.narrow(1, inter, inter);
-        self.down.forward_2d(activate(gate, act) * up)
+        let h = activate(gate, act) * up;
+        add_delta_2d(self.down.forward_2d(h.clone()), h, pair(|l| l.down.as_ref()))
     }
 }
 
@@ -92,10 +99,16 @@ impl<B: Backend> Mlp<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - returns `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_lora(x, None)
+    }
+
+    /// [`Self::forward`] with LoRA updates of a gated MLP's projections (the loader refuses
+    /// adapters for other MLP kinds).
+    pub fn forward_lora(&self, x: Tensor<B, 3>, lora: Option<&BlockLora<B>>) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let x = x.reshape([b * t, d]);
         let y = match self {
-            Mlp::Gated { inner, act } => inner.forward_2d(x, *act),
+            Mlp::Gated { inner, act } => inner.forward_2d_lora(x, *act, lora),
             Mlp::Plain { up, down, act } => down.forward_2d(activate(up.forward_2d(x), *act)),
             Mlp::Moe {
                 router,

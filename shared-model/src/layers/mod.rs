@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod block;
 pub mod linear;
+pub mod lora;
 pub mod mlp;
 pub mod norm;
 pub mod positions;
