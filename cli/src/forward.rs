@@ -18,6 +18,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
         Job {
             files: &files,
             ids: &args.token_ids,
+            dtype: args.dtype,
         },
     )?;
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
@@ -36,6 +37,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
 struct Job<'a> {
     files: &'a ModelFiles,
     ids: &'a [u32],
+    dtype: crate::args::DtypeArg,
 }
 
 impl OnBackend for Job<'_> {
@@ -43,6 +45,7 @@ impl OnBackend for Job<'_> {
     type Output = Vec<(String, HostTensor)>;
 
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        self.dtype.precision().apply::<B>(&device)?;
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let ids = [self.ids.to_vec()];
         let x = model.embeddings.forward(&ids)?;

@@ -122,6 +122,7 @@ impl OnBackend for Job<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        self.args.dtype.precision().apply::<B>(&device)?;
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let mut blocks = LocalBlocks::new(&model.spans)?;
         emit(

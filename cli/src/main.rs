@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod args;
 mod backend;
+mod bench;
 mod demo;
 mod fetch;
 mod forward;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

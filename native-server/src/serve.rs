@@ -64,6 +64,8 @@ async fn serve<B: AutodiffBackend>(
 where
     B::Device: Send + Sync,
 {
+    // Before any tensor exists: burn fixes a device's float type at its first tensor.
+    config.dtype.apply::<B>(&device)?;
     let files =
         ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
     let num_layers = files.config.num_layers;

@@ -14,8 +14,10 @@ pub mod gguf;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod precision;
 pub mod quant;
 pub mod sampling;
+pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
 

@@ -117,6 +117,31 @@ impl QuantMatrix {
         })
     }
 
+    /// Quantizes a dense `[rows, cols]` matrix the way llama.cpp's reference quantizers do
+    /// (round to nearest; Q4_0 scales by the value of largest magnitude, Q4_1 by the range).
+    pub fn quantize(name: &str, kind: QuantKind, dense: &HostTensor) -> Result<Self, WeightError> {
+        let [rows, cols] = match dense.shape[..] {
+            [r, c] if c % BLOCK == 0 => [r, c],
+            _ => {
+                return Err(WeightError::Shape {
+                    name: name.to_string(),
+                    expected: vec![0, BLOCK],
+                    actual: dense.shape.clone(),
+                });
+            }
+        };
+        let bb = kind.block_bytes();
+        let mut data = vec![0u8; rows * cols / BLOCK * bb];
+        data.par_chunks_mut(bb * 1024)
+            .zip(dense.data.par_chunks(BLOCK * 1024))
+            .for_each(|(out, x)| {
+                for (blk, xb) in out.chunks_exact_mut(bb).zip(x.chunks_exact(BLOCK)) {
+                    quantize_block(kind, xb, blk);
+                }
+            });
+        Self::new(name, kind, rows, cols, data)
+    }
+
     pub fn dequantize(&self) -> Result<HostTensor, WeightError> {
         let data = dequantize_named("quantized weight", self.kind.ggml(), &self.data, self.rows * self.cols)?;
         Ok(HostTensor::new(vec![self.rows, self.cols], data))
@@ -149,6 +174,44 @@ impl QuantMatrix {
             });
         });
         out
+    }
+}
+
+fn quantize_block(kind: QuantKind, x: &[f32], out: &mut [u8]) {
+    let put_f16 = |out: &mut [u8], v: f32| out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    match kind {
+        QuantKind::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            for (q, v) in out[2..].iter_mut().zip(x) {
+                *q = (v * id).round() as i8 as u8;
+            }
+        }
+        QuantKind::Q4_0 => {
+            let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            let q = |v: f32| ((v * id + 8.5) as u8).min(15);
+            for j in 0..16 {
+                out[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+            }
+        }
+        QuantKind::Q4_1 => {
+            let (min, max) = x
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            put_f16(&mut out[2..4], min);
+            let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+            for j in 0..16 {
+                out[4 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+            }
+        }
     }
 }
 
@@ -340,6 +403,29 @@ mod tests {
                 simd::dot(kind, row, &x[..cols], &sums),
             );
             assert!((p - s).abs() <= 1e-4 * p.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn quantize_round_trips_within_a_step() {
+        let (rows, cols) = (3, 64);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let dense = HostTensor::new(vec![rows, cols], data.clone());
+        for (kind, levels) in [
+            (QuantKind::Q8_0, 254.0),
+            (QuantKind::Q4_0, 15.0),
+            (QuantKind::Q4_1, 15.0),
+        ] {
+            let q = QuantMatrix::quantize("w", kind, &dense).expect("quantizes");
+            let back = q.dequantize().expect("dequantizes");
+            for (blk, bblk) in data.chunks(BLOCK).zip(back.data.chunks(BLOCK)) {
+                let range = blk.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                for (a, b) in blk.iter().zip(bblk) {
+                    assert!((a - b).abs() <= range / levels, "{kind:?}: {a} vs {b}");
+                }
+            }
         }
     }
 
