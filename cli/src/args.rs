@@ -127,8 +127,8 @@ pub struct BenchArgs {
     /// Timed repetitions of each measurement.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
-    /// Untimed repetitions before each measurement (JIT compilation, autotuning, caches).
-    #[arg(long, default_value_t = 3)]
+    /// Untimed runs of each whole measurement before it is timed (JIT compilation, caches).
+    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Tokens of the whole-model greedy decode (0 skips it; shapes too big for one GPU skip it).
     #[arg(long, default_value_t = 64)]

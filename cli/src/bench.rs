@@ -189,7 +189,9 @@ fn filled_cache<B: Backend>(
 /// Mean time of one decode step of the span after `cached` tokens, and the warm-up's total.
 ///
 /// Each step waits for the device, as a server must before it replies. The cache grows by one
-/// token per step (warm-up included), as in a real session.
+/// token per step, as in a real session. The warm-up runs the same steps from the same cache
+/// length first: burn compiles kernels for each new cache length, once per process (and keeps
+/// them on disk), and a server meets each length once per process too.
 fn time_decode<B: Backend>(
     span: &BlockSpan<B>,
     config: &ModelConfig,
@@ -197,21 +199,22 @@ fn time_decode<B: Backend>(
     args: &BenchArgs,
     device: &B::Device,
 ) -> Result<(f64, f64)> {
-    let mut cache = filled_cache(span, config, cached, device);
     let x = random::<B, 3>([1, 1, config.hidden_size], device);
-    B::sync(device).ok();
-    let start = Instant::now();
+    let steps = |n: usize| -> Result<f64> {
+        let mut cache = filled_cache(span, config, cached, device);
+        B::sync(device).ok();
+        let start = Instant::now();
+        for _ in 0..n {
+            span.forward(x.clone(), &mut cache)?;
+            B::sync(device).ok();
+        }
+        Ok(ms(start))
+    };
+    let mut warmup = 0.0;
     for _ in 0..args.warmup {
-        span.forward(x.clone(), &mut cache)?;
-        B::sync(device).ok();
+        warmup += steps(args.iters)?;
     }
-    let warmup = ms(start);
-    let start = Instant::now();
-    for _ in 0..args.iters {
-        span.forward(x.clone(), &mut cache)?;
-        B::sync(device).ok();
-    }
-    Ok((ms(start) / args.iters as f64, warmup))
+    Ok((steps(args.iters)? / args.iters as f64, warmup))
 }
 
 /// Mean time of a prefill of `--prefill` tokens into an empty cache, and the warm-up's total.
@@ -271,8 +274,9 @@ fn time_model<B: Backend>(
         .context("generation failed")?;
         Ok(times)
     };
+    // The same generation twice: the first compiles the kernels for every sequence length.
     let start = Instant::now();
-    run(4.min(args.model_tokens))?;
+    run(args.model_tokens.max(2))?;
     let warmup_ms = ms(start);
     let times = run(args.model_tokens.max(2))?;
     let (first, last) = (times[0], times[times.len() - 1]);

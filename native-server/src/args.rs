@@ -35,7 +35,8 @@ pub struct ServerArgs {
     /// Blocks to serve, as START:END (END exclusive).
     #[arg(long, conflicts_with = "num_blocks")]
     pub blocks: Option<String>,
-    /// Serve this many blocks, placed where the swarm has the least throughput.
+    /// Serve this many blocks, placed where the swarm has the least throughput. On a GPU,
+    /// without this or --blocks: as many blocks as its memory holds (weights + KV cache).
     #[arg(long)]
     pub num_blocks: Option<usize>,
     /// Relays / DHT bootstrap peers (each ending in /p2p/<peer id>).
@@ -104,8 +105,8 @@ impl ServerArgs {
             }
             None => None,
         };
-        if blocks.is_none() && self.num_blocks.is_none() {
-            bail!("give --blocks START:END or --num-blocks N");
+        if blocks.is_none() && self.num_blocks.is_none() && self.backend == BackendKind::Cpu {
+            bail!("give --blocks START:END or --num-blocks N (GPU servers can fill their memory instead)");
         }
         if self.num_blocks == Some(0) {
             bail!("--num-blocks must be at least 1");

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod model;

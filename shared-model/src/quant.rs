@@ -142,6 +142,40 @@ impl QuantMatrix {
         Self::new(name, kind, rows, cols, data)
     }
 
+    /// The matrix repacked for GPU kernels, which read whole 32-bit words: `(words, scales,
+    /// mins)`. Q8_0 packs 4 signed bytes a word (element `e` of a word in bits `8e..8e+8`),
+    /// Q4_0/Q4_1 8 nibbles (element `e` in bits `4e..4e+4`), blocks in order; scales and
+    /// Q4_1's minimums are one f32 per block.
+    pub fn gpu_parts(&self) -> (Vec<i32>, Vec<f32>, Option<Vec<f32>>) {
+        let blocks = self.rows * self.cols / BLOCK;
+        let per_word = if self.kind == QuantKind::Q8_0 { 4 } else { 8 };
+        let mut words = vec![0i32; blocks * BLOCK / per_word];
+        let mut scales = vec![0f32; blocks];
+        let mut mins = (self.kind == QuantKind::Q4_1).then(|| vec![0f32; blocks]);
+        for (b, blk) in self.data.chunks_exact(self.kind.block_bytes()).enumerate() {
+            scales[b] = f16(blk);
+            let values: [u8; BLOCK] = match self.kind {
+                QuantKind::Q8_0 => std::array::from_fn(|e| blk[2 + e]),
+                QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                    let qs = if self.kind == QuantKind::Q4_0 {
+                        &blk[2..18]
+                    } else {
+                        &blk[4..20]
+                    };
+                    std::array::from_fn(|e| if e < 16 { qs[e] & 15 } else { qs[e - 16] >> 4 })
+                }
+            };
+            if let Some(m) = mins.as_mut() {
+                m[b] = f16(&blk[2..]);
+            }
+            let bits = 32 / per_word;
+            for (e, &v) in values.iter().enumerate() {
+                words[(b * BLOCK + e) / per_word] |= ((v as u32) << (bits * (e % per_word))) as i32;
+            }
+        }
+        (words, scales, mins)
+    }
+
     pub fn dequantize(&self) -> Result<HostTensor, WeightError> {
         let data = dequantize_named("quantized weight", self.kind.ggml(), &self.data, self.rows * self.cols)?;
         Ok(HostTensor::new(vec![self.rows, self.cols], data))
@@ -403,6 +437,31 @@ mod tests {
                 simd::dot(kind, row, &x[..cols], &sums),
             );
             assert!((p - s).abs() <= 1e-4 * p.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn gpu_parts_unpack_to_the_dequantized_matrix() {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+            let q = matrix(kind, 3, 64);
+            let dense = q.dequantize().expect("dequantizes");
+            let (words, scales, mins) = q.gpu_parts();
+            let per_word = if kind == QuantKind::Q8_0 { 4 } else { 8 };
+            for (i, &want) in dense.data.iter().enumerate() {
+                let (word, e, b) = (words[i / per_word], (i % per_word) as u32, i / BLOCK);
+                // The kernels' expansion (cube.rs).
+                let got = match kind {
+                    QuantKind::Q8_0 => ((word << (24 - 8 * e)) >> 24) as f32 * scales[b],
+                    QuantKind::Q4_0 => (((word >> (4 * e)) & 15) as f32 - 8.0) * scales[b],
+                    QuantKind::Q4_1 => {
+                        ((word >> (4 * e)) & 15) as f32 * scales[b] + mins.as_ref().expect("Q4_1 mins")[b]
+                    }
+                };
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{kind:?} {i}: {got} vs {want}"
+                );
+            }
         }
     }
 
