@@ -69,6 +69,16 @@ pub enum QuantArg {
 }
 
 impl QuantArg {
+    /// Wraps the model's weights so that its projections are quantized as they load.
+    pub fn apply(self, files: &mut shared_model::loader::ModelFiles) {
+        if let Some(kind) = self.kind() {
+            files.weights = std::sync::Arc::new(shared_model::synthetic::QuantizeOnLoad::new(
+                files.weights.clone(),
+                kind,
+            ));
+        }
+    }
+
     pub fn kind(self) -> Option<shared_model::quant::QuantKind> {
         use shared_model::quant::QuantKind;
         match self {
@@ -191,6 +201,9 @@ pub struct GenerateArgs {
     /// Element type of the local computation.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Quantize the projections on load (a checkpoint's own quantized tensors stay as stored).
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
     /// Run the blocks in the swarm reached through these relays / peers (each ending in
     /// /p2p/<peer id>); without them everything runs locally.
     #[arg(long, num_args = 1..)]
@@ -232,6 +245,9 @@ pub struct ForwardArgs {
     /// Element type of the computation (outputs are written as f32 either way).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Quantize the projections on load (a checkpoint's own quantized tensors stay as stored).
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
 }
 
 #[derive(Debug, Args)]

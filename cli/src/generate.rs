@@ -12,7 +12,9 @@ use crate::args::GenerateArgs;
 use crate::backend::{OnBackend, dispatch};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let mut files =
+        ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    args.quant.apply(&mut files);
     let prompt_ids = prompt_ids(&files, &args)?;
     check_prompt(&files, &prompt_ids, args.max_new_tokens)?;
     let sampling = SamplingParams {

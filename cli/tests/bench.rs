@@ -72,20 +72,27 @@ fn bench_tiny_reports_decode_prefill_and_model_figures() {
 
 /// Largest |a - b| relative to the largest |b|, over row 1 of the golden batch.
 fn forward_error(family: &str, dtype: &str, dir: &std::path::Path) -> f32 {
+    forward_error_with(family, &["--dtype", dtype], dir)
+}
+
+fn forward_error_with(family: &str, extra: &[&str], dir: &std::path::Path) -> f32 {
+    let dtype = extra.join("");
     let golden = std::fs::read(fixture(family).join("golden.safetensors")).expect("golden");
     let ids = &id_rows(&golden, "input_ids")[1];
     let out_path = dir.join(format!("{family}-{dtype}.safetensors"));
-    let out = corolla(&[
+    let model = fixture(family);
+    let ids = ids_arg(ids);
+    let mut args = vec![
         "forward",
         "--model",
-        fixture(family).to_str().expect("utf-8"),
+        model.to_str().expect("utf-8"),
         "--token-ids",
-        &ids_arg(ids),
+        &ids,
         "--out",
         out_path.to_str().expect("utf-8"),
-        "--dtype",
-        dtype,
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = corolla(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let written = std::fs::read(&out_path).expect("output written");
     let mut names = vec!["logits".to_string()];
@@ -117,5 +124,19 @@ fn half_precision_forward_stays_within_its_tolerance() {
         // four blocks and the head. A run in f32 by mistake would be ~1e-6 here.
         assert!(bf16 < 5e-2 && bf16 > 1e-4, "{family}: bf16 error {bf16:e}");
         assert!(f16 < 1e-2 && f16 > 1e-5, "{family}: f16 error {f16:e}");
+    }
+}
+
+#[test]
+fn quantize_on_load_stays_near_the_dense_model() {
+    let dir = std::env::temp_dir().join(format!("corolla-quant-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for family in ["llama", "qwen2", "bloom"] {
+        let int8 = forward_error_with(family, &["--quant", "int8"], &dir);
+        let q4 = forward_error_with(family, &["--quant", "q4"], &dir);
+        eprintln!("{family}: int8 {int8:.2e} q4 {q4:.2e}");
+        // Quantized, so not the golden values; still the same model.
+        assert!(int8 > 1e-5 && int8 < 5e-2, "{family}: int8 error {int8:e}");
+        assert!(q4 > int8 && q4 < 0.5, "{family}: q4 error {q4:e} (int8 {int8:e})");
     }
 }
