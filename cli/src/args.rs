@@ -25,6 +25,8 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Prompt-tune the model (its weights stay frozen), locally or through the swarm.
     Train(crate::train::TrainArgs),
+    /// Time blocks (decode, prefill) and whole-model decode of a model shape with random weights.
+    Bench(BenchArgs),
 }
 
 /// Compute backend for the blocks, embeddings and head.
@@ -36,6 +38,116 @@ pub enum BackendKind {
     Cuda,
     /// WebGPU/Vulkan/Metal through burn-wgpu (build with `--features wgpu`).
     Wgpu,
+}
+
+/// Element type the model computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn precision(self) -> shared_model::precision::Precision {
+        use shared_model::precision::Precision;
+        match self {
+            Self::F32 => Precision::F32,
+            Self::F16 => Precision::F16,
+            Self::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// Quantize projections on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantArg {
+    /// Keep the checkpoint's own types.
+    None,
+    /// GGUF Q8_0 blocks (8-bit, one f16 scale per 32 weights).
+    Int8,
+    /// GGUF Q4_0 blocks (4-bit, one f16 scale per 32 weights).
+    Q4,
+}
+
+impl QuantArg {
+    /// Wraps the model's weights so that its projections are quantized as they load.
+    pub fn apply(self, files: &mut shared_model::loader::ModelFiles) {
+        if let Some(kind) = self.kind() {
+            files.weights = std::sync::Arc::new(shared_model::synthetic::QuantizeOnLoad::new(
+                files.weights.clone(),
+                kind,
+            ));
+        }
+    }
+
+    pub fn kind(self) -> Option<shared_model::quant::QuantKind> {
+        use shared_model::quant::QuantKind;
+        match self {
+            Self::None => None,
+            Self::Int8 => Some(QuantKind::Q8_0),
+            Self::Q4 => Some(QuantKind::Q4_0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShapeArg {
+    Tiny,
+    #[value(name = "llama-8b")]
+    Llama8b,
+    #[value(name = "llama-70b")]
+    Llama70b,
+    #[value(name = "bloom-176b")]
+    Bloom176b,
+}
+
+impl ShapeArg {
+    pub fn shape(self) -> shared_model::synthetic::Shape {
+        use shared_model::synthetic::Shape;
+        match self {
+            Self::Tiny => Shape::Tiny,
+            Self::Llama8b => Shape::Llama8b,
+            Self::Llama70b => Shape::Llama70b,
+            Self::Bloom176b => Shape::Bloom176b,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    #[arg(long, value_enum)]
+    pub shape: ShapeArg,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
+    /// Print one JSON object a line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Blocks in the span timed for the per-block figures.
+    #[arg(long, default_value_t = 1)]
+    pub blocks: usize,
+    /// Cached tokens before the timed decode steps (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+    pub cached: Vec<usize>,
+    /// Tokens of the timed prefill (0 skips it).
+    #[arg(long, default_value_t = 2048)]
+    pub prefill: usize,
+    /// Timed repetitions of each measurement.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed runs of each whole measurement before it is timed (JIT compilation, caches).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Tokens of the whole-model greedy decode (0 skips it; shapes too big for one GPU skip it).
+    #[arg(long, default_value_t = 64)]
+    pub model_tokens: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +200,12 @@ pub struct GenerateArgs {
     pub json: bool,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    /// Element type of the local computation.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Quantize the projections on load (a checkpoint's own quantized tensors stay as stored).
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
     /// Run the blocks in the swarm reached through these relays / peers (each ending in
     /// /p2p/<peer id>); without them everything runs locally.
     #[arg(long, num_args = 1..)]
@@ -133,6 +251,12 @@ pub struct ForwardArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
+    /// Element type of the computation (outputs are written as f32 either way).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Quantize the projections on load (a checkpoint's own quantized tensors stay as stored).
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
 }
 
 #[derive(Debug, Args)]

@@ -19,6 +19,7 @@ pub fn dispatch<W: OnBackend>(kind: BackendKind, work: W) -> Result<W::Output> {
 
 #[cfg(feature = "cuda")]
 fn cuda<W: OnBackend>(work: W) -> Result<W::Output> {
+    shared_model::kernels::cache_compiled_kernels(&crate::fetch::cache_dir(None).join("kernels"));
     work.run::<burn::backend::Cuda>(Default::default())
 }
 

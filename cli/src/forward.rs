@@ -11,13 +11,16 @@ use crate::backend::{OnBackend, dispatch};
 use crate::generate::check_prompt;
 
 pub fn run(args: ForwardArgs) -> Result<()> {
-    let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let mut files =
+        ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    args.quant.apply(&mut files);
     check_prompt(&files, &args.token_ids, 0)?;
     let tensors = dispatch(
         args.backend,
         Job {
             files: &files,
             ids: &args.token_ids,
+            dtype: args.dtype,
         },
     )?;
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
@@ -36,6 +39,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
 struct Job<'a> {
     files: &'a ModelFiles,
     ids: &'a [u32],
+    dtype: crate::args::DtypeArg,
 }
 
 impl OnBackend for Job<'_> {
@@ -43,6 +47,7 @@ impl OnBackend for Job<'_> {
     type Output = Vec<(String, HostTensor)>;
 
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output> {
+        self.dtype.precision().apply::<B>(&device)?;
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let ids = [self.ids.to_vec()];
         let x = model.embeddings.forward(&ids)?;

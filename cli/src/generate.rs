@@ -16,7 +16,9 @@ use crate::args::GenerateArgs;
 use crate::backend::{OnBackend, dispatch};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let mut files =
+        ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    args.quant.apply(&mut files);
     let prompt_ids = prompt_ids(&files, &args)?;
     check_prompt(&files, &prompt_ids, args.max_new_tokens)?;
     let sampling = SamplingParams {
@@ -153,6 +155,7 @@ impl OnBackend for Job<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        self.args.dtype.precision().apply::<B>(&device)?;
         let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
         let mut blocks = LocalBlocks::new(&model.spans)?;
         if let Some(deep) = self.prompts.as_ref().and_then(|p| p.deep.as_ref()) {

@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod args;
 mod backend;
+mod bench;
 mod demo;
 mod demo_swarm;
 mod fetch;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Train(args) => train::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use libp2p::Multiaddr;
+use shared_model::precision::Precision;
 
 /// Compute backend of the blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -13,7 +14,7 @@ pub enum BackendKind {
     Wgpu,
 }
 
-/// Weight and compute precision.
+/// Weight, activation and KV-cache precision (f16/bf16 halve the memory of each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -34,7 +35,8 @@ pub struct ServerArgs {
     /// Blocks to serve, as START:END (END exclusive).
     #[arg(long, conflicts_with = "num_blocks")]
     pub blocks: Option<String>,
-    /// Serve this many blocks, placed where the swarm has the least throughput.
+    /// Serve this many blocks, placed where the swarm has the least throughput. On a GPU,
+    /// without this or --blocks: as many blocks as its memory holds (weights + KV cache).
     #[arg(long)]
     pub num_blocks: Option<usize>,
     /// Relays / DHT bootstrap peers (each ending in /p2p/<peer id>).
@@ -90,6 +92,7 @@ pub struct ServerConfig {
     pub initial_peers: Vec<Multiaddr>,
     pub listen: Vec<Multiaddr>,
     pub backend: BackendKind,
+    pub dtype: Precision,
     pub identity: Option<PathBuf>,
     pub public_name: Option<String>,
     pub max_sessions: usize,
@@ -116,14 +119,11 @@ impl ServerArgs {
             }
             None => None,
         };
-        if blocks.is_none() && self.num_blocks.is_none() {
-            bail!("give --blocks START:END or --num-blocks N");
+        if blocks.is_none() && self.num_blocks.is_none() && self.backend == BackendKind::Cpu {
+            bail!("give --blocks START:END or --num-blocks N (GPU servers can fill their memory instead)");
         }
         if self.num_blocks == Some(0) {
             bail!("--num-blocks must be at least 1");
-        }
-        if self.dtype != DtypeArg::F32 {
-            bail!("--dtype {:?} is not supported yet on this build: only f32", self.dtype);
         }
         if self.max_sessions == 0 || self.cache_tokens == 0 || self.announce_ttl < 3 {
             bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
@@ -145,6 +145,11 @@ impl ServerArgs {
             initial_peers: self.initial_peers,
             listen,
             backend: self.backend,
+            dtype: match self.dtype {
+                DtypeArg::F32 => Precision::F32,
+                DtypeArg::F16 => Precision::F16,
+                DtypeArg::Bf16 => Precision::Bf16,
+            },
             identity: self.identity,
             public_name: self.public_name,
             max_sessions: self.max_sessions,

@@ -35,6 +35,8 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         BackendKind::Cpu => serve::<Autodiff<shared_model::Cpu>>(config, Default::default(), shutdown).await,
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
+            shared_model::kernels::cache_compiled_kernels(&kernel_cache_dir());
+            #[cfg(feature = "cuda")]
             return serve::<Autodiff<burn::backend::Cuda>>(config, Default::default(), shutdown).await;
             #[cfg(not(feature = "cuda"))]
             bail!("this server was built without CUDA support (rebuild with `--features cuda`)")
@@ -46,6 +48,18 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
             bail!("this server was built without wgpu support (rebuild with `--features wgpu`)")
         }
     }
+}
+
+/// `$COROLLA_CACHE/kernels`, else under `$XDG_CACHE_HOME` or `~/.cache` (as the CLI's cache).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn kernel_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    std::env::var_os("COROLLA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("corolla")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/corolla")))
+        .unwrap_or_else(|| PathBuf::from(".cache/corolla"))
+        .join("kernels")
 }
 
 /// What every session task shares.
@@ -83,6 +97,8 @@ async fn serve<B: AutodiffBackend>(
 where
     B::Device: Send + Sync,
 {
+    // Before any tensor exists: burn fixes a device's float type at its first tensor.
+    config.dtype.apply::<B>(&device)?;
     let files =
         ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
     let num_layers = files.config.num_layers;
@@ -111,7 +127,11 @@ where
     tokio::spawn(event_loop.run());
     let peer_id = client.peer_id();
 
-    let (start, end) = match (config.blocks, config.num_blocks) {
+    let num_blocks = match (config.blocks, config.num_blocks) {
+        (None, None) => Some(fill_memory::<B>(&files.config, &config, &device)?),
+        (_, n) => n,
+    };
+    let (start, end) = match (config.blocks, num_blocks) {
         (Some((a, b)), _) => (a, b),
         (None, Some(n)) => {
             // Let the DHT settle before reading it: the bootstrap connection is fresh.
@@ -333,6 +353,32 @@ fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
     std::fs::write(&tmp, format!("{text}\n")).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// `--num-blocks` when neither it nor `--blocks` is given: as many blocks as the GPU holds,
+/// each with its weights and a KV cache of `--cache-tokens` tokens.
+fn fill_memory<B: Backend>(
+    model: &shared_model::ModelConfig,
+    config: &ServerConfig,
+    device: &B::Device,
+) -> Result<usize> {
+    let total = shared_model::kernels::gpu_memory_bytes::<B>(device)
+        .context("give --blocks or --num-blocks: this backend does not report its memory (only CUDA does)")?;
+    let elem = config.dtype.bytes();
+    let (blocks, reserve) = span_choice::blocks_for_memory(model, elem, config.cache_tokens, total);
+    let a = model.attention;
+    tracing::info!(
+        blocks,
+        gpu_gib = total as f64 / (1u64 << 30) as f64,
+        reserve_gib = reserve as f64 / (1u64 << 30) as f64,
+        block_weights_mib = (span_choice::block_params(model) * elem) as f64 / (1u64 << 20) as f64,
+        kv_cache_mib_per_block =
+            (2 * a.num_kv_heads * a.head_dim * config.cache_tokens * elem) as f64 / (1u64 << 20) as f64,
+        cache_tokens = config.cache_tokens,
+        dtype = config.dtype.name(),
+        "no --blocks or --num-blocks: serving as many blocks as fit the GPU (weights + KV cache, minus a reserve)"
+    );
+    Ok(blocks)
 }
 
 /// Decode tokens per second of the whole span at batch 1, after a short prefill.

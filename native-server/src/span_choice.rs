@@ -1,6 +1,47 @@
 //! Where a server without `--blocks` should sit: Petals' rule, cover the weakest blocks first.
 
+use shared_model::ModelConfig;
+use shared_model::config::{MlpKind, NormKind};
 use swarm::protocol::ServerInfo;
+
+/// Weights of one block, in elements (projections, biases and norms).
+pub fn block_params(config: &ModelConfig) -> usize {
+    let d = config.hidden_size;
+    let a = config.attention;
+    let q_out = a.num_heads * a.head_dim;
+    let qkv = config.qkv_width();
+    let attention = qkv * d + q_out * d + if a.qkv_bias { qkv } else { 0 } + if a.out_bias { d } else { 0 };
+    let mlp = match config.mlp {
+        MlpKind::Gated {
+            intermediate: i, bias, ..
+        } => 3 * d * i + if bias { 2 * i + d } else { 0 },
+        MlpKind::Plain {
+            intermediate: i, bias, ..
+        } => 2 * d * i + if bias { i + d } else { 0 },
+        MlpKind::Moe {
+            experts,
+            intermediate: i,
+            ..
+        } => experts * 3 * d * i + experts * d,
+    };
+    let norm = match config.norm {
+        NormKind::Rms { .. } => d,
+        NormKind::Layer { .. } => 2 * d,
+    };
+    attention + mlp + 2 * norm
+}
+
+/// How many blocks fit a GPU of `total` bytes: each block needs its weights plus the KV cache
+/// of `cache_tokens` tokens; `reserve` stays free for activations and kernel workspaces.
+///
+/// Returns (blocks, reserve in bytes).
+pub fn blocks_for_memory(config: &ModelConfig, elem_bytes: usize, cache_tokens: usize, total: u64) -> (usize, u64) {
+    let reserve = (total / 10).max(2 << 30);
+    let a = config.attention;
+    let per_block = (block_params(config) + 2 * a.num_kv_heads * a.head_dim * cache_tokens) * elem_bytes;
+    let fit = total.saturating_sub(reserve) / per_block.max(1) as u64;
+    ((fit as usize).clamp(1, config.num_layers), reserve)
+}
 
 /// Per-block served throughput (tokens/s summed over the servers hosting each block).
 pub fn block_throughputs(num_layers: usize, servers: &[ServerInfo]) -> Vec<f64> {
@@ -35,6 +76,20 @@ pub fn choose_start(throughputs: &[f64], len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fills_memory_with_weights_and_cache() {
+        let config = shared_model::synthetic::Shape::Llama70b.config().expect("config");
+        // Llama-70B blocks hold 855.6 M parameters (1.71 GB in bf16).
+        assert_eq!(block_params(&config), 855_654_400);
+        // 80 GB, bf16, 64 Ki cache tokens (256 MiB a block): (80 - 8) GB / 1.98 GB = 36 blocks.
+        let (n, reserve) = blocks_for_memory(&config, 2, 65536, 80_000_000_000);
+        assert_eq!(reserve, 8_000_000_000);
+        assert_eq!(n, 36);
+        // Never fewer than one block, never more than the model has.
+        assert_eq!(blocks_for_memory(&config, 2, 65536, 1 << 30).0, 1);
+        assert_eq!(blocks_for_memory(&config, 2, 1, u64::MAX / 2).0, 80);
+    }
 
     #[test]
     fn picks_the_uncovered_blocks() {

@@ -122,6 +122,65 @@ impl QuantMatrix {
         })
     }
 
+    /// Quantizes a dense `[rows, cols]` matrix the way llama.cpp's reference quantizers do
+    /// (round to nearest; Q4_0 scales by the value of largest magnitude, Q4_1 by the range).
+    pub fn quantize(name: &str, kind: QuantKind, dense: &HostTensor) -> Result<Self, WeightError> {
+        let [rows, cols] = match dense.shape[..] {
+            [r, c] if c % BLOCK == 0 => [r, c],
+            _ => {
+                return Err(WeightError::Shape {
+                    name: name.to_string(),
+                    expected: vec![0, BLOCK],
+                    actual: dense.shape.clone(),
+                });
+            }
+        };
+        let bb = kind.block_bytes();
+        let mut data = vec![0u8; rows * cols / BLOCK * bb];
+        data.par_chunks_mut(bb * 1024)
+            .zip(dense.data.par_chunks(BLOCK * 1024))
+            .for_each(|(out, x)| {
+                for (blk, xb) in out.chunks_exact_mut(bb).zip(x.chunks_exact(BLOCK)) {
+                    quantize_block(kind, xb, blk);
+                }
+            });
+        Self::new(name, kind, rows, cols, data)
+    }
+
+    /// The matrix repacked for GPU kernels, which read whole 32-bit words: `(words, scales,
+    /// mins)`. Q8_0 packs 4 signed bytes a word (element `e` of a word in bits `8e..8e+8`),
+    /// Q4_0/Q4_1 8 nibbles (element `e` in bits `4e..4e+4`), blocks in order; scales and
+    /// Q4_1's minimums are one f32 per block.
+    pub fn gpu_parts(&self) -> (Vec<i32>, Vec<f32>, Option<Vec<f32>>) {
+        let blocks = self.rows * self.cols / BLOCK;
+        let per_word = if self.kind == QuantKind::Q8_0 { 4 } else { 8 };
+        let mut words = vec![0i32; blocks * BLOCK / per_word];
+        let mut scales = vec![0f32; blocks];
+        let mut mins = (self.kind == QuantKind::Q4_1).then(|| vec![0f32; blocks]);
+        for (b, blk) in self.data.chunks_exact(self.kind.block_bytes()).enumerate() {
+            scales[b] = f16(blk);
+            let values: [u8; BLOCK] = match self.kind {
+                QuantKind::Q8_0 => std::array::from_fn(|e| blk[2 + e]),
+                QuantKind::Q4_0 | QuantKind::Q4_1 => {
+                    let qs = if self.kind == QuantKind::Q4_0 {
+                        &blk[2..18]
+                    } else {
+                        &blk[4..20]
+                    };
+                    std::array::from_fn(|e| if e < 16 { qs[e] & 15 } else { qs[e - 16] >> 4 })
+                }
+            };
+            if let Some(m) = mins.as_mut() {
+                m[b] = f16(&blk[2..]);
+            }
+            let bits = 32 / per_word;
+            for (e, &v) in values.iter().enumerate() {
+                words[(b * BLOCK + e) / per_word] |= ((v as u32) << (bits * (e % per_word))) as i32;
+            }
+        }
+        (words, scales, mins)
+    }
+
     pub fn dequantize(&self) -> Result<HostTensor, WeightError> {
         let data = dequantize_named("quantized weight", self.kind.ggml(), &self.data, self.rows * self.cols)?;
         Ok(HostTensor::new(vec![self.rows, self.cols], data))
@@ -154,6 +213,44 @@ impl QuantMatrix {
             });
         });
         out
+    }
+}
+
+fn quantize_block(kind: QuantKind, x: &[f32], out: &mut [u8]) {
+    let put_f16 = |out: &mut [u8], v: f32| out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    match kind {
+        QuantKind::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            for (q, v) in out[2..].iter_mut().zip(x) {
+                *q = (v * id).round() as i8 as u8;
+            }
+        }
+        QuantKind::Q4_0 => {
+            let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            let q = |v: f32| ((v * id + 8.5) as u8).min(15);
+            for j in 0..16 {
+                out[2 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+            }
+        }
+        QuantKind::Q4_1 => {
+            let (min, max) = x
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            put_f16(&mut out[..2], d);
+            put_f16(&mut out[2..4], min);
+            let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+            for j in 0..16 {
+                out[4 + j] = q(x[j]) | (q(x[j + 16]) << 4);
+            }
+        }
     }
 }
 
@@ -345,6 +442,54 @@ mod tests {
                 simd::dot(kind, row, &x[..cols], &sums),
             );
             assert!((p - s).abs() <= 1e-4 * p.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn gpu_parts_unpack_to_the_dequantized_matrix() {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0, QuantKind::Q4_1] {
+            let q = matrix(kind, 3, 64);
+            let dense = q.dequantize().expect("dequantizes");
+            let (words, scales, mins) = q.gpu_parts();
+            let per_word = if kind == QuantKind::Q8_0 { 4 } else { 8 };
+            for (i, &want) in dense.data.iter().enumerate() {
+                let (word, e, b) = (words[i / per_word], (i % per_word) as u32, i / BLOCK);
+                // The kernels' expansion (cube.rs).
+                let got = match kind {
+                    QuantKind::Q8_0 => ((word << (24 - 8 * e)) >> 24) as f32 * scales[b],
+                    QuantKind::Q4_0 => (((word >> (4 * e)) & 15) as f32 - 8.0) * scales[b],
+                    QuantKind::Q4_1 => {
+                        ((word >> (4 * e)) & 15) as f32 * scales[b] + mins.as_ref().expect("Q4_1 mins")[b]
+                    }
+                };
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{kind:?} {i}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_round_trips_within_a_step() {
+        let (rows, cols) = (3, 64);
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let dense = HostTensor::new(vec![rows, cols], data.clone());
+        for (kind, levels) in [
+            (QuantKind::Q8_0, 254.0),
+            (QuantKind::Q4_0, 15.0),
+            (QuantKind::Q4_1, 15.0),
+        ] {
+            let q = QuantMatrix::quantize("w", kind, &dense).expect("quantizes");
+            let back = q.dequantize().expect("dequantizes");
+            for (blk, bblk) in data.chunks(BLOCK).zip(back.data.chunks(BLOCK)) {
+                let range = blk.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                for (a, b) in blk.iter().zip(bblk) {
+                    assert!((a - b).abs() <= range / levels, "{kind:?}: {a} vs {b}");
+                }
+            }
         }
     }
 

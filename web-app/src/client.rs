@@ -168,6 +168,8 @@ impl Chat {
             max_failovers: 4,
             limits: Limits::default(),
             route_mode: RouteMode::MinLatency,
+            deep_prompts: None,
+            adapter: None,
         };
         Self {
             chain: RemoteChain::new(client.clone(), config),

@@ -66,6 +66,12 @@ impl<B: Backend> Attention<B> {
             None => (q, k),
         };
         let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2));
+        if ctx.mask.is_none()
+            && ctx.alibi.is_none()
+            && let Some(y) = crate::kernels::decode_attention(&q, &k, &v)
+        {
+            return self.out.forward(y);
+        }
         let s = k.dims()[2];
 
         // Query heads sharing a KV head are stacked along the sequence axis, so GQA needs no

@@ -20,10 +20,13 @@ impl LinearWeights {
 
 #[derive(Debug, Clone)]
 enum Weight<B: Backend> {
-    /// `[in, out]`, multiplied by burn.
+    /// PyTorch's `[out, in]`: one row per output, the layout a matrix-vector kernel streams;
+    /// burn multiplies by its transpose (a view) without a copy.
     Dense(Tensor<B, 2>),
     /// Blocks multiplied on the host (see [`crate::quant`]).
     Quant(Arc<QuantMatrix>),
+    /// Blocks kept on the GPU and expanded inside its kernels (CUDA).
+    GpuQuant(crate::kernels::GpuQuant<B>),
 }
 
 /// A projection `y = x W + b`: dense (burn matmul) or with quantized weights.
@@ -43,8 +46,11 @@ impl<B: Backend> Linear<B> {
         let bias = bias.map(|b| Tensor::from_data(TensorData::new(b.data.clone(), [b.numel()]), device));
         let out = weight.shape()[0];
         let weight = match weight {
-            WeightData::Quant(q) if !B::ad_enabled(device) => Weight::Quant(Arc::new(q.clone())),
-            other => Weight::Dense(transposed(&other.to_dense()?, device)),
+            WeightData::Quant(q) if !B::ad_enabled(device) => match crate::kernels::GpuQuant::new(q, device) {
+                Some(g) => Weight::GpuQuant(g),
+                None => Weight::Quant(Arc::new(q.clone())),
+            },
+            other => Weight::Dense(to_device(&other.to_dense()?, device)),
         };
         Ok(Self { weight, out, bias })
     }
@@ -52,7 +58,7 @@ impl<B: Backend> Linear<B> {
     /// From a PyTorch-layout dense weight `[out, in]` and optional bias `[out]`.
     pub fn from_torch(weight: &HostTensor, bias: Option<&HostTensor>, device: &B::Device) -> Self {
         Self {
-            weight: Weight::Dense(transposed(weight, device)),
+            weight: Weight::Dense(to_device(weight, device)),
             out: weight.shape[0],
             bias: bias.map(|b| Tensor::from_data(TensorData::new(b.data.clone(), [b.numel()]), device)),
         }
@@ -75,7 +81,11 @@ impl<B: Backend> Linear<B> {
     /// - returns `[tokens, out]`
     pub fn forward_2d(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let y = match &self.weight {
-            Weight::Dense(w) => x.matmul(w.clone()),
+            Weight::Dense(w) => match crate::kernels::matvec(&x, w) {
+                Some(y) => y,
+                None => x.matmul(w.clone().transpose()),
+            },
+            Weight::GpuQuant(g) => g.forward(x),
             Weight::Quant(q) => {
                 let [n, _] = x.dims();
                 let device = x.device();
@@ -90,19 +100,18 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// Uploads a PyTorch `[out, in]` weight as burn's `[in, out]`.
-fn transposed<B: Backend>(weight: &HostTensor, device: &B::Device) -> Tensor<B, 2> {
-    let (out, inp) = (weight.shape[0], weight.shape[1]);
-    let mut data = vec![0.0f32; weight.data.len()];
-    for o in 0..out {
-        for i in 0..inp {
-            data[i * out + o] = weight.data[o * inp + i];
-        }
-    }
-    Tensor::from_data(TensorData::new(data, [inp, out]), device)
-}
-
-/// Uploads a host tensor of rank `D`.
+/// Uploads a host tensor of rank `D`, in the device's float type.
+///
+/// Half-precision values are converted here on every core: burn converts on one, which made
+/// loading a 70B-shaped block take seconds.
 pub(crate) fn to_device<B: Backend, const D: usize>(t: &HostTensor, device: &B::Device) -> Tensor<B, D> {
-    Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+    use burn::tensor::{FloatDType, bf16, f16};
+    use rayon::prelude::*;
+    let shape = t.shape.clone();
+    let data = match burn::tensor::get_device_settings::<B>(device).float_dtype {
+        FloatDType::BF16 => TensorData::new(t.data.par_iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), shape),
+        FloatDType::F16 => TensorData::new(t.data.par_iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), shape),
+        _ => TensorData::new(t.data.clone(), shape),
+    };
+    Tensor::from_data(data, device)
 }

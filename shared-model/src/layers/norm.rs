@@ -25,6 +25,11 @@ impl<B: Backend> Norm<B> {
     /// - `x`: `[batch, seq, hidden]`
     /// - returns `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if let (NormKind::Rms { eps }, None) = (self.kind, &self.bias)
+            && let Some(y) = crate::kernels::rms_norm(&x, &self.weight, eps)
+        {
+            return y;
+        }
         let w = self.weight.clone().unsqueeze::<3>();
         let y = match self.kind {
             NormKind::Rms { eps } => {

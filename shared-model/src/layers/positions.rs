@@ -52,8 +52,9 @@ pub struct StepContext<B: Backend> {
 }
 
 /// Large enough to zero a softmax weight, small enough that a row with every key masked
-/// (a padding query) stays finite instead of turning into NaN.
-const MASKED: f32 = -1.0e30;
+/// (a padding query) stays finite instead of turning into NaN, in f16 too (whose largest
+/// value is 65504).
+const MASKED: f32 = -3.0e4;
 
 impl<B: Backend> StepContext<B> {
     pub fn new(config: &ModelConfig, layout: &SeqLayout, device: &B::Device) -> Self {

@@ -1,0 +1,189 @@
+//! Fast paths for GPU backends, used by the layers where burn's generic ops leave memory
+//! bandwidth unused. Each returns `None` when it does not apply (another backend, a shape it
+//! does not handle), and the caller falls back to burn's ops: one model code for every backend.
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::quant::{QuantKind, QuantMatrix};
+
+#[cfg(feature = "cuda")]
+mod cube;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// `COROLLA_KERNELS=off` turns every fast path off (to measure what they bring, or to rule
+/// them out when a result looks wrong).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("COROLLA_KERNELS").map_or(true, |v| v != "off"))
+}
+
+/// `x W^T` for one input row and a weight in PyTorch layout `[out, in]`, as a matrix-vector
+/// kernel (one GPU warp per output, reading each weight row once with vector loads).
+///
+/// burn's default matmul (tensor-core tiles, no split of `in`) reads a decode step's weights
+/// at a fraction of the memory bandwidth; batch-1 decode is nothing but these products.
+///
+/// # Shapes
+/// - `x`: `[1, in]`; `w`: `[out, in]`
+/// - returns `[1, out]`
+pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled() {
+            return None;
+        }
+        cuda::matvec(x, w)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        None
+    }
+}
+
+/// Total memory of the GPU behind `device`, when the backend can tell (CUDA); `None` elsewhere.
+pub fn gpu_memory_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::memory_bytes::<B>(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Keeps compiled GPU kernels (PTX) in `dir`, so a restarted process skips most of the JIT
+/// compilation. Call before the first tensor; does nothing without CUDA, or when cubecl was
+/// already configured (a `cubecl.toml`, an earlier call).
+pub fn cache_compiled_kernels(dir: &std::path::Path) {
+    #[cfg(feature = "cuda")]
+    cuda::cache_compiled_kernels(dir);
+    #[cfg(not(feature = "cuda"))]
+    let _ = dir;
+}
+
+/// RMSNorm in one kernel (burn's ops take six launches: square, mean, add, sqrt, div, mul).
+///
+/// # Shapes
+/// - `x`: `[batch, seq, hidden]`; `weight`: `[hidden]`
+/// - returns `[batch, seq, hidden]`
+pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled() {
+            return None;
+        }
+        cuda::rms_norm(x, weight, eps)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, weight, eps);
+        None
+    }
+}
+
+/// Attention of one new token (batch 1, every cached key visible, no ALiBi) in one kernel.
+///
+/// # Shapes
+/// - `q`: `[1, 1, heads, head_dim]`; `k`, `v`: `[1, kv_heads, keys, head_dim]`
+/// - returns `[1, 1, heads * head_dim]`
+pub fn decode_attention<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled() {
+            return None;
+        }
+        cuda::decode_attention(q, k, v)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v);
+        None
+    }
+}
+
+/// Quantized projection weights kept quantized in GPU memory (GGUF Q8_0/Q4_0/Q4_1 blocks,
+/// repacked as [`QuantMatrix::gpu_parts`] says): a one-row product expands the blocks inside a
+/// matrix-vector kernel; products of more rows dequantize on the GPU first.
+#[derive(Debug, Clone)]
+pub struct GpuQuant<B: Backend> {
+    words: Tensor<B, 2, Int>,
+    /// f32 `[rows, cols / 32]`, whatever the model's float type.
+    scales: Tensor<B, 2>,
+    /// Q4_1's minimums, like `scales`.
+    mins: Option<Tensor<B, 2>>,
+    kind: QuantKind,
+    rows: usize,
+    cols: usize,
+}
+
+impl<B: Backend> GpuQuant<B> {
+    /// `None` where no kernel runs the format (every backend but CUDA).
+    pub fn new(q: &QuantMatrix, device: &B::Device) -> Option<Self> {
+        if !cfg!(feature = "cuda") || !enabled() || !gpu_backend::<B>() {
+            return None;
+        }
+        let [rows, cols] = q.shape();
+        let (words, scales, mins) = q.gpu_parts();
+        let per_row = words.len() / rows;
+        let f32_matrix =
+            |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [rows, cols / 32]), (device, DType::F32));
+        Some(Self {
+            words: Tensor::from_data(TensorData::new(words, [rows, per_row]), device),
+            scales: f32_matrix(scales),
+            mins: mins.map(f32_matrix),
+            kind: q.kind(),
+            rows,
+            cols,
+        })
+    }
+
+    /// `x W^T`.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, cols]`
+    /// - returns `[tokens, rows]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        #[cfg(feature = "cuda")]
+        {
+            let kind = match self.kind {
+                QuantKind::Q8_0 => 0,
+                QuantKind::Q4_0 => 1,
+                QuantKind::Q4_1 => 2,
+            };
+            let mins = self.mins.as_ref().unwrap_or(&self.scales);
+            if x.dims()[0] == 1
+                && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows)
+            {
+                return y;
+            }
+            let dense = cuda::dequantize(&self.words, &self.scales, mins, kind, [self.rows, self.cols], x.dtype());
+            match dense {
+                Some(w) => x.matmul(w.transpose()),
+                // Only if a launch was refused: nothing else can multiply these weights.
+                None => panic!("the GPU refused the dequantization kernel"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (&self.words, &self.scales, &self.mins, self.kind, self.rows, self.cols);
+            unreachable!("GpuQuant is only built on CUDA: {:?}", x.dims())
+        }
+    }
+}
+
+fn gpu_backend<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::is_cuda::<B>()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
