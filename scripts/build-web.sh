@@ -2,5 +2,5 @@
 # Builds the chat page into dist/ with Trunk (installing the tools on first use).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/tools.sh
-trunk build --release --locked "$@"
+COROLLA_NEED_TRUNK=1 . scripts/tools.sh
+trunk build --release "$@"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Puts the web build tools on PATH, installing them once into $COROLLA_TOOLS (default
-# ~/.cache/corolla/tools): Trunk 0.21.14 (the newest that builds with this toolchain) and the
-# wasm-bindgen CLI whose version equals the wasm-bindgen crate in Cargo.lock (Trunk cannot
+# ~/.cache/corolla/tools): the wasm32 target, the wasm-bindgen CLI whose version equals the
+# wasm-bindgen crate in Cargo.lock (it also runs the browser-side unit tests), and with
+# COROLLA_NEED_TRUNK=1 Trunk 0.21.14 (the newest that builds with this toolchain; Trunk cannot
 # download tools here). Source it: `. scripts/tools.sh`.
 set -euo pipefail
 
@@ -23,7 +24,7 @@ if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$_wbg" ]; th
   echo "installing wasm-bindgen-cli $_wbg into $COROLLA_TOOLS (once, a few minutes)" >&2
   _fast_install wasm-bindgen-cli --version "$_wbg"
 fi
-if [ "$(trunk --version 2>/dev/null | awk '{print $2}')" != "0.21.14" ]; then
+if [ "${COROLLA_NEED_TRUNK:-0}" = 1 ] && [ "$(trunk --version 2>/dev/null | awk '{print $2}')" != "0.21.14" ]; then
   echo "installing trunk 0.21.14 into $COROLLA_TOOLS (once, ~10 minutes)" >&2
   _fast_install trunk --version 0.21.14
 fi

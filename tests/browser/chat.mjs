@@ -34,8 +34,9 @@ const browser = await chromium.launch({
   headless: true,
 });
 const result = { console: [] };
+let page;
 try {
-  const page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
+  page = await browser.newPage({ viewport: { width: 1200, height: 900 } });
   page.on("console", (m) => result.console.push(`${m.type()}: ${m.text()}`.slice(0, 500)));
   page.on("pageerror", (e) => result.console.push(`pageerror: ${e.message}`.slice(0, 500)));
   const started = Date.now();
@@ -75,6 +76,10 @@ try {
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
 } catch (e) {
   result.failure = String(e && e.stack ? e.stack : e);
+  if (page) {
+    result.status = await page.locator('[data-testid="status"]').textContent().catch(() => null);
+    if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true }).catch(() => {});
+  }
 } finally {
   await browser.close();
 }

@@ -44,11 +44,20 @@ fn tokenizer_in_wasm_gives_transformers_ids() {
 
 fn golden_tensor(golden: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
     let view = golden.tensor(name).expect("golden tensor");
-    let data = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        // Token ids are stored as i64.
+        safetensors::Dtype::I64 => view
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
+            .collect(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    };
     (view.shape().to_vec(), data)
 }
 
