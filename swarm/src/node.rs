@@ -554,6 +554,22 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                cause,
+                num_established,
+                ..
+            } => match cause {
+                Some(cause) => tracing::warn!(
+                    peer = %peer_id,
+                    addr = %endpoint.get_remote_address(),
+                    remaining = num_established,
+                    %cause,
+                    "connection lost"
+                ),
+                None => tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed"),
+            },
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
                 if address.iter().any(|p| p == Protocol::P2pCircuit) {

@@ -332,10 +332,24 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     }
     let prefix = u32::try_from(len).map_err(|_| too_large)?.to_le_bytes();
     buf[..PREFIX_BYTES].copy_from_slice(&prefix);
-    w.write_all(&buf).await?;
+    for piece in buf.chunks(WRITE_PIECE_BYTES) {
+        w.write_all(piece).await?;
+        if WRITE_PIECE_BYTES != usize::MAX {
+            w.flush().await?;
+        }
+    }
     w.flush().await?;
     Ok(())
 }
+
+/// The largest write handed to the transport at once. In the browser every flushed write
+/// becomes one WebRTC data-channel message, and native libp2p-webrtc peers (webrtc-rs) read
+/// messages into an 8 KiB buffer, failing on longer ones ("Short buffer"): frames from a page
+/// go out in pieces that fit, each flushed on its own. Elsewhere writes are not split.
+#[cfg(target_arch = "wasm32")]
+const WRITE_PIECE_BYTES: usize = 8 * 1024 - 64;
+#[cfg(not(target_arch = "wasm32"))]
+const WRITE_PIECE_BYTES: usize = usize::MAX;
 
 /// Reads one frame and decodes it.
 ///

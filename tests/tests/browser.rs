@@ -3,12 +3,7 @@
 //! SwiftShader; blocks over libp2p WebRTC) checked token for token against
 //! `corolla generate --chat --temperature 0`, also with a server killed mid-reply.
 //!
-//! Ignored by default: in this build the page reaches the relay and the servers over
-//! WebRTC-direct, lists models, loads the bundle and opens inference sessions, but the first
-//! step on a session fails with "broken pipe" (libp2p-webrtc-websys 0.5 in Chromium 156), so
-//! no reply completes yet. `COROLLA_BROWSER_E2E=1 scripts/test.sh` runs them.
-//!
-//! Needs what `COROLLA_BROWSER_E2E=1 scripts/test.sh` prepares: the page built into `dist/` (or `COROLLA_WEB_DIST`),
+//! Needs what `scripts/test.sh` prepares: the page built into `dist/` (or `COROLLA_WEB_DIST`),
 //! `tests/browser/node_modules` (playwright-core), Chromium at /usr/bin/chromium (or
 //! `CHROMIUM`), and the SmolLM2 GGUF in `COROLLA_SMOLLM2_GGUF`.
 
@@ -223,7 +218,6 @@ fn tokens_of(result: &serde_json::Value) -> Vec<u64> {
 }
 
 #[test]
-#[ignore = "the first session step over WebRTC from the page fails (broken pipe); see the header"]
 fn the_page_chats_on_webgpu_with_the_native_tokens() {
     let expected = native_reply();
     let mut swarm = PageSwarm::start("browser-chat");
@@ -245,7 +239,6 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
 }
 
 #[test]
-#[ignore = "the first session step over WebRTC from the page fails (broken pipe); see the header"]
 fn the_reply_survives_a_server_killed_mid_reply() {
     let expected = native_reply();
     let mut swarm = PageSwarm::start("browser-failover");
