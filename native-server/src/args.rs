@@ -77,6 +77,10 @@ pub struct ServerArgs {
     /// The public base URL of --http-listen, as browsers reach it (default: http://ADDR).
     #[arg(long, requires = "http_listen")]
     pub http_url: Option<String>,
+    /// Also run the embeddings and LM head for clients that cannot hold them (a browser
+    /// facing a very large vocabulary): head service, on /corolla/head/1.
+    #[arg(long)]
+    pub serve_head: bool,
     /// PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors) to offer;
     /// each is named after its folder, and clients pick one per session.
     #[arg(long, num_args = 1..)]
@@ -102,6 +106,7 @@ pub struct ServerConfig {
     pub addr_file: Option<PathBuf>,
     pub http_listen: Option<std::net::SocketAddr>,
     pub http_url: Option<String>,
+    pub serve_head: bool,
     pub adapters: Vec<PathBuf>,
 }
 
@@ -159,6 +164,7 @@ impl ServerArgs {
             addr_file: self.addr_file,
             http_listen: self.http_listen,
             http_url: self.http_url.map(|u| u.trim_end_matches('/').to_string()),
+            serve_head: self.serve_head,
             adapters: self.adapters,
         })
     }

@@ -10,17 +10,17 @@ use burn::tensor::backend::AutodiffBackend;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream};
-use shared_model::bundle::{BundleMeta, write_bundle};
+use shared_model::bundle::{BundleMeta, write_bundle, write_meta_bundle};
 use shared_model::cache::SpanCache;
 use shared_model::fingerprint::fingerprint;
 use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
-use shared_model::model::{BlockSpan, to_host};
+use shared_model::model::{BlockSpan, Embeddings, LmHead, to_host};
 use shared_model::tuning::span_backward;
 use swarm::node::{self, Client, InboundEvent, NodeConfig};
 use swarm::protocol::{
-    ErrorKind, HeadResponse, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, ServerInfo, SessionRequest,
-    SessionResponse, SpanRequest, SpanResponse,
+    ErrorKind, HeadRequest, HeadResponse, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, ServerInfo,
+    SessionRequest, SessionResponse, SpanRequest, SpanResponse,
 };
 use swarm::wire::{self, WireDtype, WireError, WireTensor};
 use swarm::{dht, http};
@@ -155,6 +155,19 @@ where
     }
     let span = BlockSpan::<B>::load(&files.config, files.weights.as_ref(), start..end, &device)
         .context("cannot load the blocks")?;
+    let head: Option<Arc<HeadParts<B>>> = if config.serve_head {
+        Some(Arc::new(HeadParts {
+            embeddings: Embeddings::load(&files.config, files.weights.as_ref(), &device)
+                .context("cannot load the embeddings for head service")?,
+            head: LmHead::load(&files.config, files.weights.as_ref(), &device)
+                .context("cannot load the LM head for head service")?,
+            fingerprint: model_fp.clone(),
+            hidden_size: files.config.hidden_size,
+            device: device.clone(),
+        }))
+    } else {
+        None
+    };
     let client_url = match config.http_listen {
         Some(addr) => {
             Some(serve_client_bundle(&files, &model_name, &model_fp, addr, config.http_url.as_deref()).await?)
@@ -212,7 +225,7 @@ where
         addrs,
         expires_at_ms: dht::now_ms() + config.announce_ttl.as_millis() as u64,
         client_url: client_url.clone(),
-        serves_head: false,
+        serves_head: head.is_some(),
         adapters: adapter_names.clone(),
     };
 
@@ -258,10 +271,21 @@ where
                         let _ = client.respond_span(channel, response).await;
                     });
                 }
-                Some(InboundEvent::Head { peer, channel, .. }) => {
-                    tracing::debug!(%peer, "refused a head request: head service is not offered");
-                    let refusal = HeadResponse::Error(refuse(ErrorKind::WrongSpan, "this server offers no head service"));
-                    let _ = client.respond_head(channel, refusal).await;
+                Some(InboundEvent::Head { peer, request, channel }) => {
+                    let head = head.clone();
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let response = match head {
+                            Some(head) => tokio::task::spawn_blocking(move || head.answer(request))
+                                .await
+                                .unwrap_or_else(|e| HeadResponse::Error(refuse(ErrorKind::Internal, e.to_string()))),
+                            None => HeadResponse::Error(refuse(ErrorKind::WrongSpan, "this server offers no head service")),
+                        };
+                        if let HeadResponse::Error(e) = &response {
+                            tracing::debug!(%peer, error = %e, "head request refused");
+                        }
+                        let _ = client.respond_head(channel, response).await;
+                    });
                 }
                 Some(InboundEvent::Info { channel, .. }) => {
                     let (addrs, relayed) = announce_addrs(&client, peer_id, relay_only).await;
@@ -275,6 +299,76 @@ where
     let _ = dht::withdraw(&client, &model_fp).await;
     sessions.abort();
     Ok(())
+}
+
+/// The embeddings and LM head, run for clients that cannot hold them.
+struct HeadParts<B: Backend> {
+    embeddings: Embeddings<B>,
+    head: LmHead<B>,
+    fingerprint: String,
+    hidden_size: usize,
+    device: B::Device,
+}
+
+impl<B: Backend> HeadParts<B> {
+    fn answer(&self, request: HeadRequest) -> HeadResponse {
+        match self.compute(request) {
+            Ok(t) => HeadResponse::Tensor(t),
+            Err(e) => HeadResponse::Error(e),
+        }
+    }
+
+    fn compute(&self, request: HeadRequest) -> Result<WireTensor, ProtocolError> {
+        let limits = Limits::default();
+        let bad = |e: String| refuse(ErrorKind::BadRequest, e);
+        let check_model = |model: &str| {
+            if model == self.fingerprint {
+                Ok(())
+            } else {
+                Err(refuse(
+                    ErrorKind::WrongModel,
+                    format!("this server serves {}", self.fingerprint),
+                ))
+            }
+        };
+        match request {
+            HeadRequest::Embed {
+                model,
+                batch,
+                token_ids,
+                reply_dtype,
+            } => {
+                check_model(&model)?;
+                let batch = batch as usize;
+                if batch == 0
+                    || batch > limits.max_batch
+                    || token_ids.is_empty()
+                    || token_ids.len() % batch != 0
+                    || token_ids.len() > limits.max_step_tokens
+                {
+                    return Err(bad(format!(
+                        "{} token ids do not make {batch} equal rows within the limits",
+                        token_ids.len()
+                    )));
+                }
+                let rows: Vec<Vec<u32>> = token_ids.chunks(token_ids.len() / batch).map(<[u32]>::to_vec).collect();
+                let x = self.embeddings.forward(&rows).map_err(|e| bad(e.to_string()))?;
+                Ok(WireTensor::encode(&to_host(x), reply_dtype))
+            }
+            HeadRequest::Logits { model, hidden } => {
+                check_model(&model)?;
+                hidden
+                    .expect_shape(&[None, None, Some(self.hidden_size as u64)])
+                    .map_err(|e| bad(e.to_string()))?;
+                let h = hidden.decode(&limits).map_err(|e| bad(e.to_string()))?;
+                if h.shape[0] * h.shape[1] > limits.max_step_tokens || h.data.iter().any(|v| !v.is_finite()) {
+                    return Err(bad("too many positions, or non-finite values".into()));
+                }
+                let x = Tensor::<B, 3>::from_data(TensorData::new(h.data, h.shape), &self.device);
+                Ok(WireTensor::encode(&to_host(self.head.forward(x)), WireDtype::F32))
+            }
+        }
+    }
 }
 
 /// Serves the model's client bundle over HTTP; returns its URL.
@@ -294,11 +388,13 @@ async fn serve_client_bundle(
     };
     let bundle =
         Arc::new(write_bundle(&meta, &files.config, files.weights.as_ref()).context("cannot build the client bundle")?);
+    let meta_bundle = Arc::new(write_meta_bundle(&meta, &files.config).context("cannot build the client bundle")?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     let bound = listener.local_addr()?;
     let path = format!("/corolla/v1/models/{fingerprint}/client.safetensors");
+    let meta_path = format!("/corolla/v1/models/{fingerprint}/client-meta.safetensors");
     let url = format!(
         "{}{path}",
         base_url.map_or_else(|| format!("http://{bound}"), str::to_string)
@@ -307,6 +403,8 @@ async fn serve_client_bundle(
     let handler: http::Handler = Arc::new(move |request: &http::HttpRequest| {
         if request.path == path {
             http::HttpResponse::ok("application/octet-stream", bundle.clone()).immutable(&fp)
+        } else if request.path == meta_path {
+            http::HttpResponse::ok("application/octet-stream", meta_bundle.clone()).immutable(&format!("{fp}-meta"))
         } else {
             http::HttpResponse::error(404, "not found")
         }

@@ -88,6 +88,20 @@ pub fn write_bundle(
     config: &ModelConfig,
     source: &dyn WeightSource,
 ) -> Result<Vec<u8>, ModelError> {
+    write_bundle_parts(meta, config, Some(source))
+}
+
+/// Writes the bundle without tensors: what a client reads first to learn the model (and
+/// whether it can hold the embeddings and head at all) before downloading them.
+pub fn write_meta_bundle(meta: &BundleMeta<'_>, config: &ModelConfig) -> Result<Vec<u8>, ModelError> {
+    write_bundle_parts(meta, config, None)
+}
+
+fn write_bundle_parts(
+    meta: &BundleMeta<'_>,
+    config: &ModelConfig,
+    source: Option<&dyn WeightSource>,
+) -> Result<Vec<u8>, ModelError> {
     let mut metadata = HashMap::new();
     metadata.insert(KEY_FORMAT.to_string(), BUNDLE_FORMAT.to_string());
     metadata.insert(KEY_NAME.to_string(), meta.name.to_string());
@@ -119,7 +133,8 @@ pub fn write_bundle(
         bytes: Vec<u8>,
     }
     let mut entries = Vec::new();
-    for name in client_tensor_names(config, source) {
+    let names = source.map_or_else(Vec::new, |s| client_tensor_names(config, s));
+    for (source, name) in names.into_iter().filter_map(|n| source.map(|s| (s, n))) {
         let quant = if source.names().contains(&name) {
             source.read_quant(&name)?
         } else {

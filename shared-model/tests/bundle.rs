@@ -72,6 +72,25 @@ fn bundles_hold_only_the_client_tensors() {
 }
 
 #[test]
+fn meta_bundles_describe_the_model_without_tensors() {
+    use shared_model::bundle::write_meta_bundle;
+    use shared_model::weights::WeightSource;
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let meta = BundleMeta {
+        name: "test",
+        hf_config: &files.hf_config,
+        tokenizer: None,
+        chat_template: None,
+        stop_ids: &files.stop_ids,
+    };
+    let bytes = write_meta_bundle(&meta, &files.config).expect("meta bundle");
+    assert!(bytes.len() < 4096, "{} bytes", bytes.len());
+    let bundle = ClientBundle::from_bytes(bytes).expect("read back");
+    assert_eq!(bundle.config, files.config);
+    assert!(bundle.weights.names().is_empty());
+}
+
+#[test]
 fn damaged_bundles_are_refused() {
     let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
     let meta = BundleMeta {

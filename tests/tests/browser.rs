@@ -18,6 +18,8 @@ use corolla_tests::{Proc, bin, temp_dir, wait_for_file_lines};
 const STARTUP: Duration = Duration::from_secs(120);
 const PROMPT: &str = "What is the capital of France?";
 const MAX_TOKENS: usize = 24;
+/// Server flags: serve the client bundle over HTTP.
+const BUNDLE: &[&str] = &["--http-listen", "127.0.0.1:0"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -98,7 +100,7 @@ impl PageSwarm {
     }
 
     /// Starts a server reachable by browsers (WebRTC-direct) and waits until it is announced.
-    fn server(&mut self, blocks: &str, bundle: bool) -> String {
+    fn server(&mut self, blocks: &str, extra: &[&str]) -> String {
         let n = self.servers.len();
         let addr_file = self.dir.join(format!("server{n}.addrs"));
         let mut cmd = Command::new(bin("server"));
@@ -113,9 +115,7 @@ impl PageSwarm {
             ])
             .arg("--addr-file")
             .arg(&addr_file);
-        if bundle {
-            cmd.args(["--http-listen", "127.0.0.1:0"]);
-        }
+        cmd.args(extra);
         let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
         let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
         let peer = addrs[0].rsplit("/p2p/").next().expect("/p2p/<id>").to_string();
@@ -221,8 +221,8 @@ fn tokens_of(result: &serde_json::Value) -> Vec<u64> {
 fn the_page_chats_on_webgpu_with_the_native_tokens() {
     let expected = native_reply();
     let mut swarm = PageSwarm::start("browser-chat");
-    swarm.server("0:15", true);
-    swarm.server("15:30", false);
+    swarm.server("0:15", BUNDLE);
+    swarm.server("15:30", &[]);
     let shot = artifacts().join("chat.png");
     let result = run_page(&swarm.page_url(), &shot, None, |_| {});
     eprintln!("page result: {result}");
@@ -242,9 +242,9 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
 fn the_reply_survives_a_server_killed_mid_reply() {
     let expected = native_reply();
     let mut swarm = PageSwarm::start("browser-failover");
-    swarm.server("0:15", true);
-    swarm.server("15:30", false);
-    swarm.server("0:30", false);
+    swarm.server("0:15", BUNDLE);
+    swarm.server("15:30", &[]);
+    swarm.server("0:30", &[]);
     let shot = artifacts().join("chat-failover.png");
     let mut killed = None;
     let result = run_page(&swarm.page_url(), &shot, Some(4), |route| {
@@ -267,5 +267,30 @@ fn the_reply_survives_a_server_killed_mid_reply() {
         expected,
         "reply after failover {:?} differs",
         result["text"]
+    );
+}
+
+/// A page that must not hold the embeddings and head (forced with `head=remote`, as for a
+/// model whose head is too large for a tab) has a server run them, with the same tokens.
+#[test]
+fn the_page_chats_through_a_servers_head_service() {
+    let expected = native_reply();
+    let mut swarm = PageSwarm::start("browser-head");
+    swarm.server("0:15", &["--http-listen", "127.0.0.1:0", "--serve-head"]);
+    swarm.server("15:30", &[]);
+    let url = format!("{}&head=remote", swarm.page_url());
+    let result = run_page(&url, &artifacts().join("chat-head-service.png"), None, |_| {});
+    eprintln!("page result: {result}");
+    assert_eq!(result["error"], false, "the reply failed: {}", result["status"]);
+    assert_eq!(
+        tokens_of(&result),
+        expected,
+        "head-service reply {:?} differs",
+        result["text"]
+    );
+    let device = result["device"].as_str().expect("device");
+    assert!(
+        device.contains("head service"),
+        "the page did not use head service: {device}"
     );
 }

@@ -13,7 +13,7 @@ use swarm::dht::ModelListing;
 use swarm::node::Client;
 
 use crate::client::{self, Chat, Loaded, RouteHop, Settings, Stats};
-use crate::compute::ClientModel;
+use crate::compute::{ClientModel, Device, RemoteHead};
 use crate::fetch::{self, Origin};
 use crate::params::PageParams;
 
@@ -128,7 +128,7 @@ pub fn App() -> impl IntoView {
             let fp = event_target_value(&ev);
             let state = state.clone();
             spawn_local(async move {
-                if let Err(e) = load_model(ui, &state, &fp, false).await {
+                if let Err(e) = load_model(ui, &state, &fp, false, false).await {
                     ui.status.set(format!("Error: {e}"));
                 }
             });
@@ -261,7 +261,7 @@ async fn start(ui: Ui, state: SendWrapper<Rc<State>>, params: &PageParams) -> Re
         .clone()
         .filter(|m| models.iter().any(|l| &l.fingerprint == m))
         .unwrap_or_else(|| models[0].fingerprint.clone());
-    load_model(ui, &state, &fp, params.force_cpu).await
+    load_model(ui, &state, &fp, params.force_cpu, params.remote_head).await
 }
 
 async fn load_model(
@@ -269,6 +269,7 @@ async fn load_model(
     state: &SendWrapper<Rc<State>>,
     fingerprint: &str,
     force_cpu: bool,
+    force_remote_head: bool,
 ) -> Result<(), client::ClientError> {
     ui.ready.set(false);
     ui.model.set(Some(fingerprint.to_string()));
@@ -280,18 +281,45 @@ async fn load_model(
     ui.status.set("Finding the model's servers…".into());
     let (servers, url) = client::find_bundle(&client, fingerprint).await?;
     ui.servers.set(servers.len());
-    ui.status
-        .set("Downloading the tokenizer, embeddings and LM head…".into());
-    let (bytes, origin) = fetch::cached_bytes(&url, |done, total| {
-        ui.progress
-            .set(Some((done as f64, total.unwrap_or(done.max(1)) as f64)));
-    })
-    .await?;
-    ui.progress.set(None);
-    let bundle = ClientBundle::from_bytes(bytes)?;
-    client::check_fits(&bundle)?;
-    ui.status.set("Preparing the model on this device…".into());
-    let (model, device) = ClientModel::load(&bundle, !force_cpu).await?;
+    ui.status.set("Reading the model's description…".into());
+    let (meta_bytes, _) = fetch::cached_bytes(&client::meta_url(&url), |_, _| {}).await?;
+    let meta = ClientBundle::from_bytes(meta_bytes)?;
+    let reason = if force_remote_head {
+        Some("requested in the page URL (head=remote)".to_string())
+    } else {
+        client::too_large(&meta)
+    };
+    let (bundle, origin, model, device) = match reason {
+        Some(reason) => {
+            ui.status
+                .set("Asking a server to run the embeddings and LM head…".into());
+            let peer = client::head_server(&client, &servers).await?;
+            let model = ClientModel::Remote(RemoteHead {
+                client: client.clone(),
+                peer,
+                model: fingerprint.to_string(),
+            });
+            let device = Device::Server {
+                peer: client::short_peer(&peer),
+                reason,
+            };
+            (meta, None, model, device)
+        }
+        None => {
+            ui.status
+                .set("Downloading the tokenizer, embeddings and LM head…".into());
+            let (bytes, origin) = fetch::cached_bytes(&url, |done, total| {
+                ui.progress
+                    .set(Some((done as f64, total.unwrap_or(done.max(1)) as f64)));
+            })
+            .await?;
+            ui.progress.set(None);
+            let bundle = ClientBundle::from_bytes(bytes)?;
+            ui.status.set("Preparing the model on this device…".into());
+            let (model, device) = ClientModel::load(&bundle, !force_cpu).await?;
+            (bundle, Some(origin), model, device)
+        }
+    };
     ui.device.set(device.label());
     let loaded = Rc::new(Loaded {
         bundle,
@@ -306,8 +334,9 @@ async fn load_model(
     state.history.borrow_mut().clear();
     ui.messages.set(Vec::new());
     let from = match origin {
-        Origin::Cache => "weights from the browser cache",
-        Origin::Network => "weights downloaded",
+        Some(Origin::Cache) => "weights from the browser cache",
+        Some(Origin::Network) => "weights downloaded",
+        None => "embeddings and head on a server",
     };
     ui.status.set(format!("Ready: {} ({from})", loaded.bundle.name));
     ui.ready.set(true);

@@ -103,16 +103,37 @@ pub async fn find_bundle(client: &Client, model: &str) -> Result<(Vec<ServerInfo
     Ok((servers, url))
 }
 
-/// Refuses a bundle this page could not hold, before it is downloaded.
-pub fn check_fits(bundle: &ClientBundle) -> Result<(), ClientError> {
+/// Why this page should not hold the model's embeddings and head (known from the config
+/// alone, before any tensor is downloaded), if it should not.
+pub fn too_large(bundle: &ClientBundle) -> Option<String> {
     let bytes = client_f32_bytes(&bundle.config);
-    if bytes > BROWSER_HEAD_BUDGET {
-        return Err(ClientError::Setup(format!(
-            "this model's embeddings and LM head take {:.1} GB: too large for a browser tab",
+    (bytes > BROWSER_HEAD_BUDGET).then(|| {
+        format!(
+            "the embeddings and LM head take {:.1} GB, too much for a browser tab",
             bytes as f64 / 1e9
-        )));
+        )
+    })
+}
+
+/// URL of the bundle without tensors, next to the full one.
+pub fn meta_url(bundle_url: &str) -> String {
+    bundle_url.replace("/client.safetensors", "/client-meta.safetensors")
+}
+
+/// A server of this model offering head service, dialed.
+pub async fn head_server(client: &Client, servers: &[ServerInfo]) -> Result<PeerId, ClientError> {
+    let info = servers
+        .iter()
+        .find(|s| s.serves_head)
+        .ok_or_else(|| ClientError::Setup("no server of this model offers head service".into()))?;
+    let peer: PeerId = info
+        .peer_id
+        .parse()
+        .map_err(|_| ClientError::Setup(format!("bad peer id {}", info.peer_id)))?;
+    for addr in info.addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+        let _ = client.dial(addr).await;
     }
-    Ok(())
+    Ok(peer)
 }
 
 /// A loaded model, ready to chat.

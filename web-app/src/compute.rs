@@ -7,6 +7,8 @@ use shared_model::bundle::ClientBundle;
 use shared_model::model::{Embeddings, LmHead};
 use shared_model::weights::HostTensor;
 use shared_model::{Cpu, ModelError};
+use swarm::protocol::{HeadRequest, HeadResponse, Limits};
+use swarm::wire::{WireDtype, WireTensor};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_futures::JsFuture;
 
@@ -15,8 +17,17 @@ type Gpu = burn::backend::Wgpu;
 /// Which device the page computes on, as shown to the user.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Device {
-    WebGpu { adapter: String },
-    Cpu { reason: String },
+    WebGpu {
+        adapter: String,
+    },
+    Cpu {
+        reason: String,
+    },
+    /// A server's head service runs the embeddings and LM head.
+    Server {
+        peer: String,
+        reason: String,
+    },
 }
 
 impl Device {
@@ -24,6 +35,7 @@ impl Device {
         match self {
             Device::WebGpu { adapter } => format!("WebGPU: {adapter}"),
             Device::Cpu { reason } => format!("CPU (WASM): {reason}"),
+            Device::Server { peer, reason } => format!("server {peer} (head service): {reason}"),
         }
     }
 }
@@ -127,12 +139,64 @@ pub enum ComputeError {
     Read(String),
     #[error("unexpected hidden-state shape {0:?}")]
     Shape(Vec<usize>),
+    #[error("head service: {0}")]
+    Remote(String),
 }
 
 /// The client's model parts on the chosen device.
 pub enum ClientModel {
     Gpu(Parts<Gpu>, WgpuDevice),
     Cpu(Parts<Cpu>),
+    /// Run by a server offering head service (`/corolla/head/1`).
+    Remote(RemoteHead),
+}
+
+/// A server's head service, for models whose embeddings and head a tab cannot hold.
+pub struct RemoteHead {
+    pub client: swarm::node::Client,
+    pub peer: libp2p::PeerId,
+    pub model: String,
+}
+
+impl RemoteHead {
+    async fn ask(&self, request: HeadRequest) -> Result<HostTensor, ComputeError> {
+        let remote = |e: String| ComputeError::Remote(e);
+        match self.client.head_request(self.peer, request).await {
+            Ok(HeadResponse::Tensor(t)) => t.decode(&Limits::default()).map_err(|e| remote(e.to_string())),
+            Ok(HeadResponse::Error(e)) => Err(remote(e.to_string())),
+            Err(e) => Err(remote(e.to_string())),
+        }
+    }
+
+    async fn embed(&self, ids: &[Vec<u32>]) -> Result<HostTensor, ComputeError> {
+        self.ask(HeadRequest::Embed {
+            model: self.model.clone(),
+            batch: ids.len() as u32,
+            token_ids: ids.concat(),
+            reply_dtype: WireDtype::F32,
+        })
+        .await
+    }
+
+    async fn last_logits(&self, hidden: &HostTensor) -> Result<HostTensor, ComputeError> {
+        let [b, t, h] =
+            <[usize; 3]>::try_from(hidden.shape.as_slice()).map_err(|_| ComputeError::Shape(hidden.shape.clone()))?;
+        // Only the last position's logits are needed: send just that.
+        let mut last = Vec::with_capacity(b * h);
+        for row in 0..b {
+            last.extend_from_slice(&hidden.data[(row * t + t - 1) * h..(row * t + t) * h]);
+        }
+        let hidden = WireTensor::encode(&HostTensor::new(vec![b, 1, h], last), WireDtype::F32);
+        let mut logits = self
+            .ask(HeadRequest::Logits {
+                model: self.model.clone(),
+                hidden,
+            })
+            .await?;
+        let v = logits.data.len() / b.max(1);
+        logits.shape = vec![b, v];
+        Ok(logits)
+    }
 }
 
 impl ClientModel {
@@ -167,6 +231,7 @@ impl ClientModel {
         match self {
             ClientModel::Gpu(p, _) => p.embed(ids).await,
             ClientModel::Cpu(p) => p.embed(ids).await,
+            ClientModel::Remote(r) => r.embed(ids).await,
         }
     }
 
@@ -174,6 +239,7 @@ impl ClientModel {
         match self {
             ClientModel::Gpu(p, device) => p.last_logits(hidden, device).await,
             ClientModel::Cpu(p) => p.last_logits(hidden, &Default::default()).await,
+            ClientModel::Remote(r) => r.last_logits(hidden).await,
         }
     }
 }

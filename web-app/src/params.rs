@@ -17,6 +17,9 @@ pub struct PageParams {
     pub model: Option<String>,
     /// `cpu` forces the WASM CPU backend even where WebGPU exists.
     pub force_cpu: bool,
+    /// `head=remote` has a server's head service run the embeddings and LM head, as for a
+    /// model too large for the tab.
+    pub remote_head: bool,
 }
 
 impl PageParams {
@@ -32,6 +35,7 @@ impl PageParams {
             relays: Vec::new(),
             model: None,
             force_cpu: false,
+            remote_head: false,
         };
         for pair in search.trim_start_matches('?').split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -45,6 +49,7 @@ impl PageParams {
                 "relay" => out.relays.push(value),
                 "model" => out.model = Some(value),
                 "device" => out.force_cpu = value == "cpu",
+                "head" => out.remote_head = value == "remote",
                 _ => {}
             }
         }
