@@ -69,25 +69,9 @@ pub struct ModelListing {
 
 /// Every model that live servers announce, by fingerprint.
 pub async fn list_models(client: &Client, timeout: Duration) -> Result<Vec<ModelListing>, NodeError> {
-    let providers = rt::timeout(timeout, client.get_providers(all_servers_key()))
-        .await
-        .map_err(|_| NodeError::Dht("provider lookup timed out".into()))??;
-    let now = now_ms();
-    let lookups = providers.into_iter().map(|peer| async move {
-        let records = rt::timeout(timeout, client.get_record(peer_key(&peer)))
-            .await
-            .ok()?
-            .ok()?;
-        records
-            .iter()
-            .filter_map(|bytes| wire::from_cbor::<ServerInfo>(bytes).ok())
-            .filter(|info| {
-                info.peer_id == peer.to_string() && info.protocol == PROTOCOL_VERSION && info.expires_at_ms > now
-            })
-            .max_by_key(|info| info.expires_at_ms)
-    });
+    let infos = live_infos(client, all_servers_key(), peer_key, None, timeout).await?;
     let mut models: Vec<ModelListing> = Vec::new();
-    for info in join_all(lookups).await.into_iter().flatten() {
+    for info in infos {
         match models.iter_mut().find(|m| m.fingerprint == info.model) {
             Some(m) => m.servers += 1,
             None => models.push(ModelListing {
@@ -103,12 +87,26 @@ pub async fn list_models(client: &Client, timeout: Duration) -> Result<Vec<Model
 
 /// Every live server of the model, newest record per peer.
 pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> Result<Vec<ServerInfo>, NodeError> {
-    let providers = rt::timeout(timeout, client.get_providers(model_key(fingerprint)))
+    let record = |peer: &PeerId| server_key(fingerprint, peer);
+    live_infos(client, model_key(fingerprint), record, Some(fingerprint), timeout).await
+}
+
+/// The newest live [`ServerInfo`] of each provider of `providers`, read from the record
+/// `record(peer)`; with `model`, only infos of that model.
+async fn live_infos(
+    client: &Client,
+    providers: RecordKey,
+    record: impl Fn(&PeerId) -> RecordKey,
+    model: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<ServerInfo>, NodeError> {
+    let providers = rt::timeout(timeout, client.get_providers(providers))
         .await
         .map_err(|_| NodeError::Dht("provider lookup timed out".into()))??;
     let now = now_ms();
+    let record = &record;
     let lookups = providers.into_iter().map(|peer| async move {
-        let records = rt::timeout(timeout, client.get_record(server_key(fingerprint, &peer)))
+        let records = rt::timeout(timeout, client.get_record(record(&peer)))
             .await
             .ok()?
             .ok()?;
@@ -117,7 +115,7 @@ pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> 
             .filter_map(|bytes| wire::from_cbor::<ServerInfo>(bytes).ok())
             .filter(|info| {
                 info.peer_id == peer.to_string()
-                    && info.model == fingerprint
+                    && model.is_none_or(|m| info.model == m)
                     && info.protocol == PROTOCOL_VERSION
                     && info.expires_at_ms > now
             })

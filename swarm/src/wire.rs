@@ -332,13 +332,11 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     }
     let prefix = u32::try_from(len).map_err(|_| too_large)?.to_le_bytes();
     buf[..PREFIX_BYTES].copy_from_slice(&prefix);
+    // Natively this is one write and one flush.
     for piece in buf.chunks(WRITE_PIECE_BYTES) {
         w.write_all(piece).await?;
-        if WRITE_PIECE_BYTES != usize::MAX {
-            w.flush().await?;
-        }
+        w.flush().await?;
     }
-    w.flush().await?;
     Ok(())
 }
 
