@@ -151,3 +151,62 @@ pub fn wait_for_file_lines(path: &Path, min_lines: usize, timeout: Duration) -> 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// How long a relay or server may take to start in these tests.
+pub const STARTUP: Duration = Duration::from_secs(60);
+
+/// A relay on 127.0.0.1 and the servers started against it, all killed when dropped.
+pub struct Swarm {
+    pub dir: PathBuf,
+    /// The relay's TCP address, ending in `/p2p/<id>`.
+    pub relay_addr: String,
+    _relay: Proc,
+    /// Each server and its peer id.
+    pub servers: Vec<(Proc, String)>,
+}
+
+impl Swarm {
+    pub fn start(name: &str) -> Swarm {
+        let dir = temp_dir(name);
+        let addr_file = dir.join("relay.addrs");
+        let relay = Proc::spawn(
+            "relay",
+            Command::new(bin("relay"))
+                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+                .arg(&addr_file),
+        );
+        let relay_addr = wait_for_file_lines(&addr_file, 1, STARTUP).remove(0);
+        Swarm {
+            dir,
+            relay_addr,
+            _relay: relay,
+            servers: Vec::new(),
+        }
+    }
+
+    /// Starts a server (on 127.0.0.1 TCP unless `extra` has `--listen`), waits until it is
+    /// announced, and returns its peer id.
+    pub fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {
+        let n = self.servers.len();
+        let addr_file = self.dir.join(format!("server{n}.addrs"));
+        let mut cmd = Command::new(bin("server"));
+        cmd.arg("--model")
+            .arg(model)
+            .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
+            .args(["--addr-file"])
+            .arg(&addr_file)
+            .args(extra);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        }
+        let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
+        let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
+        let peer = addrs[0]
+            .rsplit("/p2p/")
+            .next()
+            .expect("address ends in /p2p/<id>")
+            .to_string();
+        self.servers.push((proc, peer.clone()));
+        peer
+    }
+}

@@ -6,61 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use corolla_tests::{Proc, bin, fixture, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, fixture, wait_for_file_lines};
 
-const STARTUP: Duration = Duration::from_secs(60);
-
-struct Swarm {
-    dir: PathBuf,
-    relay_addr: String,
-    _relay: Proc,
-    servers: Vec<(Proc, String)>,
+/// `corolla generate` through a test swarm.
+trait Generate {
+    fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String);
 }
 
-impl Swarm {
-    fn start(name: &str) -> Swarm {
-        let dir = temp_dir(name);
-        let addr_file = dir.join("relay.addrs");
-        let relay = Proc::spawn(
-            "relay",
-            Command::new(bin("relay"))
-                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-                .arg(&addr_file),
-        );
-        let relay_addr = wait_for_file_lines(&addr_file, 1, STARTUP).remove(0);
-        Swarm {
-            dir,
-            relay_addr,
-            _relay: relay,
-            servers: Vec::new(),
-        }
-    }
-
-    /// Starts a server and waits until it is announced; returns its peer id.
-    fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {
-        let n = self.servers.len();
-        let addr_file = self.dir.join(format!("server{n}.addrs"));
-        let mut cmd = Command::new(bin("server"));
-        cmd.arg("--model")
-            .arg(model)
-            .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
-            .args(["--addr-file"])
-            .arg(&addr_file)
-            .args(extra);
-        if !extra.contains(&"--listen") {
-            cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
-        }
-        let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
-        let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
-        let peer = addrs[0]
-            .rsplit("/p2p/")
-            .next()
-            .expect("address ends in /p2p/<id>")
-            .to_string();
-        self.servers.push((proc, peer.clone()));
-        peer
-    }
-
+impl Generate for Swarm {
     fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String) {
         let out = Command::new(bin("corolla"))
             .env("COROLLA_LOG", "info")

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use burn::prelude::*;
-use corolla_tests::{Proc, bin, fixture, temp_dir, wait_for_file_lines};
+use corolla_tests::{STARTUP, Swarm, bin, fixture, temp_dir, wait_for_file_lines};
 use shared_model::CpuAutodiff;
 use shared_model::fingerprint::fingerprint;
 use shared_model::loader::{LocalModel, ModelFiles};
@@ -23,55 +23,6 @@ use swarm::protocol::Limits;
 use swarm::remote::{RemoteBlocks, RemoteConfig};
 use swarm::routing::RouteMode;
 use swarm::wire::WireDtype;
-
-const STARTUP: Duration = Duration::from_secs(60);
-
-struct Swarm {
-    dir: PathBuf,
-    relay_addr: String,
-    _relay: Proc,
-    servers: Vec<(Proc, String)>,
-}
-
-impl Swarm {
-    fn start(name: &str) -> Swarm {
-        let dir = temp_dir(name);
-        let addr_file = dir.join("relay.addrs");
-        let relay = Proc::spawn(
-            "relay",
-            Command::new(bin("relay"))
-                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-                .arg(&addr_file),
-        );
-        let relay_addr = wait_for_file_lines(&addr_file, 1, STARTUP).remove(0);
-        Swarm {
-            dir,
-            relay_addr,
-            _relay: relay,
-            servers: Vec::new(),
-        }
-    }
-
-    /// Starts a server, waits until it is announced, returns its peer id.
-    fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {
-        let n = self.servers.len();
-        let addr_file = self.dir.join(format!("server{n}.addrs"));
-        let proc = Proc::spawn(
-            &format!("server{n}-{blocks}"),
-            Command::new(bin("server"))
-                .arg("--model")
-                .arg(model)
-                .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
-                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-                .arg(&addr_file)
-                .args(extra),
-        );
-        let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
-        let peer = addrs[0].rsplit("/p2p/").next().expect("/p2p/<id>").to_string();
-        self.servers.push((proc, peer.clone()));
-        peer
-    }
-}
 
 fn ramp(shape: Vec<usize>, k: usize, scale: f32) -> HostTensor {
     let n: usize = shape.iter().product();
