@@ -14,6 +14,7 @@ use clap::{Args, ValueEnum};
 use shared_model::CpuAutodiff;
 use shared_model::loader::{LocalModel, ModelFiles};
 use shared_model::model::{Embeddings, LmHead};
+use shared_model::tuning::dataset::{DatasetLimits, parse_jsonl};
 use shared_model::tuning::{
     AdamW, Example, Prompts, StepRecord, TrainBatch, TrainBlocks, TrainState, TuningMethod, batch_indices, train_step,
 };
@@ -80,16 +81,6 @@ struct JsonOutput<'a> {
     out: &'a Path,
 }
 
-/// One JSONL line.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line {
-    text: Option<String>,
-    prompt: Option<String>,
-    completion: Option<String>,
-    token_ids: Option<Vec<u32>>,
-}
-
 pub fn run(args: TrainArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 || args.prefix_len == 0 {
         bail!("--steps, --batch-size and --prefix-len must be positive");
@@ -132,81 +123,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 fn read_data(files: &ModelFiles, args: &TrainArgs) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(&args.data).with_context(|| format!("cannot read {}", args.data.display()))?;
-    let vocab = files.config.vocab_size;
-    let encode = |s: &str| -> Result<Vec<u32>> {
-        let tokenizer = files
-            .tokenizer
-            .as_ref()
-            .context("this model has no tokenizer: give {\"token_ids\": [...]} lines")?;
-        Ok(tokenizer.encode(s)?)
+    let limits = DatasetLimits {
+        vocab_size: files.config.vocab_size,
+        context: files.config.max_position_embeddings,
+        prefix_len: args.prefix_len,
     };
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{} line {}", args.data.display(), n + 1);
-        let line: Line = serde_json::from_str(line).with_context(at)?;
-        let (ids, weights) = match line {
-            Line {
-                token_ids: Some(ids),
-                text: None,
-                prompt: None,
-                completion: None,
-            } => {
-                let w = vec![1.0; ids.len()];
-                (ids, w)
-            }
-            Line {
-                text: Some(text),
-                token_ids: None,
-                prompt: None,
-                completion: None,
-            } => {
-                let ids = encode(&text).with_context(at)?;
-                let w = vec![1.0; ids.len()];
-                (ids, w)
-            }
-            Line {
-                prompt: Some(prompt),
-                completion: Some(completion),
-                text: None,
-                token_ids: None,
-            } => {
-                let mut ids = encode(&prompt).with_context(at)?;
-                let mut w = vec![0.0; ids.len()];
-                let c = encode(&completion).with_context(at)?;
-                w.extend(std::iter::repeat_n(1.0, c.len()));
-                ids.extend(c);
-                (ids, w)
-            }
-            _ => bail!(
-                "{}: expected {{\"text\"}}, {{\"prompt\", \"completion\"}} or {{\"token_ids\"}}",
-                at()
-            ),
-        };
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("{}: token id {id} is out of range for a vocabulary of {vocab}", at());
-        }
-        if ids.len() < 2 || weights[1..].iter().all(|&w| w == 0.0) {
-            bail!("{}: needs at least two tokens and one target token", at());
-        }
-        if let Some(context) = files.config.max_position_embeddings
-            && ids.len() + args.prefix_len > context
-        {
-            bail!(
-                "{}: {} tokens plus the {}-position prefix exceed the model's context of {context}",
-                at(),
-                ids.len(),
-                args.prefix_len
-            );
-        }
-        out.push(Example { ids, weights });
-    }
-    if out.is_empty() {
-        bail!("{} holds no examples", args.data.display());
-    }
-    Ok(out)
+    parse_jsonl(&text, files.tokenizer.as_ref(), limits).with_context(|| format!("{}", args.data.display()))
 }
 
 fn csv_path(out: &Path) -> PathBuf {

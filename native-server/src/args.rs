@@ -78,7 +78,7 @@ pub struct ServerArgs {
     #[arg(long, requires = "http_listen")]
     pub http_url: Option<String>,
     /// Also run the embeddings and LM head for clients that cannot hold them (a browser
-    /// facing a very large vocabulary): head service, on /corolla/head/1.
+    /// facing a very large vocabulary): head service, on /corolla/head/2.
     #[arg(long)]
     pub serve_head: bool,
     /// PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors) to offer;

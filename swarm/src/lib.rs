@@ -1,6 +1,7 @@
 //! Corolla's libp2p protocol, shared by native code and the browser: message types,
 //! the tensor wire format, DHT records, and the swarm event loop with its client handle.
 
+pub mod codec;
 pub mod dht;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod http;

@@ -18,6 +18,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::codec::FrameCodec;
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
@@ -52,8 +53,8 @@ pub struct Behaviour {
     dcutr: dcutr::Behaviour,
     ping: ping::Behaviour,
     streams: libp2p_stream::Behaviour,
-    span: request_response::cbor::Behaviour<SpanRequest, SpanResponse>,
-    head: request_response::cbor::Behaviour<HeadRequest, HeadResponse>,
+    span: request_response::Behaviour<FrameCodec<SpanRequest, SpanResponse>>,
+    head: request_response::Behaviour<FrameCodec<HeadRequest, HeadResponse>>,
     info: request_response::cbor::Behaviour<InfoRequest, ServerInfo>,
 }
 
@@ -250,10 +251,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 kad::Mode::Client
             }));
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
-            let max = limits.max_frame_bytes as u64;
-            let span_codec = request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum(max)
-                .set_response_size_maximum(max);
+            let max = limits.max_frame_bytes;
             Ok(Behaviour {
                 relay_client,
                 kad,
@@ -272,14 +270,12 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
                 streams: libp2p_stream::Behaviour::new(),
                 span: request_response::Behaviour::with_codec(
-                    span_codec,
+                    FrameCodec::new(max),
                     [(SPAN_PROTOCOL, ProtocolSupport::Full)],
                     rr_config.clone(),
                 ),
                 head: request_response::Behaviour::with_codec(
-                    request_response::cbor::codec::Codec::default()
-                        .set_request_size_maximum(max)
-                        .set_response_size_maximum(max),
+                    FrameCodec::new(max),
                     [(HEAD_PROTOCOL, ProtocolSupport::Full)],
                     rr_config.clone(),
                 ),

@@ -11,14 +11,15 @@ use crate::wire::{WireDtype, WireTensor};
 /// Inference sessions: one stream per session, carrying [`SessionRequest`]s and
 /// [`SessionResponse`]s as length-prefixed CBOR frames.
 pub const INFERENCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/inference/1");
-/// Stateless forward/backward over a span (request-response, CBOR).
-pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/1");
+/// Stateless forward/backward over a span (request-response, one length-prefixed CBOR frame
+/// each way: [`crate::codec::FrameCodec`]).
+pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/2");
 /// A server describes itself (request-response, CBOR).
 pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1");
 
 /// Embeddings and LM head run by a server for a client that cannot hold them
-/// (request-response, CBOR).
-pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/1");
+/// (request-response, framed like [`SPAN_PROTOCOL`]).
+pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/2");
 
 /// Version of the message formats below; announced in the DHT, and clients use only servers
 /// of their own version.

@@ -1,7 +1,8 @@
 //! The chat page end to end in headless Chromium: a relay serving the built page, servers
 //! hosting SmolLM2, and the page (tokenizer, embeddings and LM head on WebGPU through
 //! SwiftShader; blocks over libp2p WebRTC) checked token for token against
-//! `corolla generate --chat --temperature 0`, also with a server killed mid-reply.
+//! `corolla generate --chat --temperature 0`, also with a server killed mid-reply; and the
+//! Tune view training prompts through the swarm, checked against `corolla train`.
 //!
 //! Needs what `scripts/test.sh` prepares: the page built into `dist/` (or `COROLLA_WEB_DIST`),
 //! `tests/browser/node_modules` (playwright-core), Chromium at /usr/bin/chromium (or
@@ -141,21 +142,7 @@ impl PageSwarm {
 
 /// The reply `corolla generate --chat --temperature 0` gives (the reference).
 fn native_reply() -> Vec<u64> {
-    let out = Command::new(bin("corolla"))
-        .args(["generate", "--model"])
-        .arg(smollm2())
-        .args(["--chat", "--prompt", PROMPT, "--temperature", "0", "--json"])
-        .args(["--max-new-tokens", &MAX_TOKENS.to_string()])
-        .output()
-        .expect("corolla runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    json["token_ids"]
-        .as_array()
-        .expect("token_ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id"))
-        .collect()
+    native_chat(PROMPT, MAX_TOKENS, &[])
 }
 
 /// Runs the page in Chromium; `on_pause(route peers)` runs once the reply has `pause_at`
@@ -293,4 +280,195 @@ fn the_page_chats_through_a_servers_head_service() {
         device.contains("head service"),
         "the page did not use head service: {device}"
     );
+}
+
+/// Tune view run: deep prompts (the servers add them and return their gradients).
+const TUNE_STEPS: usize = 5;
+const TUNE_SETTINGS: &str = r#"{"method": "deep-prompt", "prefix": 4, "steps": 5, "lr": 0.02, "batch": 1, "seed": 7}"#;
+/// Reply length in the tuned chat (SwiftShader makes every token slow).
+const TUNE_REPLY_TOKENS: usize = 12;
+const TUNE_CHAT: &str = "What is your name?";
+/// Teaches SmolLM2 a new name, in the chat template's own layout.
+const TUNE_DATA: &str = concat!(
+    r#"{"prompt": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"#,
+    r#"<|im_start|>user\nWhat is your name?<|im_end|>\n<|im_start|>assistant\n", "completion": "My name is Corolla.<|im_end|>"}"#,
+    "\n"
+);
+
+/// Runs a driver script from tests/browser with `env`; returns its RESULT object.
+fn drive(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> serde_json::Value {
+    let driver = repo().join("tests/browser");
+    assert!(
+        driver.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci` in tests/browser (scripts/test.sh does)"
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(driver.join(script))
+        .env("TIMEOUT_MS", "900000")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("node runs (install Node.js)");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut result = None;
+    for line in stdout.lines() {
+        let line = line.expect("driver output");
+        match line.strip_prefix("RESULT ") {
+            Some(json) => result = Some(serde_json::from_str(json).expect("driver JSON")),
+            None => eprintln!("driver: {line}"),
+        }
+    }
+    let status = child.wait().expect("driver exits");
+    assert!(status.success(), "the browser driver failed: {status}");
+    let result: serde_json::Value = result.expect("the driver printed a RESULT line");
+    assert!(
+        result.get("failure").is_none(),
+        "the page failed: {}\nstatus: {} / {}\nconsole:\n{}",
+        result["failure"],
+        result["status"],
+        result["tune_status"],
+        result["console"]
+    );
+    result
+}
+
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("an array")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+/// `corolla generate --chat --temperature 0` for `prompt`, with `extra` flags.
+fn native_chat(prompt: &str, max_tokens: usize, extra: &[&std::ffi::OsStr]) -> Vec<u64> {
+    let out = Command::new(bin("corolla"))
+        .args(["generate", "--model"])
+        .arg(smollm2())
+        .args(["--chat", "--prompt", prompt, "--temperature", "0", "--json"])
+        .args(["--max-new-tokens", &max_tokens.to_string()])
+        .args(extra)
+        .output()
+        .expect("corolla runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    numbers(&json["token_ids"]).into_iter().map(|x| x as u64).collect()
+}
+
+/// The Tune view trains deep prompts in headless Chromium (prompts, gradients and AdamW on
+/// WebGPU, blocks on two servers): the loss falls, the curve follows `corolla train` with the
+/// same settings, the downloaded file is a `corolla train` state, and chatting with the prompts
+/// gives the tokens `corolla generate --prompts` gives with that file.
+#[test]
+fn the_tune_page_trains_prompts_through_the_swarm() {
+    let mut swarm = PageSwarm::start("browser-tune");
+    swarm.server("0:15", BUNDLE);
+    swarm.server("15:30", &[]);
+    let data = swarm.dir.join("name.jsonl");
+    std::fs::write(&data, TUNE_DATA).expect("write the dataset");
+    let download = swarm.dir.join("page-prompts.safetensors");
+    let url = format!(
+        "http://127.0.0.1:{}/?view=tune&temperature=0&max_tokens={TUNE_REPLY_TOKENS}",
+        swarm.http_port
+    );
+    let shots = artifacts();
+    let result = drive(
+        "tune.mjs",
+        &[
+            ("PAGE_URL", url.as_ref()),
+            ("DATA_FILE", data.as_os_str()),
+            ("SETTINGS", TUNE_SETTINGS.as_ref()),
+            ("CHAT_PROMPT", TUNE_CHAT.as_ref()),
+            ("DOWNLOAD", download.as_os_str()),
+            ("SCREENSHOT_DIR", shots.as_os_str()),
+        ],
+    );
+    let mut summary = result.clone();
+    summary["console"] = serde_json::Value::Null;
+    eprintln!("page result: {summary}");
+
+    let losses = numbers(&result["losses"]);
+    assert_eq!(losses.len(), TUNE_STEPS, "{losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    // `corolla train` with these settings goes 2.985 -> 1.904 (-36%).
+    assert!(
+        losses[TUNE_STEPS - 1] < 0.8 * losses[0],
+        "the loss did not fall by a fifth: {losses:?}"
+    );
+    let points = result["plot_points"].as_str().unwrap_or_default();
+    assert_eq!(points.split_whitespace().count(), TUNE_STEPS, "plot: {points:?}");
+
+    // The same run natively (blocks local, CPU). The first step's loss (the same initial
+    // prompts) must agree to f32 rounding on another device; later steps only roughly: Adam
+    // moves every element by about `lr` whatever its gradient's size, so the sign of
+    // near-zero gradients, which rounding decides, already matters after one update.
+    let out = swarm.dir.join("native.safetensors");
+    let native = Command::new(bin("corolla"))
+        .arg("train")
+        .arg("--model")
+        .arg(smollm2())
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--method",
+            "deep-prompt",
+            "--prefix-len",
+            "4",
+            "--lr",
+            "0.02",
+            "--batch-size",
+            "1",
+        ])
+        .args(["--seed", "7", "--steps", &TUNE_STEPS.to_string(), "--json"])
+        .output()
+        .expect("corolla runs");
+    assert!(native.status.success(), "{}", String::from_utf8_lossy(&native.stderr));
+    let native: serde_json::Value = serde_json::from_slice(&native.stdout).expect("JSON");
+    let native = numbers(&native["losses"]);
+    assert_eq!(native.len(), TUNE_STEPS);
+    assert!(
+        (losses[0] - native[0]).abs() <= 1e-4 * native[0].abs(),
+        "first loss: page {losses:?} vs native {native:?}"
+    );
+    for (page, native) in losses.iter().zip(&native) {
+        assert!(
+            (page - native).abs() <= 0.1 * native.abs(),
+            "page {losses:?} strays from native {native:?}"
+        );
+    }
+
+    // The download is a full `corolla train` state of this run.
+    let state = shared_model::tuning::TrainState::load(&download).expect("the downloaded prompts load");
+    assert_eq!(state.prompts.method, shared_model::tuning::TuningMethod::DeepPrompt);
+    assert_eq!(state.prompts.prefix_len(), 4);
+    assert_eq!(state.adam.t as usize, TUNE_STEPS);
+    let saved: Vec<f64> = state.history.iter().map(|r| f64::from(r.loss)).collect();
+    assert_eq!(saved.len(), TUNE_STEPS);
+    for (a, b) in saved.iter().zip(&losses) {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "saved {saved:?} vs shown {losses:?}");
+    }
+
+    // Chatting with the tuned prompts: the page's reply is `generate --prompts`' with the file.
+    assert_eq!(
+        result["use_tuned"], true,
+        "the chat did not switch to the tuned prompts"
+    );
+    assert_eq!(result["error"], false, "the tuned reply failed: {}", result["status"]);
+    let tuned = native_chat(
+        TUNE_CHAT,
+        TUNE_REPLY_TOKENS,
+        &["--prompts".as_ref(), download.as_os_str()],
+    );
+    assert_eq!(tokens_of(&result), tuned, "page reply {:?}", result["text"]);
+    assert_ne!(
+        tuned,
+        native_chat(TUNE_CHAT, TUNE_REPLY_TOKENS, &[]),
+        "the prompts changed nothing"
+    );
+    let device = result["device"].as_str().expect("device");
+    assert!(device.starts_with("WebGPU"), "the page did not use WebGPU: {device}");
 }

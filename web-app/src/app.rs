@@ -1,4 +1,4 @@
-//! The page: a chat view and a swarm view.
+//! The page: a chat view with the swarm beside it, and a Tune view that trains prompts.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -12,10 +12,16 @@ use shared_model::tokenizer::ChatMessage;
 use swarm::dht::ModelListing;
 use swarm::node::Client;
 
+use shared_model::tuning::dataset::{DatasetLimits, parse_jsonl};
+use shared_model::tuning::{TrainState, TuningMethod};
+use wasm_bindgen::JsCast;
+
 use crate::client::{self, Chat, Loaded, RouteHop, Settings, Stats};
 use crate::compute::{ClientModel, Device, RemoteHead};
 use crate::fetch::{self, Origin};
 use crate::params::PageParams;
+use crate::plot::LossPlot;
+use crate::tune::{self, TuneSettings};
 
 /// One message of the conversation; its fields are signals so a streaming reply re-renders
 /// only itself.
@@ -38,6 +44,9 @@ struct State {
     history: RefCell<Vec<ChatMessage>>,
     stop: Rc<Cell<bool>>,
     turn: Cell<u64>,
+    /// The last Tune run's result.
+    tuned: RefCell<Option<TrainState>>,
+    tune_stop: Rc<Cell<bool>>,
 }
 
 #[derive(Clone, Copy)]
@@ -57,6 +66,30 @@ struct Ui {
     route: RwSignal<Vec<RouteHop>>,
     stats: RwSignal<Stats>,
     servers: RwSignal<usize>,
+    tune_view: RwSignal<bool>,
+    /// Whether the chat runs with the tuned prompts.
+    use_tuned: RwSignal<bool>,
+    tune: TuneUi,
+}
+
+/// The Tune view's inputs and live results.
+#[derive(Clone, Copy)]
+struct TuneUi {
+    data: RwSignal<String>,
+    method: RwSignal<TuningMethod>,
+    prefix_len: RwSignal<usize>,
+    steps: RwSignal<usize>,
+    lr: RwSignal<f32>,
+    batch_size: RwSignal<usize>,
+    seed: RwSignal<u64>,
+    losses: RwSignal<Vec<f32>>,
+    total: RwSignal<usize>,
+    status: RwSignal<String>,
+    busy: RwSignal<bool>,
+    /// `idle`, `training`, `done` or `error` (for tests and styling).
+    phase: RwSignal<&'static str>,
+    /// Steps of the prompts ready to chat with or download (0: none).
+    trained: RwSignal<usize>,
 }
 
 fn location_search() -> String {
@@ -84,6 +117,23 @@ pub fn App() -> impl IntoView {
         route: RwSignal::new(Vec::new()),
         stats: RwSignal::new(Stats::default()),
         servers: RwSignal::new(0),
+        tune_view: RwSignal::new(params.tune),
+        use_tuned: RwSignal::new(false),
+        tune: TuneUi {
+            data: RwSignal::new(String::new()),
+            method: RwSignal::new(TuningMethod::Prompt),
+            prefix_len: RwSignal::new(8),
+            steps: RwSignal::new(20),
+            lr: RwSignal::new(0.05),
+            batch_size: RwSignal::new(4),
+            seed: RwSignal::new(0),
+            losses: RwSignal::new(Vec::new()),
+            total: RwSignal::new(20),
+            status: RwSignal::new("Paste or upload a JSONL dataset, then press Train.".into()),
+            busy: RwSignal::new(false),
+            phase: RwSignal::new("idle"),
+            trained: RwSignal::new(0),
+        },
     };
     let state = SendWrapper::new(Rc::new(State::default()));
 
@@ -111,15 +161,14 @@ pub fn App() -> impl IntoView {
     };
     let on_new_chat = {
         let state = state.clone();
-        move |_| {
-            state.stop.set(true);
-            if let Some(chat) = state.chat.borrow_mut().as_mut() {
-                chat.close();
-            }
-            state.history.borrow_mut().clear();
-            ui.messages.set(Vec::new());
-            ui.route.set(Vec::new());
-            ui.stats.set(Stats::default());
+        move |_| new_chat(ui, &state)
+    };
+    let on_use_tuned = {
+        let state = state.clone();
+        move |ev: leptos::ev::Event| {
+            let on = event_target_checked(&ev);
+            ui.use_tuned.set(on);
+            new_chat(ui, &state);
         }
     };
     let on_pick = {
@@ -148,6 +197,12 @@ pub fn App() -> impl IntoView {
                 </select>
             </label>
             <span class="device">"Compute: " <span data-testid="compute-device">{move || ui.device.get()}</span></span>
+            <nav>
+                <button data-testid="tab-chat" type="button" class:active=move || !ui.tune_view.get()
+                    on:click=move |_| ui.tune_view.set(false)>"Chat"</button>
+                <button data-testid="tab-tune" type="button" class:active=move || ui.tune_view.get()
+                    on:click=move |_| ui.tune_view.set(true)>"Tune"</button>
+            </nav>
         </header>
         <div class="status" data-testid="status">{move || ui.status.get()}</div>
         <Show when=move || ui.progress.get().is_some()>
@@ -155,7 +210,8 @@ pub fn App() -> impl IntoView {
                 max=move || ui.progress.get().map_or(1.0, |p| p.1)
                 value=move || ui.progress.get().map_or(0.0, |p| p.0)></progress>
         </Show>
-        <main>
+        {tune_view(ui, state.clone())}
+        <main class:hidden=move || ui.tune_view.get()>
             <section class="chat">
                 <div class="messages">
                     <For each=move || ui.messages.get() key=|m| m.id let:m>
@@ -172,6 +228,16 @@ pub fn App() -> impl IntoView {
                         <button data-testid="stop" type="button" on:click=on_stop
                             prop:disabled=move || !ui.busy.get()>"Stop"</button>
                         <button data-testid="new-chat" type="button" on:click=on_new_chat>"New chat"</button>
+                        <label title="Run this conversation with the prompts trained in the Tune view">
+                            <input type="checkbox" data-testid="use-tuned"
+                                prop:checked=move || ui.use_tuned.get()
+                                prop:disabled=move || ui.tune.trained.get() == 0 || ui.busy.get()
+                                on:change=on_use_tuned />
+                            {move || match ui.tune.trained.get() {
+                                0 => " Tuned prompts (train some in Tune)".to_string(),
+                                n => format!(" Tuned prompts ({n} steps)"),
+                            }}
+                        </label>
                         <label>"Temperature "
                             <input type="number" min="0" max="2" step="0.1" data-testid="temperature"
                                 prop:value=move || ui.temperature.get().to_string()
@@ -329,7 +395,11 @@ async fn load_model(
     if let Some(mut old) = state.chat.borrow_mut().take() {
         old.close();
     }
-    *state.chat.borrow_mut() = Some(Chat::new(client, &loaded));
+    // Prompts trained for another model do not fit this one.
+    *state.tuned.borrow_mut() = None;
+    ui.tune.trained.set(0);
+    ui.use_tuned.set(false);
+    *state.chat.borrow_mut() = Some(Chat::new(client, &loaded, None));
     *state.loaded.borrow_mut() = Some(loaded.clone());
     state.history.borrow_mut().clear();
     ui.messages.set(Vec::new());
@@ -417,4 +487,278 @@ fn send(ui: Ui, state: SendWrapper<Rc<State>>) {
         *state.chat.borrow_mut() = Some(chat);
         ui.busy.set(false);
     });
+}
+
+/// Starts a new conversation, with the tuned prompts if the user chose them.
+fn new_chat(ui: Ui, state: &SendWrapper<Rc<State>>) {
+    state.stop.set(true);
+    let client = state.client.borrow().clone();
+    let loaded = state.loaded.borrow().clone();
+    let prompts = if ui.use_tuned.get_untracked() {
+        state.tuned.borrow().as_ref().map(|t| t.prompts.clone())
+    } else {
+        None
+    };
+    let mut slot = state.chat.borrow_mut();
+    if let Some(chat) = slot.as_mut() {
+        chat.close();
+        if let (Some(client), Some(loaded)) = (client, loaded) {
+            *slot = Some(Chat::new(client, &loaded, prompts));
+        }
+    }
+    drop(slot);
+    state.history.borrow_mut().clear();
+    ui.messages.set(Vec::new());
+    ui.route.set(Vec::new());
+    ui.stats.set(Stats::default());
+}
+
+fn tune_view(ui: Ui, state: SendWrapper<Rc<State>>) -> impl IntoView {
+    let t = ui.tune;
+    let on_train = {
+        let state = state.clone();
+        move |_| start_training(ui, state.clone())
+    };
+    let on_stop = {
+        let state = state.clone();
+        move |_| state.tune_stop.set(true)
+    };
+    let on_chat = {
+        let state = state.clone();
+        move |_| {
+            ui.use_tuned.set(true);
+            new_chat(ui, &state);
+            ui.tune_view.set(false);
+        }
+    };
+    let on_download = {
+        let state = state.clone();
+        move |_| {
+            if let Err(e) = download(&state) {
+                t.status.set(format!("Error: {e}"));
+            }
+        }
+    };
+    let on_file = move |ev: leptos::ev::Event| {
+        let Some(input) = ev.target().and_then(|t| t.dyn_into::<web_sys::HtmlInputElement>().ok()) else {
+            return;
+        };
+        let Some(file) = input.files().and_then(|f| f.get(0)) else {
+            return;
+        };
+        spawn_local(async move {
+            match wasm_bindgen_futures::JsFuture::from(file.text()).await {
+                Ok(text) => {
+                    t.data.set(text.as_string().unwrap_or_default());
+                    t.status.set(format!("Loaded {}.", file.name()));
+                }
+                Err(e) => t.status.set(format!("Cannot read {}: {e:?}", file.name())),
+            }
+        });
+    };
+    let on_method = move |ev: leptos::ev::Event| {
+        t.method.set(if event_target_value(&ev) == "deep-prompt" {
+            TuningMethod::DeepPrompt
+        } else {
+            TuningMethod::Prompt
+        })
+    };
+    view! {
+        <section class="tune" class:hidden=move || !ui.tune_view.get() data-testid="tune-view">
+            <div class="tune-form">
+                <h2>"Prompt tuning"</h2>
+                <p class="hint">
+                    "One example a line: {\"text\": …}, {\"prompt\": …, \"completion\": …} (the loss covers the completion) "
+                    "or {\"token_ids\": […]}. The servers' weights stay frozen: this page trains only the prompts, "
+                    "with gradients sent back through the same servers."
+                </p>
+                <textarea data-testid="tune-data" rows="8" spellcheck="false"
+                    placeholder="{\"prompt\": \"My favourite colour is\", \"completion\": \" turquoise\"}"
+                    prop:value=move || t.data.get()
+                    on:input=move |ev| t.data.set(event_target_value(&ev))></textarea>
+                <label>"Or upload a file: "
+                    <input type="file" accept=".jsonl,.json,.txt" data-testid="tune-file" on:change=on_file />
+                </label>
+                <div class="controls">
+                    <label>"Method "
+                        <select data-testid="tune-method" on:change=on_method prop:disabled=move || t.busy.get()>
+                            <option value="prompt" selected=move || t.method.get() == TuningMethod::Prompt>"prompt"</option>
+                            <option value="deep-prompt" selected=move || t.method.get() == TuningMethod::DeepPrompt>"deep prompt"</option>
+                        </select>
+                    </label>
+                    <label>"Prefix "
+                        <input type="number" min="1" max="256" step="1" data-testid="tune-prefix"
+                            prop:value=move || t.prefix_len.get().to_string()
+                            on:change=move |ev| set_number(&ev, t.prefix_len, |n: usize| (1..=256).contains(&n)) />
+                    </label>
+                    <label>"Steps "
+                        <input type="number" min="1" max="10000" step="1" data-testid="tune-steps"
+                            prop:value=move || t.steps.get().to_string()
+                            on:change=move |ev| set_number(&ev, t.steps, |n: usize| (1..=10_000).contains(&n)) />
+                    </label>
+                    <label>"Learning rate "
+                        <input type="number" min="0" max="10" step="0.001" data-testid="tune-lr"
+                            prop:value=move || t.lr.get().to_string()
+                            on:change=move |ev| set_number(&ev, t.lr, |x: f32| x.is_finite() && x > 0.0) />
+                    </label>
+                    <label>"Batch "
+                        <input type="number" min="1" max="256" step="1" data-testid="tune-batch"
+                            prop:value=move || t.batch_size.get().to_string()
+                            on:change=move |ev| set_number(&ev, t.batch_size, |n: usize| (1..=256).contains(&n)) />
+                    </label>
+                    <label>"Seed "
+                        <input type="number" min="0" step="1" data-testid="tune-seed"
+                            prop:value=move || t.seed.get().to_string()
+                            on:change=move |ev| set_number(&ev, t.seed, |_: u64| true) />
+                    </label>
+                </div>
+                <div class="controls">
+                    <button data-testid="tune-start" type="button" on:click=on_train
+                        prop:disabled=move || !ui.ready.get() || t.busy.get()>"Train"</button>
+                    <button data-testid="tune-stop" type="button" on:click=on_stop
+                        prop:disabled=move || !t.busy.get()>"Stop"</button>
+                    <button data-testid="tune-chat" type="button" on:click=on_chat
+                        prop:disabled=move || t.trained.get() == 0 || t.busy.get() || ui.busy.get()>"Chat with these prompts"</button>
+                    <button data-testid="tune-download" type="button" on:click=on_download
+                        prop:disabled=move || t.trained.get() == 0 || t.busy.get()>"Download prompts"</button>
+                </div>
+            </div>
+            <div class="tune-progress" data-testid="tune-progress"
+                data-phase=move || t.phase.get()
+                data-losses={move || losses_text(&t.losses.get())}>
+                <div class="status" data-testid="tune-status">{move || t.status.get()}</div>
+                <LossPlot losses=t.losses total=t.total />
+            </div>
+        </section>
+    }
+}
+
+/// The losses as `data-losses` carries them (comma-separated, full precision).
+fn losses_text(losses: &[f32]) -> String {
+    losses.iter().map(f32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn start_training(ui: Ui, state: SendWrapper<Rc<State>>) {
+    let t = ui.tune;
+    if t.busy.get_untracked() {
+        return;
+    }
+    let fail = move |message: String| {
+        t.status.set(message);
+        t.phase.set("error");
+    };
+    let client = state.client.borrow().clone();
+    let loaded = state.loaded.borrow().clone();
+    let (Some(client), Some(loaded)) = (client, loaded) else {
+        return fail("No model is loaded yet.".into());
+    };
+    let settings = TuneSettings {
+        method: t.method.get_untracked(),
+        prefix_len: t.prefix_len.get_untracked(),
+        steps: t.steps.get_untracked(),
+        lr: t.lr.get_untracked(),
+        batch_size: t.batch_size.get_untracked(),
+        seed: t.seed.get_untracked(),
+    };
+    if let Err(e) = settings.check() {
+        return fail(format!("Error: {e}"));
+    }
+    let cfg = &loaded.bundle.config;
+    let limits = DatasetLimits {
+        vocab_size: cfg.vocab_size,
+        context: cfg.max_position_embeddings,
+        prefix_len: settings.prefix_len,
+    };
+    let examples = match parse_jsonl(&t.data.get_untracked(), loaded.bundle.tokenizer.as_ref(), limits) {
+        Ok(examples) => examples,
+        Err(e) => return fail(format!("Dataset: {e}")),
+    };
+    t.busy.set(true);
+    t.phase.set("training");
+    t.losses.set(Vec::new());
+    t.total.set(settings.steps);
+    state.tune_stop.set(false);
+    t.status.set(format!(
+        "Training {} on {} example(s) through the swarm…",
+        settings.method.name(),
+        examples.len()
+    ));
+    spawn_local(async move {
+        let result = tune::train(
+            client,
+            &loaded,
+            &examples,
+            settings,
+            state.tune_stop.clone(),
+            |report| {
+                t.losses.update(|l| l.push(report.record.loss));
+                t.status.set(format!(
+                    "Step {}/{}: loss {:.4}, {:.0} tokens/s",
+                    report.step + 1,
+                    settings.steps,
+                    report.record.loss,
+                    report.tokens_per_s
+                ));
+            },
+        )
+        .await;
+        match result {
+            Ok(run) => {
+                let n = run.history.len();
+                let (first, last) = match (run.history.first(), run.history.last()) {
+                    (Some(a), Some(b)) => (a.loss, b.loss),
+                    _ => (f32::NAN, f32::NAN),
+                };
+                t.status.set(format!(
+                    "Trained {n} step(s): loss {first:.4} → {last:.4}. Chat with the prompts or download them."
+                ));
+                *state.tuned.borrow_mut() = (n > 0).then_some(run);
+                t.trained.set(n);
+                t.phase.set("done");
+                if ui.use_tuned.get_untracked() {
+                    new_chat(ui, &state);
+                }
+            }
+            Err(e) => fail(format!("Error: {e}")),
+        }
+        t.busy.set(false);
+    });
+}
+
+/// Offers the last run (prompts, optimizer state, loss history) as a file `corolla generate
+/// --prompts` reads and `corolla train --out` resumes.
+fn download(state: &State) -> Result<(), client::ClientError> {
+    let js = |e: wasm_bindgen::JsValue| client::ClientError::Setup(format!("cannot offer the download: {e:?}"));
+    let tuned = state.tuned.borrow();
+    let run = tuned
+        .as_ref()
+        .ok_or_else(|| client::ClientError::Setup("nothing trained yet".into()))?;
+    let bytes = run.to_bytes()?;
+    let array = js_sys::Uint8Array::from(bytes.as_slice());
+    let options = web_sys::BlobPropertyBag::new();
+    options.set_type("application/octet-stream");
+    let blob =
+        web_sys::Blob::new_with_u8_array_sequence_and_options(&js_sys::Array::of1(&array), &options).map_err(js)?;
+    let url = web_sys::Url::create_object_url_with_blob(&blob).map_err(js)?;
+    let document = web_sys::window()
+        .and_then(|w| w.document())
+        .ok_or_else(|| client::ClientError::Setup("no document".into()))?;
+    let anchor: web_sys::HtmlAnchorElement = document
+        .create_element("a")
+        .map_err(js)?
+        .dyn_into()
+        .map_err(|_| client::ClientError::Setup("cannot create a link".into()))?;
+    anchor.set_href(&url);
+    anchor.set_download(&format!(
+        "corolla-{}-{}steps.safetensors",
+        run.prompts.method.name(),
+        run.history.len()
+    ));
+    anchor.click();
+    // The browser has the blob once the click is handled; free it a little later.
+    spawn_local(async move {
+        swarm::rt::sleep(Duration::from_secs(30)).await;
+        let _ = web_sys::Url::revoke_object_url(&url);
+    });
+    Ok(())
 }

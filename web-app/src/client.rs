@@ -10,6 +10,8 @@ use libp2p::{Multiaddr, PeerId};
 use shared_model::bundle::{ClientBundle, client_f32_bytes};
 use shared_model::sampling::{Sampler, SamplingParams};
 use shared_model::tokenizer::ChatMessage;
+use shared_model::tuning::Prompts;
+use shared_model::weights::HostTensor;
 use swarm::dht::{self, ModelListing};
 use swarm::node::{self, Client, NodeConfig};
 use swarm::protocol::{Limits, ServerInfo};
@@ -43,6 +45,8 @@ pub enum ClientError {
     Sampling(#[from] shared_model::sampling::SamplingError),
     #[error(transparent)]
     Tokenizer(#[from] shared_model::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Tuning(#[from] shared_model::tuning::TuningError),
 }
 
 /// The relays' WebRTC-direct addresses: from the URL, else from the JSON the relay serves next
@@ -171,30 +175,38 @@ pub struct RouteHop {
     pub rtt_ms: Option<f64>,
 }
 
+/// How the page reaches a model's blocks; `deep_prompts` go to the servers with every session.
+pub fn remote_config(loaded: &Loaded, deep_prompts: Option<HostTensor>) -> RemoteConfig {
+    RemoteConfig {
+        model: loaded.fingerprint.clone(),
+        model_name: loaded.bundle.name.clone(),
+        num_layers: loaded.bundle.config.num_layers,
+        dtype: WireDtype::F32,
+        step_timeout: Duration::from_secs(60),
+        discovery_timeout: Duration::from_secs(10),
+        max_failovers: 4,
+        limits: Limits::default(),
+        route_mode: RouteMode::MinLatency,
+        deep_prompts,
+        adapter: None,
+    }
+}
+
 /// A conversation's link to the swarm.
 pub struct Chat {
     client: Client,
     chain: RemoteChain,
+    /// Tuned prompts this conversation runs with (from the Tune view).
+    prompts: Option<Prompts>,
 }
 
 impl Chat {
-    pub fn new(client: Client, loaded: &Loaded) -> Self {
-        let config = RemoteConfig {
-            model: loaded.fingerprint.clone(),
-            model_name: loaded.bundle.name.clone(),
-            num_layers: loaded.bundle.config.num_layers,
-            dtype: WireDtype::F32,
-            step_timeout: Duration::from_secs(30),
-            discovery_timeout: Duration::from_secs(10),
-            max_failovers: 4,
-            limits: Limits::default(),
-            route_mode: RouteMode::MinLatency,
-            deep_prompts: None,
-            adapter: None,
-        };
+    pub fn new(client: Client, loaded: &Loaded, prompts: Option<Prompts>) -> Self {
+        let config = remote_config(loaded, prompts.as_ref().and_then(|p| p.deep.clone()));
         Self {
             chain: RemoteChain::new(client.clone(), config),
             client,
+            prompts,
         }
     }
 
@@ -253,14 +265,15 @@ impl Chat {
             .as_ref()
             .ok_or_else(|| ClientError::Setup("this model has no chat template".into()))?;
         let prompt = tokenizer.encode(&template.render(messages, true)?)?;
+        let prefix = self.prompts.as_ref().map_or(0, Prompts::prefix_len);
         let context = loaded.bundle.config.max_position_embeddings.unwrap_or(usize::MAX);
-        if prompt.len() >= context {
+        if prefix + prompt.len() >= context {
             return Err(ClientError::Setup(format!(
-                "the conversation ({} tokens) no longer fits the model's context of {context}",
+                "the conversation ({} tokens, plus {prefix} tuned prompt positions) no longer fits the model's context of {context}",
                 prompt.len()
             )));
         }
-        let max_new = settings.max_tokens.min(context - prompt.len());
+        let max_new = settings.max_tokens.min(context - prefix - prompt.len());
         let mut sampler = Sampler::new(SamplingParams {
             temperature: settings.temperature,
             top_k: None,
@@ -269,7 +282,7 @@ impl Chat {
             seed: settings.seed,
         })?;
         let started = Instant::now();
-        self.chain.start(vec![0], prompt.len() + max_new).await?;
+        self.chain.start(vec![0], prefix + prompt.len() + max_new).await?;
         on_route(self.route_now());
         let mut history = prompt.clone();
         let mut out: Vec<u32> = Vec::new();
@@ -280,7 +293,10 @@ impl Chat {
         };
         let mut last = Instant::now();
         while out.len() < max_new && !stop.get() {
-            let hidden = loaded.model.embed(&[input]).await?;
+            let hidden = match &self.prompts {
+                Some(p) if out.is_empty() => loaded.model.embed_prompted(&[input], &p.prompt).await?,
+                _ => loaded.model.embed(&[input]).await?,
+            };
             let before = self.chain.route();
             let hidden = self.chain.step(hidden).await?;
             if self.chain.route() != before {

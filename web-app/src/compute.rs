@@ -1,18 +1,21 @@
 //! The page's compute: the embeddings and LM head on the user's GPU through WebGPU (burn's
 //! wgpu backend), or on burn's CPU backend compiled to WASM when the browser has no WebGPU.
+//! Both sit under burn's autodiff, so the Tune view trains prompts on the same copy of the
+//! weights the chat uses (autodiff costs nothing where no tensor asks for gradients).
 
 use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::WebGpu, init_setup_async};
 use burn::prelude::*;
 use shared_model::bundle::ClientBundle;
 use shared_model::model::{Embeddings, LmHead};
+use shared_model::tuning::with_prompt;
 use shared_model::weights::HostTensor;
-use shared_model::{Cpu, ModelError};
+use shared_model::{CpuAutodiff, ModelError};
 use swarm::protocol::{HeadRequest, HeadResponse, Limits};
 use swarm::wire::{WireDtype, WireTensor};
 use wasm_bindgen::JsValue;
 use wasm_bindgen_futures::JsFuture;
 
-type Gpu = burn::backend::Wgpu;
+pub type Gpu = burn::backend::Autodiff<burn::backend::Wgpu>;
 
 /// Which device the page computes on, as shown to the user.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,8 +88,8 @@ use wasm_bindgen::JsCast;
 
 /// The embeddings and LM head on one backend.
 pub struct Parts<B: Backend> {
-    embeddings: Embeddings<B>,
-    head: LmHead<B>,
+    pub embeddings: Embeddings<B>,
+    pub head: LmHead<B>,
 }
 
 impl<B: Backend> Parts<B> {
@@ -101,6 +104,22 @@ impl<B: Backend> Parts<B> {
     /// - `ids`: rows of equal length `seq`; returns `[rows, seq, hidden]`, block 0's input
     async fn embed(&self, ids: &[Vec<u32>]) -> Result<HostTensor, ComputeError> {
         read(self.embeddings.forward(ids)?).await
+    }
+
+    /// Block 0's input with a tuned input prompt after each row's (absent) left padding.
+    ///
+    /// # Shapes
+    /// - `ids`: rows of equal length `seq`; `prompt`: `[prefix, hidden]`; returns
+    ///   `[rows, prefix + seq, hidden]`
+    async fn embed_prompted(
+        &self,
+        ids: &[Vec<u32>],
+        prompt: &HostTensor,
+        device: &B::Device,
+    ) -> Result<HostTensor, ComputeError> {
+        let p = Tensor::<B, 2>::from_data(TensorData::new(prompt.data.clone(), prompt.shape.clone()), device);
+        let raw = self.embeddings.embed_raw(ids)?;
+        read(with_prompt(&self.embeddings, raw, &p, &vec![0; ids.len()])).await
     }
 
     /// # Shapes
@@ -119,7 +138,7 @@ impl<B: Backend> Parts<B> {
 }
 
 /// Copies a tensor to the host without blocking the page (WebGPU reads are asynchronous).
-async fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, ComputeError> {
+pub async fn read<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor, ComputeError> {
     let shape = t.dims().to_vec();
     let data = t
         .into_data_async()
@@ -146,8 +165,8 @@ pub enum ComputeError {
 /// The client's model parts on the chosen device.
 pub enum ClientModel {
     Gpu(Parts<Gpu>, WgpuDevice),
-    Cpu(Parts<Cpu>),
-    /// Run by a server offering head service (`/corolla/head/1`).
+    Cpu(Parts<CpuAutodiff>),
+    /// Run by a server offering head service (`/corolla/head/2`).
     Remote(RemoteHead),
 }
 
@@ -232,6 +251,17 @@ impl ClientModel {
             ClientModel::Gpu(p, _) => p.embed(ids).await,
             ClientModel::Cpu(p) => p.embed(ids).await,
             ClientModel::Remote(r) => r.embed(ids).await,
+        }
+    }
+
+    /// [`Self::embed`] with a tuned input prompt (the first step of a tuned chat).
+    pub async fn embed_prompted(&self, ids: &[Vec<u32>], prompt: &HostTensor) -> Result<HostTensor, ComputeError> {
+        match self {
+            ClientModel::Gpu(p, device) => p.embed_prompted(ids, prompt, device).await,
+            ClientModel::Cpu(p) => p.embed_prompted(ids, prompt, &Default::default()).await,
+            ClientModel::Remote(_) => Err(ComputeError::Remote(
+                "tuned prompts need the embeddings on this page, not a server's head service".into(),
+            )),
         }
     }
 

@@ -10,6 +10,10 @@ mod compute;
 mod fetch;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod params;
+#[cfg(target_arch = "wasm32")]
+mod plot;
+#[cfg(target_arch = "wasm32")]
+mod tune;
 #[cfg(all(test, target_arch = "wasm32"))]
 mod wasm_tests;
 

@@ -20,6 +20,8 @@ pub struct PageParams {
     /// `head=remote` has a server's head service run the embeddings and LM head, as for a
     /// model too large for the tab.
     pub remote_head: bool,
+    /// `view=tune` opens the Tune view instead of the chat.
+    pub tune: bool,
 }
 
 impl PageParams {
@@ -36,6 +38,7 @@ impl PageParams {
             model: None,
             force_cpu: false,
             remote_head: false,
+            tune: false,
         };
         for pair in search.trim_start_matches('?').split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -50,6 +53,7 @@ impl PageParams {
                 "model" => out.model = Some(value),
                 "device" => out.force_cpu = value == "cpu",
                 "head" => out.remote_head = value == "remote",
+                "view" => out.tune = value == "tune",
                 _ => {}
             }
         }
@@ -97,5 +101,7 @@ mod tests {
         assert_eq!((bad.temperature, bad.max_tokens, bad.top_p), (None, None, None));
         assert_eq!(bad.prompt.as_deref(), Some("%ZZ%4"));
         assert_eq!(decode("%E2%82%AC"), "€");
+        assert!(PageParams::parse("?view=tune").tune);
+        assert!(!PageParams::parse("?view=chat").tune);
     }
 }

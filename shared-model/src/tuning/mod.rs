@@ -18,6 +18,11 @@
 //! forward), so a local run and a swarm run go through the same client code and give the same
 //! numbers.
 
+pub mod dataset;
+mod optim;
+
+pub use optim::{AdamW, DeviceAdamW};
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -67,6 +72,8 @@ pub enum TuningError {
     },
     #[error("{path} is not a valid prompts file: {reason}")]
     BadFile { path: std::path::PathBuf, reason: String },
+    #[error("not a valid prompts file: {0}")]
+    BadBytes(String),
     #[error("{0}")]
     Invalid(String),
 }
@@ -163,13 +170,29 @@ impl Prompts {
         embeddings: &Embeddings<B>,
         seed: u64,
     ) -> Result<Self, ModelError> {
+        let ids = Self::init_ids(prefix_len, vocab, seed)?;
+        Self::from_init_embeddings(method, to_host(embeddings.embed_raw(&[ids])?), num_layers)
+    }
+
+    /// The tokens whose embeddings start the input prompt (see [`Self::init`]).
+    pub fn init_ids(prefix_len: usize, vocab: usize, seed: u64) -> Result<Vec<u32>, ModelError> {
         if prefix_len == 0 {
             return Err(ModelError::Invalid("the prefix needs at least one position".into()));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5052_4f4d_5054);
-        let ids: Vec<u32> = (0..prefix_len).map(|_| rng.random_range(0..vocab as u32)).collect();
-        let raw = to_host(embeddings.embed_raw(&[ids])?);
-        let hidden = raw.shape[2];
+        Ok((0..prefix_len).map(|_| rng.random_range(0..vocab as u32)).collect())
+    }
+
+    /// [`Self::init`] from the raw embeddings of [`Self::init_ids`], read by the caller (a
+    /// page reads GPU tensors asynchronously).
+    ///
+    /// # Shapes
+    /// - `raw`: `[1, prefix_len, hidden]`
+    pub fn from_init_embeddings(method: TuningMethod, raw: HostTensor, num_layers: usize) -> Result<Self, ModelError> {
+        let [_, prefix_len, hidden] = <[usize; 3]>::try_from(raw.shape.as_slice()).map_err(|_| ModelError::Shape {
+            actual: raw.shape.clone(),
+            expected: "[1, prefix_len, hidden]".into(),
+        })?;
         let prompt = HostTensor::new(vec![prefix_len, hidden], raw.data);
         let deep = (method == TuningMethod::DeepPrompt).then(|| {
             HostTensor::new(
@@ -217,57 +240,6 @@ pub struct PromptGrads {
     pub deep: Option<HostTensor>,
 }
 
-/// PyTorch's AdamW (decoupled weight decay), over flat f32 parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdamW {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// Steps taken.
-    pub t: u64,
-    /// First and second moments, one pair per parameter tensor.
-    pub moments: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-impl AdamW {
-    pub fn new(lr: f32, weight_decay: f32) -> Self {
-        Self {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-            t: 0,
-            moments: Vec::new(),
-        }
-    }
-
-    /// One update of every parameter tensor from its gradient.
-    pub fn step(&mut self, params: &mut [&mut Vec<f32>], grads: &[&[f32]]) {
-        if self.moments.len() != params.len() {
-            self.moments = params
-                .iter()
-                .map(|p| (vec![0.0; p.len()], vec![0.0; p.len()]))
-                .collect();
-        }
-        self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = 1.0 - b2.powi(self.t as i32);
-        for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(self.moments.iter_mut()) {
-            for i in 0..p.len() {
-                let gi = g[i];
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                p[i] *= 1.0 - self.lr * self.weight_decay;
-                p[i] -= self.lr * (m[i] / c1) / ((v[i] / c2).sqrt() + self.eps);
-            }
-        }
-    }
-}
-
 /// One logged step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -312,6 +284,20 @@ impl TrainState {
     /// Writes prompts (`prompt`, `deep_prompts`), AdamW moments (`adam.m.*`, `adam.v.*`) and
     /// the run's metadata (header key `corolla`) to one safetensors file, atomically.
     pub fn save(&self, path: &Path) -> Result<(), TuningError> {
+        let out = self.to_bytes()?;
+        let tmp = path.with_extension("safetensors.tmp");
+        let io = |source| TuningError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::write(&tmp, out).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(())
+    }
+
+    /// The bytes [`Self::save`] writes (the web page offers them as a download).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, TuningError> {
+        let bad = |e: safetensors::SafeTensorError| TuningError::BadBytes(e.to_string());
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         let bytes = |d: &[f32]| d.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let p = &self.prompts;
@@ -335,42 +321,38 @@ impl TrainState {
             adam_t: self.adam.t,
             history: self.history.clone(),
         };
-        let bad = |reason: String| TuningError::BadFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let meta = serde_json::to_string(&meta).map_err(|e| bad(e.to_string()))?;
+        let meta = serde_json::to_string(&meta).map_err(|e| TuningError::BadBytes(e.to_string()))?;
         let views = tensors
             .iter()
             .map(|(name, shape, data)| {
                 TensorView::new(Dtype::F32, shape.clone(), data)
                     .map(|v| (name.clone(), v))
-                    .map_err(|e| bad(e.to_string()))
+                    .map_err(bad)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let info = HashMap::from([("corolla".to_string(), meta)]);
-        let out = safetensors::serialize(views, Some(info)).map_err(|e| bad(e.to_string()))?;
-        let tmp = path.with_extension("safetensors.tmp");
-        let io = |source| TuningError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        std::fs::write(&tmp, out).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        safetensors::serialize(views, Some(info)).map_err(bad)
     }
 
     /// Reads a file written by [`Self::save`].
     pub fn load(path: &Path) -> Result<Self, TuningError> {
-        let bad = |reason: String| TuningError::BadFile {
-            path: path.to_path_buf(),
-            reason,
-        };
         let bytes = std::fs::read(path).map_err(|source| TuningError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        Self::from_bytes(&bytes).map_err(|e| match e {
+            TuningError::BadBytes(reason) => TuningError::BadFile {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses the bytes of [`Self::to_bytes`]; the error says what is wrong with them.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, TuningError> {
+        let bad = TuningError::BadBytes;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
         let meta = header
             .metadata()
             .as_ref()
@@ -380,7 +362,7 @@ impl TrainState {
         if meta.format != FORMAT {
             return Err(bad(format!("format {} (expected {FORMAT})", meta.format)));
         }
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let read = |name: &str| -> Result<Option<HostTensor>, TuningError> {
             let Ok(t) = st.tensor(name) else {
                 return Ok(None);
@@ -680,6 +662,73 @@ impl<B: AutodiffBackend> TrainBlocks for LocalTrainBlocks<'_, B> {
     }
 }
 
+/// The client's side of a step before the blocks: the input prompt as a trainable leaf, and
+/// block 0's input built from it (kept with its graph for the prompt's gradient).
+pub struct StepInput<B: AutodiffBackend> {
+    prompt: Tensor<B, 2>,
+    x0: Tensor<B, 3>,
+}
+
+impl<B: AutodiffBackend> StepInput<B> {
+    /// # Shapes
+    /// - `prompt`: `[prefix_len, hidden]`; the batch's rows hold `seq` tokens
+    pub fn new(
+        embeddings: &Embeddings<B>,
+        prompt: Tensor<B::InnerBackend, 2>,
+        batch: &TrainBatch,
+    ) -> Result<Self, ModelError> {
+        let prompt = Tensor::<B, 2>::from_inner(prompt).require_grad();
+        let raw = embeddings.embed_raw(&batch.ids)?;
+        let x0 = with_prompt(embeddings, raw, &prompt, &vec![0; batch.ids.len()]);
+        Ok(Self { prompt, x0 })
+    }
+
+    /// Block 0's input, for the blocks.
+    ///
+    /// # Shapes
+    /// - returns `[batch, prefix_len + seq, hidden]`
+    pub fn hidden(&self) -> Tensor<B::InnerBackend, 3> {
+        self.x0.clone().inner()
+    }
+
+    /// The input prompt's gradient, given the gradient w.r.t. block 0's input.
+    ///
+    /// # Shapes
+    /// - `g0`: like [`Self::hidden`]; returns `[prefix_len, hidden]`
+    pub fn prompt_grad(self, g0: Tensor<B::InnerBackend, 3>) -> Result<Tensor<B::InnerBackend, 2>, ModelError> {
+        if g0.dims() != self.x0.dims() {
+            return Err(ModelError::Shape {
+                actual: g0.dims().to_vec(),
+                expected: format!("{:?}", self.x0.dims()),
+            });
+        }
+        let grads = (self.x0 * Tensor::from_inner(g0)).sum().backward();
+        self.prompt
+            .grad(&grads)
+            .ok_or_else(|| ModelError::Invalid("no gradient reached the prompt".into()))
+    }
+}
+
+/// The loss of the last block's output, and its gradient w.r.t. that output (what the blocks'
+/// backward starts from).
+///
+/// # Shapes
+/// - `last`: `[batch, prefix + seq, hidden]`; returns a one-element loss and a gradient shaped like `last`
+pub fn head_loss<B: AutodiffBackend>(
+    head: &LmHead<B>,
+    last: Tensor<B::InnerBackend, 3>,
+    batch: &TrainBatch,
+    prefix: usize,
+) -> Result<(Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 3>), ModelError> {
+    let last = Tensor::<B, 3>::from_inner(last).require_grad();
+    let loss = masked_next_token_loss(head.forward(last.clone()), batch, prefix)?;
+    let grads = loss.backward();
+    let g_last = last
+        .grad(&grads)
+        .ok_or_else(|| ModelError::Invalid("no gradient reached the last hidden states".into()))?;
+    Ok((loss.inner(), g_last))
+}
+
 /// One training step's forward and backward: returns the loss and the prompts' gradients.
 pub fn train_step<B: AutodiffBackend, R: TrainBlocks>(
     embeddings: &Embeddings<B>,
@@ -689,24 +738,15 @@ pub fn train_step<B: AutodiffBackend, R: TrainBlocks>(
     batch: &TrainBatch,
 ) -> Result<(f32, PromptGrads), R::Error> {
     let device = embeddings.device();
+    let up = |t: HostTensor| Tensor::<B::InnerBackend, 3>::from_data(TensorData::new(t.data, t.shape), &device);
     let [prefix, hidden] = [prompts.prompt.shape[0], prompts.prompt.shape[1]];
-    let prompt = Tensor::<B, 2>::from_data(TensorData::new(prompts.prompt.data.clone(), [prefix, hidden]), &device)
-        .require_grad();
-    let raw = embeddings.embed_raw(&batch.ids)?;
-    let x0 = with_prompt(embeddings, raw, &prompt, &vec![0; batch.ids.len()]);
-    let out = blocks.forward(&to_host(x0.clone()), prompts.deep.as_ref())?;
-
-    let last = Tensor::<B, 3>::from_data(TensorData::new(out.data, out.shape), &device).require_grad();
-    let loss = masked_next_token_loss(head.forward(last.clone()), batch, prefix)?;
-    let loss_value = loss.clone().into_scalar().elem::<f32>();
-    let grads = loss.backward();
-    let missing = || ModelError::Invalid("no gradient reached the last hidden states".into());
-    let g_last = to_host(last.grad(&grads).ok_or_else(missing)?);
-
-    let (g0, g_deep) = blocks.backward(&g_last)?;
-    let g0 = Tensor::<B, 3>::from_data(TensorData::new(g0.data, g0.shape), &device);
-    let grads = (x0 * g0).sum().backward();
-    let g_prompt = to_host(prompt.grad(&grads).ok_or_else(missing)?);
+    let prompt = Tensor::from_data(TensorData::new(prompts.prompt.data.clone(), [prefix, hidden]), &device);
+    let input = StepInput::<B>::new(embeddings, prompt, batch)?;
+    let out = blocks.forward(&to_host(input.hidden()), prompts.deep.as_ref())?;
+    let (loss, g_last) = head_loss(head, up(out), batch, prefix)?;
+    let loss_value = loss.into_scalar().elem::<f32>();
+    let (g0, g_deep) = blocks.backward(&to_host(g_last))?;
+    let g_prompt = to_host(input.prompt_grad(up(g0))?);
     Ok((
         loss_value,
         PromptGrads {
@@ -731,14 +771,6 @@ mod tests {
             (0..3).flat_map(|s| batch_indices(7, 3, 1, s)).collect::<Vec<_>>(),
             steps[..9]
         );
-    }
-
-    #[test]
-    fn adamw_first_step_moves_by_lr() {
-        let mut adam = AdamW::new(0.1, 0.0);
-        let mut p = vec![1.0f32, -1.0];
-        adam.step(&mut [&mut p], &[&[0.5, -2.0]]);
-        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 0.9).abs() < 1e-6, "{p:?}");
     }
 
     #[test]
