@@ -99,8 +99,10 @@ where
 {
     // Before any tensor exists: burn fixes a device's float type at its first tensor.
     config.dtype.apply::<B>(&device)?;
-    let files =
+    let mut files =
         ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
+    // Dense reads stay as stored, so the fingerprint is the unquantized model's.
+    crate::args::apply_quant(config.quant, &mut files);
     let num_layers = files.config.num_layers;
     let model_fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
     let model_name = config
@@ -186,7 +188,7 @@ where
     }
     let adapter_names: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
     let throughput = measure_throughput(&span, &device)?;
-    tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, "serving");
+    tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, quant = ?config.quant, "serving");
 
     let shared = Arc::new(Shared {
         span,
