@@ -482,11 +482,15 @@ fn fill_memory<B: Backend>(
 }
 
 /// Decode tokens per second of the whole span at batch 1, after a short prefill.
+///
+/// One decode step runs untimed first: on a GPU the first step of a process compiles its
+/// kernels (seconds), which would otherwise be announced as the server's speed.
 fn measure_throughput<B: Backend>(span: &BlockSpan<B>, device: &B::Device) -> Result<f64> {
     let hidden = span.config().hidden_size;
     let mut cache = span.new_cache(vec![0]);
     let x = Tensor::<B, 3>::zeros([1, 8, hidden], device);
     span.forward(x, &mut cache)?;
+    let _ = to_host(span.forward(Tensor::<B, 3>::zeros([1, 1, hidden], device), &mut cache)?);
     let steps = 4;
     let start = Instant::now();
     for _ in 0..steps {

@@ -136,10 +136,17 @@ fn autodiff_view_of_a_span_matches_the_span() {
         assert!(xa.grad(&grads).is_some(), "{family}: no input gradient");
         let ya = to_host(ya.inner());
         let scale = y.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = y.data.iter().zip(&ya.data).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = y
+            .data
+            .iter()
+            .zip(&ya.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         // Dense: the same ops on the same weights. Quantized: the block kernel against a matmul
         // of the expanded blocks (the same values, summed in another order).
         let tol = if quant.is_some() { 1e-4 } else { 1e-6 };
-        assert!(diff <= tol * scale, "{family} {quant:?}: differs by {diff} (scale {scale})");
+        assert!(
+            diff <= tol * scale,
+            "{family} {quant:?}: differs by {diff} (scale {scale})"
+        );
     }
 }
