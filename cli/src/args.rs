@@ -59,37 +59,8 @@ impl DtypeArg {
     }
 }
 
-/// Quantize projections on load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum QuantArg {
-    /// Keep the checkpoint's own types.
-    None,
-    /// GGUF Q8_0 blocks (8-bit, one f16 scale per 32 weights).
-    Int8,
-    /// GGUF Q4_0 blocks (4-bit, one f16 scale per 32 weights).
-    Q4,
-}
-
-impl QuantArg {
-    /// Wraps the model's weights so that its projections are quantized as they load.
-    pub fn apply(self, files: &mut shared_model::loader::ModelFiles) {
-        if let Some(kind) = self.kind() {
-            files.weights = std::sync::Arc::new(shared_model::synthetic::QuantizeOnLoad::new(
-                files.weights.clone(),
-                kind,
-            ));
-        }
-    }
-
-    pub fn kind(self) -> Option<shared_model::quant::QuantKind> {
-        use shared_model::quant::QuantKind;
-        match self {
-            Self::None => None,
-            Self::Int8 => Some(QuantKind::Q8_0),
-            Self::Q4 => Some(QuantKind::Q4_0),
-        }
-    }
-}
+/// Quantize projections on load (the server's `--quant`, shared).
+pub use corolla_server::QuantArg;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShapeArg {

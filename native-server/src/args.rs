@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use libp2p::Multiaddr;
 use shared_model::precision::Precision;
+use shared_model::quant::QuantKind;
 
 /// Compute backend of the blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -20,6 +21,44 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+/// Quantize projections on load (`server --quant`, and `corolla generate/forward/bench --quant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantArg {
+    /// Keep the checkpoint's own types.
+    None,
+    /// GGUF Q8_0 blocks (8-bit, one f16 scale per 32 weights).
+    Int8,
+    /// GGUF Q4_0 blocks (4-bit, one f16 scale per 32 weights).
+    Q4,
+}
+
+impl QuantArg {
+    /// Wraps the model's weights so that its projections are quantized as they load (a
+    /// checkpoint's own quantized tensors stay as stored). Dense reads, and so the model's
+    /// fingerprint, are unchanged: quantized and full-precision servers join one swarm.
+    pub fn apply(self, files: &mut shared_model::loader::ModelFiles) {
+        apply_quant(self.kind(), files);
+    }
+
+    pub fn kind(self) -> Option<QuantKind> {
+        match self {
+            Self::None => None,
+            Self::Int8 => Some(QuantKind::Q8_0),
+            Self::Q4 => Some(QuantKind::Q4_0),
+        }
+    }
+}
+
+/// See [`QuantArg::apply`].
+pub fn apply_quant(kind: Option<QuantKind>, files: &mut shared_model::loader::ModelFiles) {
+    if let Some(kind) = kind {
+        files.weights = std::sync::Arc::new(shared_model::synthetic::QuantizeOnLoad::new(
+            files.weights.clone(),
+            kind,
+        ));
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -49,6 +88,11 @@ pub struct ServerArgs {
     pub backend: BackendKind,
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Quantize the blocks' projections on load and keep them quantized in memory (CPU and
+    /// CUDA multiply the blocks directly); GGUF tensors that are already quantized stay as
+    /// stored. The model's fingerprint does not change.
+    #[arg(long, value_enum, default_value_t = QuantArg::None)]
+    pub quant: QuantArg,
     /// Keypair file: a stable peer id across restarts (created if missing).
     #[arg(long)]
     pub identity: Option<PathBuf>,
@@ -97,6 +141,8 @@ pub struct ServerConfig {
     pub listen: Vec<Multiaddr>,
     pub backend: BackendKind,
     pub dtype: Precision,
+    /// Quantize projections on load (`--quant`).
+    pub quant: Option<QuantKind>,
     pub identity: Option<PathBuf>,
     pub public_name: Option<String>,
     pub max_sessions: usize,
@@ -127,6 +173,9 @@ impl ServerArgs {
         if blocks.is_none() && self.num_blocks.is_none() && self.backend == BackendKind::Cpu {
             bail!("give --blocks START:END or --num-blocks N (GPU servers can fill their memory instead)");
         }
+        if self.quant != QuantArg::None && self.backend == BackendKind::Wgpu {
+            bail!("--quant needs --backend cpu or cuda (wgpu has no kernel for quantized weights)");
+        }
         if self.num_blocks == Some(0) {
             bail!("--num-blocks must be at least 1");
         }
@@ -155,6 +204,7 @@ impl ServerArgs {
                 DtypeArg::F16 => Precision::F16,
                 DtypeArg::Bf16 => Precision::Bf16,
             },
+            quant: self.quant.kind(),
             identity: self.identity,
             public_name: self.public_name,
             max_sessions: self.max_sessions,

@@ -5,5 +5,5 @@ mod args;
 mod serve;
 mod span_choice;
 
-pub use args::{BackendKind, ServerArgs, ServerConfig};
+pub use args::{BackendKind, QuantArg, ServerArgs, ServerConfig};
 pub use serve::run;

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Stream};
@@ -32,18 +31,18 @@ use crate::span_choice;
 /// Runs the server until `shutdown` resolves.
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     match config.backend {
-        BackendKind::Cpu => serve::<Autodiff<shared_model::Cpu>>(config, Default::default(), shutdown).await,
+        BackendKind::Cpu => serve::<shared_model::Cpu>(config, Default::default(), shutdown).await,
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
             shared_model::kernels::cache_compiled_kernels(&kernel_cache_dir());
             #[cfg(feature = "cuda")]
-            return serve::<Autodiff<burn::backend::Cuda>>(config, Default::default(), shutdown).await;
+            return serve::<burn::backend::Cuda>(config, Default::default(), shutdown).await;
             #[cfg(not(feature = "cuda"))]
             bail!("this server was built without CUDA support (rebuild with `--features cuda`)")
         }
         BackendKind::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return serve::<Autodiff<burn::backend::Wgpu>>(config, Default::default(), shutdown).await;
+            return serve::<burn::backend::Wgpu>(config, Default::default(), shutdown).await;
             #[cfg(not(feature = "wgpu"))]
             bail!("this server was built without wgpu support (rebuild with `--features wgpu`)")
         }
@@ -63,6 +62,11 @@ fn kernel_cache_dir() -> std::path::PathBuf {
 }
 
 /// What every session task shares.
+///
+/// Everything lives on the plain backend `B`, so inference (sessions, stateless forward, head
+/// service) runs burn's inference ops and the GPU fast paths of `shared_model::kernels`, and
+/// quantized weights stay quantized. A backward request runs on `Autodiff<B>` over
+/// [`BlockSpan::autodiff`], which shares the span's dense weights (no second copy).
 struct Shared<B: Backend> {
     span: BlockSpan<B>,
     fingerprint: String,
@@ -89,18 +93,16 @@ impl<B: Backend> Shared<B> {
     }
 }
 
-async fn serve<B: AutodiffBackend>(
-    config: ServerConfig,
-    device: B::Device,
-    shutdown: impl Future<Output = ()>,
-) -> Result<()>
+async fn serve<B: Backend>(config: ServerConfig, device: B::Device, shutdown: impl Future<Output = ()>) -> Result<()>
 where
     B::Device: Send + Sync,
 {
     // Before any tensor exists: burn fixes a device's float type at its first tensor.
     config.dtype.apply::<B>(&device)?;
-    let files =
+    let mut files =
         ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
+    // Dense reads stay as stored, so the fingerprint is the unquantized model's.
+    crate::args::apply_quant(config.quant, &mut files);
     let num_layers = files.config.num_layers;
     let model_fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
     let model_name = config
@@ -186,7 +188,7 @@ where
     }
     let adapter_names: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
     let throughput = measure_throughput(&span, &device)?;
-    tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, "serving");
+    tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, quant = ?config.quant, "serving");
 
     let shared = Arc::new(Shared {
         span,
@@ -480,11 +482,15 @@ fn fill_memory<B: Backend>(
 }
 
 /// Decode tokens per second of the whole span at batch 1, after a short prefill.
+///
+/// One decode step runs untimed first: on a GPU the first step of a process compiles its
+/// kernels (seconds), which would otherwise be announced as the server's speed.
 fn measure_throughput<B: Backend>(span: &BlockSpan<B>, device: &B::Device) -> Result<f64> {
     let hidden = span.config().hidden_size;
     let mut cache = span.new_cache(vec![0]);
     let x = Tensor::<B, 3>::zeros([1, 8, hidden], device);
     span.forward(x, &mut cache)?;
+    let _ = to_host(span.forward(Tensor::<B, 3>::zeros([1, 1, hidden], device), &mut cache)?);
     let steps = 4;
     let start = Instant::now();
     for _ in 0..steps {
@@ -591,7 +597,7 @@ fn to_wire<B: Backend>(t: Tensor<B, 3>, dtype: WireDtype) -> WireTensor {
 }
 
 /// Stateless forward / backward over (part of) the span.
-async fn span_request<B: AutodiffBackend>(shared: &Arc<Shared<B>>, request: SpanRequest) -> SpanResponse
+async fn span_request<B: Backend>(shared: &Arc<Shared<B>>, request: SpanRequest) -> SpanResponse
 where
     B::Device: Send + Sync,
 {
@@ -636,8 +642,19 @@ where
                 }
                 let pad = pads(&pad, batch)?;
                 let prompts = deep_prompts(&shared, prompts.as_ref(), &blocks)?;
-                let (grad, prompt_grad) = span_backward(&shared.span, blocks, pad, x, prompts, g)
-                    .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
+                let span = shared
+                    .span
+                    .autodiff()
+                    .map_err(|e| refuse(ErrorKind::Internal, e.to_string()))?;
+                let (grad, prompt_grad) = span_backward::<Autodiff<B>>(
+                    &span,
+                    blocks,
+                    pad,
+                    Tensor::from_inner(x),
+                    prompts.map(Tensor::from_inner),
+                    Tensor::from_inner(g),
+                )
+                .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()))?;
                 let input = WireTensor::encode(&to_host(grad), reply_dtype);
                 Ok(match prompt_grad {
                     Some(p) => SpanResponse::Gradients {

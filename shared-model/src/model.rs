@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use burn::backend::Autodiff;
 use burn::prelude::*;
 
 use crate::cache::{LayerCache, SpanCache};
@@ -145,6 +146,23 @@ impl<B: Backend> BlockSpan<B> {
 
     pub fn device(&self) -> B::Device {
         self.device.clone()
+    }
+
+    /// The same span on burn's autodiff backend, for backward passes (input and deep-prompt
+    /// gradients). Dense weights are shared with `self`, so this costs no device memory and
+    /// an inference server keeps one copy of its weights; quantized projections are expanded
+    /// into dense matrices for as long as the returned span lives.
+    pub fn autodiff(&self) -> Result<BlockSpan<Autodiff<B>>, ModelError> {
+        Ok(BlockSpan {
+            config: self.config.clone(),
+            range: self.range.clone(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.autodiff(&self.device))
+                .collect::<Result<_, _>>()?,
+            device: self.device.clone(),
+        })
     }
 
     /// A fresh KV cache for a session over this span.

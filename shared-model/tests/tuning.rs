@@ -104,3 +104,49 @@ fn loss_counts_only_weighted_targets() {
     }
     assert!((loss - sum / count).abs() < 1e-5, "{loss} vs {}", sum / count);
 }
+
+/// A span's autodiff view (what servers answer backward requests with) computes what the
+/// inference span computes: the same weights, dense ones shared and quantized ones expanded.
+#[test]
+fn autodiff_view_of_a_span_matches_the_span() {
+    use burn::backend::Autodiff;
+    use shared_model::quant::QuantKind;
+    use shared_model::synthetic::QuantizeOnLoad;
+    for (family, quant) in [
+        ("llama", None),
+        ("bloom", None),
+        ("falcon", None),
+        ("mixtral", None),
+        ("llama", Some(QuantKind::Q8_0)),
+        ("qwen2", Some(QuantKind::Q4_0)),
+    ] {
+        let mut files = ModelFiles::open(&fixture(family)).expect("model");
+        if let Some(kind) = quant {
+            files.weights = std::sync::Arc::new(QuantizeOnLoad::new(files.weights.clone(), kind));
+        }
+        let model = LocalModel::<Cpu>::load(&files, &Default::default()).expect("load");
+        let span = &model.spans[0];
+        let x = ramp([2, 5, files.config.hidden_size], 11, 0.5);
+        let pad = vec![0, 1];
+        let y = to_host(span.forward_full(x.clone(), pad.clone()).expect("forward"));
+        let view = span.autodiff().expect("autodiff view");
+        let xa = Tensor::<Autodiff<Cpu>, 3>::from_inner(x).require_grad();
+        let ya = view.forward_full(xa.clone(), pad).expect("autodiff forward");
+        let grads = ya.clone().sum().backward();
+        assert!(xa.grad(&grads).is_some(), "{family}: no input gradient");
+        let ya = to_host(ya.inner());
+        let scale = y.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = y
+            .data
+            .iter()
+            .zip(&ya.data)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        // Dense: the same ops on the same weights. Quantized: the block kernel against a matmul
+        // of the expanded blocks (the same values, summed in another order).
+        let tol = if quant.is_some() { 1e-4 } else { 1e-6 };
+        assert!(
+            diff <= tol * scale,
+            "{family} {quant:?}: differs by {diff} (scale {scale})"
+        );
+    }
+}

@@ -187,6 +187,23 @@ fn relay_only_server_serves_a_session() {
 }
 
 /// A server that stops announcing (killed) is gone from routing once its records expire.
+/// `server --quant int8` serves the blocks of `corolla generate --quant int8` (the same Q8_0
+/// matrices, multiplied by the same kernels), under the unquantized model's fingerprint.
+#[test]
+fn quantized_server_matches_the_locally_quantized_model() {
+    let model = fixture("llama");
+    let mut swarm = Swarm::start("quant-server");
+    swarm.server(&model, "0:4", &["--quant", "int8"]);
+    for extra in [&[][..], &["--temperature", "1.0", "--seed", "7"][..]] {
+        let mut args = vec!["--token-ids", "1,2,3,4,5", "--max-new-tokens", "12", "--quant", "int8"];
+        args.extend_from_slice(extra);
+        let (remote, _) = swarm.generate(&model, &args);
+        assert_eq!(ids(&remote["token_ids"]), ids(&local(&model, &args)["token_ids"]));
+    }
+    let log = swarm.servers[0].0.log();
+    assert!(log.contains("quant=Some(Q8_0)"), "{log}");
+}
+
 #[test]
 fn servers_that_stop_announcing_expire() {
     let model = fixture("llama");

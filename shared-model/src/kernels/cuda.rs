@@ -84,6 +84,8 @@ pub(super) fn cache_compiled_kernels(dir: &std::path::Path) {
     let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     if config.compilation.cache.is_none() {
         config.compilation.cache = Some(CacheConfig::File(dir.to_path_buf()));
+        // Autotune results too (cubecl's default is a `target` folder beside the binary).
+        config.autotune.cache = CacheConfig::File(dir.join("autotune"));
     }
     CubeClRuntimeConfig::set(config);
 }

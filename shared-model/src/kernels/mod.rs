@@ -143,6 +143,37 @@ impl<B: Backend> GpuQuant<B> {
         })
     }
 
+    /// The dense `[rows, cols]` matrix, in the device's float type.
+    pub fn dense(&self) -> Tensor<B, 2> {
+        let dtype: DType = burn::tensor::get_device_settings::<B>(&self.scales.device())
+            .float_dtype
+            .into();
+        #[cfg(feature = "cuda")]
+        {
+            let kind = self.kind_code();
+            let mins = self.mins.as_ref().unwrap_or(&self.scales);
+            match cuda::dequantize(&self.words, &self.scales, mins, kind, [self.rows, self.cols], dtype) {
+                Some(w) => w,
+                // Only if a launch was refused: nothing else can expand these weights.
+                None => panic!("the GPU refused the dequantization kernel"),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = dtype;
+            unreachable!("GpuQuant is only built on CUDA")
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn kind_code(&self) -> u32 {
+        match self.kind {
+            QuantKind::Q8_0 => 0,
+            QuantKind::Q4_0 => 1,
+            QuantKind::Q4_1 => 2,
+        }
+    }
+
     /// `x W^T`.
     ///
     /// # Shapes
@@ -151,23 +182,14 @@ impl<B: Backend> GpuQuant<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         #[cfg(feature = "cuda")]
         {
-            let kind = match self.kind {
-                QuantKind::Q8_0 => 0,
-                QuantKind::Q4_0 => 1,
-                QuantKind::Q4_1 => 2,
-            };
+            let kind = self.kind_code();
             let mins = self.mins.as_ref().unwrap_or(&self.scales);
             if x.dims()[0] == 1
                 && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows)
             {
                 return y;
             }
-            let dense = cuda::dequantize(&self.words, &self.scales, mins, kind, [self.rows, self.cols], x.dtype());
-            match dense {
-                Some(w) => x.matmul(w.transpose()),
-                // Only if a launch was refused: nothing else can multiply these weights.
-                None => panic!("the GPU refused the dequantization kernel"),
-            }
+            x.matmul(self.dense().transpose())
         }
         #[cfg(not(feature = "cuda"))]
         {

@@ -1,3 +1,4 @@
+use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -30,6 +31,15 @@ impl<B: Backend> Attention<B> {
             config,
             qkv: weights.qkv.to_linear(device)?,
             out: weights.out.to_linear(device)?,
+        })
+    }
+
+    /// The same layer on burn's autodiff backend (see [`Linear::autodiff`]).
+    pub fn autodiff(&self, device: &B::Device) -> Result<Attention<Autodiff<B>>, WeightError> {
+        Ok(Attention {
+            config: self.config,
+            qkv: self.qkv.autodiff(device)?,
+            out: self.out.autodiff(device)?,
         })
     }
 

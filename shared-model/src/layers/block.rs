@@ -1,3 +1,4 @@
+use burn::backend::Autodiff;
 use burn::prelude::*;
 
 use super::attention::{Attention, AttentionWeights};
@@ -61,6 +62,24 @@ impl<B: Backend> Block<B> {
             attn_norm: weights.attn_norm.to_norm(config.norm, device),
             attention: Attention::new(config.attention, &weights.attention, device)?,
             mlp: Mlp::new(&weights.mlp, act, top_k, device)?,
+        })
+    }
+
+    /// The same block on burn's autodiff backend, for backward passes: dense weights are shared
+    /// with `self`, quantized ones expanded (see [`super::linear::Linear::autodiff`]).
+    pub fn autodiff(&self, device: &B::Device) -> Result<Block<Autodiff<B>>, WeightError> {
+        Ok(Block {
+            wiring: match &self.wiring {
+                Wiring::Sequential { mlp_norm } => Wiring::Sequential {
+                    mlp_norm: mlp_norm.autodiff(),
+                },
+                Wiring::Parallel { mlp_norm } => Wiring::Parallel {
+                    mlp_norm: mlp_norm.as_ref().map(Norm::autodiff),
+                },
+            },
+            attn_norm: self.attn_norm.autodiff(),
+            attention: self.attention.autodiff(device)?,
+            mlp: self.mlp.autodiff(device)?,
         })
     }
 

@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use burn::backend::Autodiff;
 use burn::prelude::*;
 
 use crate::quant::QuantMatrix;
@@ -66,6 +67,22 @@ impl<B: Backend> Linear<B> {
 
     pub fn out_features(&self) -> usize {
         self.out
+    }
+
+    /// The same projection on burn's autodiff backend, for backward passes. Dense weights are
+    /// shared with `self` (the same device buffers, no copy); quantized ones are expanded into
+    /// a new dense matrix, since gradients flow only through burn's own matmul.
+    pub fn autodiff(&self, device: &B::Device) -> Result<Linear<Autodiff<B>>, WeightError> {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w.clone(),
+            Weight::Quant(q) => to_device(&q.dequantize()?, device),
+            Weight::GpuQuant(g) => g.dense(),
+        };
+        Ok(Linear {
+            weight: Weight::Dense(Tensor::from_inner(weight)),
+            out: self.out,
+            bias: self.bias.clone().map(Tensor::from_inner),
+        })
     }
 
     /// # Shapes

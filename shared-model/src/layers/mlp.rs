@@ -1,3 +1,4 @@
+use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{gelu, silu, softmax};
@@ -33,6 +34,13 @@ pub struct GatedMlp<B: Backend> {
 }
 
 impl<B: Backend> GatedMlp<B> {
+    fn autodiff(&self, device: &B::Device) -> Result<GatedMlp<Autodiff<B>>, WeightError> {
+        Ok(GatedMlp {
+            gate_up: self.gate_up.autodiff(device)?,
+            down: self.down.autodiff(device)?,
+        })
+    }
+
     fn forward_2d(&self, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
         self.forward_2d_lora(x, act, None)
     }
@@ -91,6 +99,32 @@ impl<B: Backend> Mlp<B> {
                 experts: experts.iter().map(|(gu, d)| gated(gu, d)).collect::<Result<_, _>>()?,
                 top_k,
                 act,
+            },
+        })
+    }
+
+    /// The same layer on burn's autodiff backend (see [`Linear::autodiff`]).
+    pub fn autodiff(&self, device: &B::Device) -> Result<Mlp<Autodiff<B>>, WeightError> {
+        Ok(match self {
+            Mlp::Gated { inner, act } => Mlp::Gated {
+                inner: inner.autodiff(device)?,
+                act: *act,
+            },
+            Mlp::Plain { up, down, act } => Mlp::Plain {
+                up: up.autodiff(device)?,
+                down: down.autodiff(device)?,
+                act: *act,
+            },
+            Mlp::Moe {
+                router,
+                experts,
+                top_k,
+                act,
+            } => Mlp::Moe {
+                router: router.autodiff(device)?,
+                experts: experts.iter().map(|e| e.autodiff(device)).collect::<Result<_, _>>()?,
+                top_k: *top_k,
+                act: *act,
             },
         })
     }

@@ -1,3 +1,4 @@
+use burn::backend::Autodiff;
 use burn::prelude::*;
 
 use crate::config::NormKind;
@@ -18,6 +19,15 @@ impl<B: Backend> Norm<B> {
             kind,
             weight: vec(weight),
             bias: bias.map(vec),
+        }
+    }
+
+    /// The same norm on burn's autodiff backend, sharing the weights.
+    pub fn autodiff(&self) -> Norm<Autodiff<B>> {
+        Norm {
+            kind: self.kind,
+            weight: Tensor::from_inner(self.weight.clone()),
+            bias: self.bias.clone().map(Tensor::from_inner),
         }
     }
 
