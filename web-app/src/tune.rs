@@ -84,7 +84,8 @@ pub async fn train(
             .await
         }
         ClientModel::Remote(_) => Err(ClientError::Setup(
-            "tuning needs the embeddings and LM head on this page; this model's run on a server".into(),
+            "tuning needs the embeddings and LM head on this page, and this model's run on a server (head service)"
+                .into(),
         )),
     }
 }
