@@ -37,6 +37,22 @@ impl<Req, Resp> Clone for FrameCodec<Req, Resp> {
     }
 }
 
+/// One frame, then the end of the stream. Reading up to the end also takes in the sender's
+/// close: a WebRTC sender waits for that acknowledgement before it reads the reply, and until
+/// then the reply's messages pile up in its queue ("remote overloaded us with messages").
+async fn read_message<T, M>(io: &mut T, max: usize) -> io::Result<M>
+where
+    T: AsyncRead + Unpin + Send,
+    M: DeserializeOwned,
+{
+    let msg = wire::read_frame(io, max).await.map_err(io_error)?;
+    let mut rest = [0u8; 1];
+    match io.read(&mut rest).await? {
+        0 => Ok(msg),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "bytes after the message")),
+    }
+}
+
 fn io_error(e: WireError) -> io::Error {
     match e {
         WireError::Io(e) => e,
@@ -57,16 +73,14 @@ where
     where
         T: AsyncRead + Unpin + Send,
     {
-        let max = self.max_frame_bytes;
-        async move { wire::read_frame(io, max).await.map_err(io_error) }
+        read_message(io, self.max_frame_bytes)
     }
 
     fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> impl Future<Output = io::Result<Resp>> + Send
     where
         T: AsyncRead + Unpin + Send,
     {
-        let max = self.max_frame_bytes;
-        async move { wire::read_frame(io, max).await.map_err(io_error) }
+        read_message(io, self.max_frame_bytes)
     }
 
     fn write_request<T>(
@@ -78,11 +92,9 @@ where
     where
         T: AsyncWrite + Unpin + Send,
     {
+        // The request-response handler closes the stream after this.
         let max = self.max_frame_bytes;
-        async move {
-            wire::write_frame(io, &req, max).await.map_err(io_error)?;
-            io.close().await
-        }
+        async move { wire::write_frame(io, &req, max).await.map_err(io_error) }
     }
 
     fn write_response<T>(
@@ -95,10 +107,7 @@ where
         T: AsyncWrite + Unpin + Send,
     {
         let max = self.max_frame_bytes;
-        async move {
-            wire::write_frame(io, &res, max).await.map_err(io_error)?;
-            io.close().await
-        }
+        async move { wire::write_frame(io, &res, max).await.map_err(io_error) }
     }
 }
 
@@ -127,6 +136,11 @@ mod tests {
 
         let mut out = Vec::new();
         block_on(codec.write_response(&PROTOCOL, &mut out, "ok".to_string())).expect("write");
+        let mut longer = out.clone();
+        longer.push(0);
+        let err =
+            block_on(codec.read_response(&PROTOCOL, &mut futures::io::Cursor::new(&longer))).expect_err("trailing");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         let cut = &out[..out.len() - 1];
         let err = block_on(codec.read_response(&PROTOCOL, &mut futures::io::Cursor::new(cut))).expect_err("cut");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
