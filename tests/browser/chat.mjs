@@ -6,7 +6,7 @@
 // the test kills a server meanwhile).
 //
 // Prints `TOKENS <n>` as the reply grows, and finally one line `RESULT <json>`.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 import { createInterface } from "node:readline";
 
 const url = process.env.PAGE_URL;
@@ -15,24 +15,7 @@ const pauseAt = process.env.PAUSE_AT_TOKENS ? Number(process.env.PAUSE_AT_TOKENS
 const stdin = createInterface({ input: process.stdin });
 const nextLine = () => new Promise((resolve) => stdin.once("line", resolve));
 
-// The flags that give headless Chromium a WebGPU adapter here (SwiftShader, on the CPU).
-const args = [
-  "--headless=new",
-  "--no-sandbox",
-  "--enable-unsafe-webgpu",
-  "--enable-features=Vulkan",
-  "--use-webgpu-adapter=swiftshader",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args,
-  headless: true,
-});
+const browser = await launch();
 const result = { console: [] };
 let page;
 try {

@@ -7,31 +7,14 @@
 // prompts file goes), SCREENSHOT_DIR, TIMEOUT_MS, CHROMIUM (default /usr/bin/chromium).
 //
 // Prints `STEP <n> <loss>` as training goes, and finally one line `RESULT <json>`.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const url = process.env.PAGE_URL;
 const timeout = Number(process.env.TIMEOUT_MS || 600000);
 const settings = JSON.parse(process.env.SETTINGS);
 const shots = process.env.SCREENSHOT_DIR;
 
-// The flags that give headless Chromium a WebGPU adapter here (SwiftShader, on the CPU).
-const args = [
-  "--headless=new",
-  "--no-sandbox",
-  "--enable-unsafe-webgpu",
-  "--enable-features=Vulkan",
-  "--use-webgpu-adapter=swiftshader",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args,
-  headless: true,
-});
+const browser = await launch();
 const result = { console: [] };
 let page;
 const byId = (id) => page.locator(`[data-testid="${id}"]`);

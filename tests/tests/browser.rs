@@ -153,55 +153,28 @@ fn run_page(
     pause_at: Option<usize>,
     mut on_pause: impl FnMut(&[String]),
 ) -> serde_json::Value {
-    let driver = repo().join("tests/browser");
-    assert!(
-        driver.join("node_modules/playwright-core").is_dir(),
-        "playwright-core is not installed: run `npm ci` in tests/browser (scripts/test.sh does)"
-    );
-    let mut cmd = Command::new("node");
-    cmd.arg(driver.join("chat.mjs"))
-        .env("PAGE_URL", url)
-        .env("SCREENSHOT", screenshot)
-        .env("TIMEOUT_MS", "600000")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(n) = pause_at {
-        cmd.env("PAUSE_AT_TOKENS", n.to_string());
+    let pause = pause_at.map(|n| n.to_string());
+    let mut env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("PAGE_URL", url.as_ref()),
+        ("SCREENSHOT", screenshot.as_os_str()),
+        ("TIMEOUT_MS", "600000".as_ref()),
+    ];
+    if let Some(n) = &pause {
+        env.push(("PAUSE_AT_TOKENS", n.as_ref()));
     }
-    let mut child = cmd.spawn().expect("node runs (install Node.js)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut result = None;
-    for line in stdout.lines() {
-        let line = line.expect("driver output");
-        if let Some(peers) = line.strip_prefix("PAUSE ") {
-            let peers: Vec<String> = peers.split_whitespace().map(str::to_string).collect();
-            on_pause(&peers);
-            writeln!(stdin, "go").expect("resume the driver");
-        } else if let Some(json) = line.strip_prefix("RESULT ") {
-            result = Some(serde_json::from_str(json).expect("driver JSON"));
-        }
-    }
-    let status = child.wait().expect("driver exits");
-    assert!(status.success(), "the browser driver failed: {status}");
-    let result: serde_json::Value = result.expect("the driver printed a RESULT line");
-    assert!(
-        result.get("failure").is_none(),
-        "the page failed: {}\nconsole:\n{}",
-        result["failure"],
-        result["console"]
-    );
-    result
+    drive("chat.mjs", &env, |line| {
+        let peers: Vec<String> = line
+            .strip_prefix("PAUSE ")?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        on_pause(&peers);
+        Some("go")
+    })
 }
 
 fn tokens_of(result: &serde_json::Value) -> Vec<u64> {
-    result["tokens"]
-        .as_array()
-        .expect("tokens")
-        .iter()
-        .map(|v| v.as_u64().expect("id"))
-        .collect()
+    numbers(&result["tokens"]).into_iter().map(|x| x as u64).collect()
 }
 
 #[test]
@@ -295,8 +268,13 @@ const TUNE_DATA: &str = concat!(
     "\n"
 );
 
-/// Runs a driver script from tests/browser with `env`; returns its RESULT object.
-fn drive(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> serde_json::Value {
+/// Runs a driver script from tests/browser with `env`; returns its RESULT object. Every other
+/// line goes to `on_line`, whose answer (if any) is written back to the driver's stdin.
+fn drive(
+    script: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+    mut on_line: impl FnMut(&str) -> Option<&'static str>,
+) -> serde_json::Value {
     let driver = repo().join("tests/browser");
     assert!(
         driver.join("node_modules/playwright-core").is_dir(),
@@ -305,19 +283,24 @@ fn drive(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> serde_json::Value {
     let mut cmd = Command::new("node");
     cmd.arg(driver.join(script))
         .env("TIMEOUT_MS", "900000")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (key, value) in env {
         cmd.env(key, value);
     }
     let mut child = cmd.spawn().expect("node runs (install Node.js)");
+    let mut stdin = child.stdin.take().expect("stdin");
     let stdout = BufReader::new(child.stdout.take().expect("stdout"));
     let mut result = None;
     for line in stdout.lines() {
         let line = line.expect("driver output");
-        match line.strip_prefix("RESULT ") {
-            Some(json) => result = Some(serde_json::from_str(json).expect("driver JSON")),
-            None => eprintln!("driver: {line}"),
+        if let Some(json) = line.strip_prefix("RESULT ") {
+            result = Some(serde_json::from_str(json).expect("driver JSON"));
+        } else if let Some(answer) = on_line(&line) {
+            writeln!(stdin, "{answer}").expect("answer the driver");
+        } else {
+            eprintln!("driver: {line}");
         }
     }
     let status = child.wait().expect("driver exits");
@@ -384,6 +367,7 @@ fn the_tune_page_trains_prompts_through_the_swarm() {
             ("DOWNLOAD", download.as_os_str()),
             ("SCREENSHOT_DIR", shots.as_os_str()),
         ],
+        |_| None,
     );
     let mut summary = result.clone();
     summary["console"] = serde_json::Value::Null;

@@ -143,8 +143,9 @@ impl<B: Backend> GpuQuant<B> {
         })
     }
 
-    /// The dense `[rows, cols]` matrix, in the device's float type.
-    pub fn dense(&self) -> Tensor<B, 2> {
+    /// The dense `[rows, cols]` matrix, in the device's float type; `None` only if the GPU
+    /// refused the kernel.
+    pub fn dense(&self) -> Option<Tensor<B, 2>> {
         let dtype: DType = burn::tensor::get_device_settings::<B>(&self.scales.device())
             .float_dtype
             .into();
@@ -152,11 +153,7 @@ impl<B: Backend> GpuQuant<B> {
         {
             let kind = self.kind_code();
             let mins = self.mins.as_ref().unwrap_or(&self.scales);
-            match cuda::dequantize(&self.words, &self.scales, mins, kind, [self.rows, self.cols], dtype) {
-                Some(w) => w,
-                // Only if a launch was refused: nothing else can expand these weights.
-                None => panic!("the GPU refused the dequantization kernel"),
-            }
+            cuda::dequantize(&self.words, &self.scales, mins, kind, [self.rows, self.cols], dtype)
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -189,7 +186,11 @@ impl<B: Backend> GpuQuant<B> {
             {
                 return y;
             }
-            x.matmul(self.dense().transpose())
+            match self.dense() {
+                Some(w) => x.matmul(w.transpose()),
+                // Only if a launch was refused: nothing else can multiply these weights.
+                None => panic!("the GPU refused the dequantization kernel"),
+            }
         }
         #[cfg(not(feature = "cuda"))]
         {

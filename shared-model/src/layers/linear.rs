@@ -76,7 +76,7 @@ impl<B: Backend> Linear<B> {
         let weight = match &self.weight {
             Weight::Dense(w) => w.clone(),
             Weight::Quant(q) => to_device(&q.dequantize()?, device),
-            Weight::GpuQuant(g) => g.dense(),
+            Weight::GpuQuant(g) => g.dense().ok_or(WeightError::KernelRefused)?,
         };
         Ok(Linear {
             weight: Weight::Dense(Tensor::from_inner(weight)),

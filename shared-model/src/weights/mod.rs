@@ -41,6 +41,8 @@ pub enum WeightError {
     Unused { names: Vec<String> },
     #[error("GGUF: {0}")]
     Gguf(#[from] crate::gguf::GgufError),
+    #[error("the GPU refused the kernel that expands quantized weights")]
+    KernelRefused,
 }
 
 /// A checkpoint that hands out tensors by their Hugging Face name, as f32 on the host.
