@@ -73,13 +73,14 @@ impl OnBackend for Job<'_> {
         }));
 
         for &cached in &args.cached {
-            let (per_step, warmup_ms) = time_decode(&span, &config, cached, args, &device)?;
+            let (per_step, warmup_ms, queued) = time_decode(&span, &config, cached, args, &device)?;
             out.emit(json!({
                 "what": "decode",
                 "cached": cached,
                 "blocks": args.blocks,
                 "iters": args.iters,
                 "ms_per_block": per_step / args.blocks as f64,
+                "queued_ms_per_block": queued / args.blocks as f64,
                 "warmup_ms": warmup_ms,
             }));
         }
@@ -186,7 +187,8 @@ fn filled_cache<B: Backend>(
     cache
 }
 
-/// Mean time of one decode step of the span after `cached` tokens, and the warm-up's total.
+/// Mean time of one decode step of the span after `cached` tokens, the warm-up's total, and
+/// the mean time of steps queued without waiting for each.
 ///
 /// Each step waits for the device, as a server must before it replies. The cache grows by one
 /// token per step, as in a real session. The warm-up runs the same steps from the same cache
@@ -198,7 +200,7 @@ fn time_decode<B: Backend>(
     cached: usize,
     args: &BenchArgs,
     device: &B::Device,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let x = random::<B, 3>([1, 1, config.hidden_size], device);
     let steps = |n: usize| -> Result<f64> {
         let mut cache = filled_cache(span, config, cached, device);
@@ -214,7 +216,17 @@ fn time_decode<B: Backend>(
     for _ in 0..args.warmup {
         warmup += steps(args.iters)?;
     }
-    Ok((steps(args.iters)? / args.iters as f64, warmup))
+    let per_step = steps(args.iters)? / args.iters as f64;
+    // The same steps queued back to back with one wait at the end: the gap to `per_step` is
+    // what waiting for each step costs (the host's launches no longer overlap the GPU's work).
+    let mut cache = filled_cache(span, config, cached, device);
+    B::sync(device).ok();
+    let start = Instant::now();
+    for _ in 0..args.iters {
+        span.forward(x.clone(), &mut cache)?;
+    }
+    B::sync(device).ok();
+    Ok((per_step, warmup, ms(start) / args.iters as f64))
 }
 
 /// Mean time of a prefill of `--prefill` tokens into an empty cache, and the warm-up's total.

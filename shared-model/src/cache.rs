@@ -5,43 +5,96 @@ use burn::prelude::*;
 
 /// Keys and values of one block for one session.
 ///
+/// The buffers are allocated ahead, [`GROWTH`] positions at a time, and each step writes its
+/// keys into place: concatenating instead copied the whole cache on every token, and a
+/// kernel specialized on each new length had to be found (or compiled) on every token.
+///
 /// # Shapes
-/// `k`, `v`: `[batch, kv_heads, len, head_dim]`
+/// buffers `[batch, kv_heads, capacity, head_dim]`, of which the first `len` positions hold
+/// keys and values
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     kv: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    len: usize,
     /// A stateless forward (training) must not keep anything.
     keep: bool,
 }
 
+/// Positions a cache grows by when it is full (rounded up to hold a whole step).
+pub const GROWTH: usize = 256;
+
 impl<B: Backend> LayerCache<B> {
     pub fn new() -> Self {
-        Self { kv: None, keep: true }
+        Self {
+            kv: None,
+            len: 0,
+            keep: true,
+        }
     }
 
     /// A cache that forgets: for one-shot forwards over whole sequences.
     pub fn scratch() -> Self {
-        Self { kv: None, keep: false }
+        Self {
+            kv: None,
+            len: 0,
+            keep: false,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Appends this step's keys and values; returns all of them.
+    /// Positions the buffers hold room for.
+    pub fn capacity(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Appends this step's keys and values; returns all of them (views of the buffers).
+    ///
+    /// # Shapes
+    /// - `k`, `v`: `[batch, kv_heads, new, head_dim]`
+    /// - returns `[batch, kv_heads, len + new, head_dim]` each
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        if self.keep {
-            self.kv = Some((k.clone(), v.clone()));
+        if !self.keep {
+            return match self.kv.take() {
+                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                None => (k, v),
+            };
         }
-        (k, v)
+        let [b, h, new, d] = k.dims();
+        let total = self.len + new;
+        let (mut kb, mut vb) = match self.kv.take() {
+            Some((kb, vb)) if kb.dims()[2] >= total => (kb, vb),
+            old => {
+                let capacity = total.div_ceil(GROWTH) * GROWTH;
+                let device = k.device();
+                let (mut kb, mut vb) = (
+                    Tensor::<B, 4>::zeros([b, h, capacity, d], (&device, k.dtype())),
+                    Tensor::<B, 4>::zeros([b, h, capacity, d], (&device, v.dtype())),
+                );
+                if let Some((ok, ov)) = old
+                    && self.len > 0
+                {
+                    let kept = [0..b, 0..h, 0..self.len, 0..d];
+                    kb = kb.slice_assign(kept.clone(), ok.slice(kept.clone()));
+                    vb = vb.slice_assign(kept.clone(), ov.slice(kept));
+                }
+                (kb, vb)
+            }
+        };
+        let at = [0..b, 0..h, self.len..total, 0..d];
+        kb = kb.slice_assign(at.clone(), k);
+        vb = vb.slice_assign(at, v);
+        self.len = total;
+        let view = [0..b, 0..h, 0..total, 0..d];
+        let out = (kb.clone().slice(view.clone()), vb.clone().slice(view));
+        self.kv = Some((kb, vb));
+        out
     }
 }
 

@@ -33,7 +33,56 @@ pub(super) fn is_cuda<B: Backend>() -> bool {
 /// Set once a kernel refused a launch: warn once, then stop trying.
 static MATVEC_FAILED: AtomicBool = AtomicBool::new(false);
 
-pub(super) fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+/// `x W^T` by the row kernel (`per_warp` rows a warp), or by cubek's matrix-vector matmul
+/// when `per_warp` is 0 (kept to compare against: `examples/kernel_bench.rs`).
+pub(super) fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: usize) -> Option<Tensor<B, 2>> {
+    if per_warp == 0 {
+        return matvec_cubek(x, w);
+    }
+    let ([m, k], [n, kw]) = (x.dims(), w.dims());
+    if !is_cuda::<B>() || m != 1 || k != kw || k % 8 != 0 || n % per_warp != 0 {
+        return None;
+    }
+    let x = into_contiguous(to_cube(x.clone())?);
+    let w = to_cube(w.clone())?;
+    if x.dtype != w.dtype
+        || x.qparams.is_some()
+        || w.qparams.is_some()
+        || !w.is_contiguous()
+        || !vector_aligned(&x)
+        || !vector_aligned(&w)
+    {
+        return None;
+    }
+    let (dtype, client) = (x.dtype, x.client.clone());
+    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, n].into(), dtype);
+    let rows_per_cube = per_warp * WARPS;
+    super::cube::matvec_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static(n.div_ceil(rows_per_cube) as u32, 1, 1),
+        CubeDim::new_2d(32, WARPS as u32),
+        w.into_tensor_arg(),
+        x.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        n as u32,
+        (k / 8) as u32,
+        per_warp as u32,
+        dtype.into(),
+    );
+    from_cube(out)
+}
+
+/// Warps per cube of the row kernels.
+const WARPS: usize = 8;
+
+/// Whether the kernels' 8-element vector loads of `t` are aligned (a view into the middle of a
+/// buffer need not be).
+fn vector_aligned(t: &CubeTensor<CudaRuntime>) -> bool {
+    let bytes = t.dtype.size() as u64 * 8;
+    t.handle.offset_start.unwrap_or(0) % bytes == 0 && t.meta.shape().iter().last().is_some_and(|d| d % 8 == 0)
+}
+
+fn matvec_cubek<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     let ([m, k], [n, kw]) = (x.dims(), w.dims());
     if !is_cuda::<B>() || m != 1 || k != kw || k % 32 != 0 || MATVEC_FAILED.load(Ordering::Relaxed) {
         return None;
@@ -126,6 +175,97 @@ pub(super) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64)
 /// Longest cache the decode-attention kernel keeps its scores for (f32 in shared memory).
 const MAX_KEYS: usize = 8192;
 
+/// A KV cache view `[1, kv_heads, keys, head_dim]` as the kernel reads it, and the positions
+/// each KV head's rows are apart: a view into the cache's longer buffers (rows of `head_dim`
+/// contiguous, heads `capacity` rows apart) as it is, anything else copied contiguous.
+fn cache_rows(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
+    let (shape, strides) = (t.meta.shape(), t.meta.strides());
+    let hd = shape[3];
+    if strides[3] == 1 && strides[2] == hd && strides[1] % hd == 0 && strides[1] / hd >= shape[2] {
+        let rows = strides[1] / hd;
+        return (t, rows);
+    }
+    let t = into_contiguous(t);
+    let rows = t.meta.shape()[2];
+    (t, rows)
+}
+
+/// Split decode attention (`attention_partial_kernel` + `attention_combine_kernel`).
+///
+/// # Shapes
+/// - `q`: `[1, 1, heads, head_dim]`; `k`, `v`: `[1, kv_heads, keys, head_dim]`
+/// - returns `[1, 1, heads * head_dim]`
+pub(super) fn split_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+) -> Option<Tensor<B, 3>> {
+    use super::cube::ATTENTION_CHUNK;
+    let ([b, t, nh, hd], [bk, nkv, keys, hdk]) = (q.dims(), k.dims());
+    let threads = ATTENTION_CHUNK as usize;
+    if !is_cuda::<B>()
+        || b != 1
+        || t != 1
+        || bk != 1
+        || hd != hdk
+        || nh % nkv != 0
+        || keys == 0
+        || hd % 8 != 0
+        || hd > threads
+        || threads % (hd / 8) != 0
+        || v.dims() != k.dims()
+    {
+        return None;
+    }
+    let q = into_contiguous(to_cube(q.clone())?);
+    let (k, k_rows) = cache_rows(to_cube(k.clone())?);
+    let (v, v_rows) = cache_rows(to_cube(v.clone())?);
+    if q.dtype != k.dtype
+        || k.dtype != v.dtype
+        || k_rows != v_rows
+        || !vector_aligned(&q)
+        || !vector_aligned(&k)
+        || !vector_aligned(&v)
+    {
+        return None;
+    }
+    let (dtype, client) = (q.dtype, q.client.clone());
+    let chunks = keys.div_ceil(threads);
+    let partial = empty_device_dtype(
+        client.clone(),
+        q.device.clone(),
+        [nh, chunks, hd + 2].into(),
+        burn::tensor::DType::F32,
+    );
+    super::cube::attention_partial_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static(nh as u32, chunks as u32, 1),
+        CubeDim::new_1d(ATTENTION_CHUNK),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        partial.clone().into_tensor_arg(),
+        keys as u32,
+        k_rows as u32,
+        (nh / nkv) as u32,
+        1.0 / (hd as f32).sqrt(),
+        hd as u32,
+        dtype.into(),
+    );
+    let out = empty_device_dtype(client.clone(), partial.device.clone(), [1, 1, nh * hd].into(), dtype);
+    super::cube::attention_combine_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static(nh as u32, 1, 1),
+        CubeDim::new_1d(hd as u32),
+        partial.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        chunks as u32,
+        hd as u32,
+        dtype.into(),
+    );
+    from_cube(out)
+}
+
 /// # Shapes
 /// - `q`: `[1, 1, heads, head_dim]`; `k`, `v`: `[1, kv_heads, keys, head_dim]`
 /// - returns `[1, 1, heads * head_dim]`
@@ -189,9 +329,13 @@ pub(super) fn quant_matvec<B: Backend>(
     mins: &Tensor<B, 2>,
     kind: u32,
     rows: usize,
+    v2: bool,
 ) -> Option<Tensor<B, 2>> {
     if !is_cuda::<B>() {
         return None;
+    }
+    if v2 {
+        return quant_matvec_v2(x, words, scales, mins, kind, rows);
     }
     let x = into_contiguous(to_cube(x.clone())?);
     let words = int_to_cube(words.clone())?;
@@ -245,4 +389,100 @@ pub(super) fn dequantize<B: Backend>(
         dtype.into(),
     );
     from_cube(out)
+}
+
+/// # Shapes
+/// - `x`: `[1, cols]`; `words`, `scales`, `mins` as `GpuQuant` holds them
+/// - returns `[1, rows]`
+fn quant_matvec_v2<B: Backend>(
+    x: &Tensor<B, 2>,
+    words: &Tensor<B, 2, Int>,
+    scales: &Tensor<B, 2>,
+    mins: &Tensor<B, 2>,
+    kind: u32,
+    rows: usize,
+) -> Option<Tensor<B, 2>> {
+    let cols = x.dims()[1];
+    let x = into_contiguous(to_cube(x.clone())?);
+    let words = int_to_cube(words.clone())?;
+    let scales = to_cube(scales.clone())?;
+    let mins = to_cube(mins.clone())?;
+    if cols % 32 != 0
+        || !vector_aligned(&x)
+        || !words.is_contiguous()
+        || words.handle.offset_start.unwrap_or(0) % 16 != 0
+    {
+        return None;
+    }
+    let (dtype, client) = (x.dtype, x.client.clone());
+    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, rows].into(), dtype);
+    super::cube::quant_matvec_v2_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static(rows.div_ceil(WARPS) as u32, 1, 1),
+        CubeDim::new_2d(32, WARPS as u32),
+        x.into_tensor_arg(),
+        words.into_tensor_arg(),
+        scales.into_tensor_arg(),
+        mins.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        rows as u32,
+        (cols / 32) as u32,
+        kind,
+        dtype.into(),
+    );
+    from_cube(out)
+}
+
+/// # Shapes
+/// - `qkv`: `[batch, seq, (heads + 2 kv_heads) * head_dim]`; `cos`, `sin`: `[batch, seq, 1, head_dim / 2]`
+/// - returns q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`
+#[allow(clippy::type_complexity)]
+pub(super) fn rope_split<B: Backend>(
+    qkv: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    let [b, t, width] = qkv.dims();
+    let half = head_dim / 2;
+    if !is_cuda::<B>()
+        || head_dim % 2 != 0
+        || head_dim > 2 * ROW_THREADS as usize
+        || width != (heads + 2 * kv_heads) * head_dim
+        || cos.dims() != [b, t, 1, half]
+        || sin.dims() != [b, t, 1, half]
+        || (b * t)
+            .checked_mul(heads + 2 * kv_heads)
+            .is_none_or(|c| c > u32::MAX as usize)
+    {
+        return None;
+    }
+    let qkv = into_contiguous(to_cube(qkv.clone())?);
+    let cos = into_contiguous(to_cube(cos.clone())?);
+    let sin = into_contiguous(to_cube(sin.clone())?);
+    if qkv.dtype != cos.dtype || cos.dtype != sin.dtype {
+        return None;
+    }
+    let (dtype, client, device) = (qkv.dtype, qkv.client.clone(), qkv.device.clone());
+    let q = empty_device_dtype(client.clone(), device.clone(), [b, t, heads, head_dim].into(), dtype);
+    let k = empty_device_dtype(client.clone(), device.clone(), [b, t, kv_heads, head_dim].into(), dtype);
+    let v = empty_device_dtype(client.clone(), device, [b, t, kv_heads, head_dim].into(), dtype);
+    super::cube::rope_split_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static((b * t * (heads + 2 * kv_heads)) as u32, 1, 1),
+        CubeDim::new_1d(half as u32),
+        qkv.into_tensor_arg(),
+        cos.into_tensor_arg(),
+        sin.into_tensor_arg(),
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        heads as u32,
+        kv_heads as u32,
+        head_dim as u32,
+        dtype.into(),
+    );
+    Some((from_cube(q)?, from_cube(k)?, from_cube(v)?))
 }

@@ -13,11 +13,21 @@ mod cube;
 mod cuda;
 
 /// `COROLLA_KERNELS=off` turns every fast path off (to measure what they bring, or to rule
-/// them out when a result looks wrong).
+/// them out when a result looks wrong); `COROLLA_KERNELS=-rope,-attention` turns off the named
+/// ones (`matvec`, `quant`, `norm`, `rope`, `attention`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn enabled_for(name: &str) -> bool {
+    static SETTING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    match SETTING.get_or_init(|| std::env::var("COROLLA_KERNELS").ok()) {
+        None => true,
+        Some(v) if v == "off" => false,
+        Some(v) => !v.split(',').any(|item| item.trim().strip_prefix('-') == Some(name)),
+    }
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("COROLLA_KERNELS").map_or(true, |v| v != "off"))
+    enabled_for("")
 }
 
 /// `x W^T` for one input row and a weight in PyTorch layout `[out, in]`, as a matrix-vector
@@ -32,15 +42,51 @@ fn enabled() -> bool {
 pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() {
+        if !enabled() || !enabled_for("matvec") {
             return None;
         }
-        cuda::matvec(x, w)
+        cuda::matvec(x, w, MATVEC_ROWS_PER_WARP)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, w);
         None
+    }
+}
+
+/// Output rows per warp of the matrix-vector kernel.
+#[cfg(feature = "cuda")]
+const MATVEC_ROWS_PER_WARP: usize = 2;
+
+/// The fast paths' alternatives, side by side, for `examples/kernel_bench.rs`: not an API.
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub mod variants {
+    use super::*;
+
+    /// `per_warp` rows a warp; 0 for cubek's matrix-vector matmul.
+    pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: usize) -> Option<Tensor<B, 2>> {
+        cuda::matvec(x, w, per_warp)
+    }
+
+    /// `split`: the two-pass split kernel, else one cube per head.
+    pub fn decode_attention<B: Backend>(
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        split: bool,
+    ) -> Option<Tensor<B, 3>> {
+        if split {
+            cuda::split_attention(q, k, v)
+        } else {
+            cuda::decode_attention(q, k, v)
+        }
+    }
+
+    /// `v2`: one block per lane with 16-byte loads, else one word at a time.
+    pub fn quant_matvec<B: Backend>(g: &GpuQuant<B>, x: &Tensor<B, 2>, v2: bool) -> Option<Tensor<B, 2>> {
+        let mins = g.mins.as_ref().unwrap_or(&g.scales);
+        cuda::quant_matvec(x, &g.words, &g.scales, mins, g.kind_code(), g.rows, v2)
     }
 }
 
@@ -75,7 +121,7 @@ pub fn cache_compiled_kernels(dir: &std::path::Path) {
 pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() {
+        if !enabled() || !enabled_for("norm") {
             return None;
         }
         cuda::rms_norm(x, weight, eps)
@@ -83,6 +129,36 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, weight, eps);
+        None
+    }
+}
+
+/// Splits a fused q|k|v projection into heads and applies rotate-half RoPE (over the whole
+/// head) to q and k, in one kernel.
+///
+/// # Shapes
+/// - `qkv`: `[batch, seq, (heads + 2 kv_heads) * head_dim]`
+/// - `cos`, `sin`: `[batch, seq, 1, head_dim / 2]`
+/// - returns q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`
+#[allow(clippy::type_complexity)]
+pub fn rope_split<B: Backend>(
+    qkv: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled() || !enabled_for("rope") {
+            return None;
+        }
+        cuda::rope_split(qkv, cos, sin, heads, kv_heads, head_dim)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, cos, sin, heads, kv_heads, head_dim);
         None
     }
 }
@@ -95,10 +171,10 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -
 pub fn decode_attention<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() {
+        if !enabled() || !enabled_for("attention") {
             return None;
         }
-        cuda::decode_attention(q, k, v)
+        cuda::split_attention(q, k, v)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -125,7 +201,7 @@ pub struct GpuQuant<B: Backend> {
 impl<B: Backend> GpuQuant<B> {
     /// `None` where no kernel runs the format (every backend but CUDA).
     pub fn new(q: &QuantMatrix, device: &B::Device) -> Option<Self> {
-        if !cfg!(feature = "cuda") || !enabled() || !gpu_backend::<B>() {
+        if !cfg!(feature = "cuda") || !enabled() || !enabled_for("quant") || !gpu_backend::<B>() {
             return None;
         }
         let [rows, cols] = q.shape();
@@ -182,7 +258,7 @@ impl<B: Backend> GpuQuant<B> {
             let kind = self.kind_code();
             let mins = self.mins.as_ref().unwrap_or(&self.scales);
             if x.dims()[0] == 1
-                && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows)
+                && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows, true)
             {
                 return y;
             }

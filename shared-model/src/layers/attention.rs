@@ -68,12 +68,21 @@ impl<B: Backend> Attention<B> {
         let group = nh / nkv;
         let [b, t, _] = x.dims();
         let qkv = add_delta(self.qkv.forward(x.clone()), x, lora.and_then(|l| l.qkv.as_ref()));
-        let q = qkv.clone().narrow(2, 0, nh * hd).reshape([b, t, nh, hd]);
-        let k = qkv.clone().narrow(2, nh * hd, nkv * hd).reshape([b, t, nkv, hd]);
-        let v = qkv.narrow(2, (nh + nkv) * hd, nkv * hd).reshape([b, t, nkv, hd]);
-        let (q, k) = match &ctx.rope {
-            Some((cos, sin)) => (apply_rope(q, cos, sin), apply_rope(k, cos, sin)),
-            None => (q, k),
+        let fused = match &ctx.rope {
+            Some((cos, sin)) => crate::kernels::rope_split(&qkv, cos, sin, nh, nkv, hd),
+            None => None,
+        };
+        let (q, k, v) = match fused {
+            Some(qkv) => qkv,
+            None => {
+                let q = qkv.clone().narrow(2, 0, nh * hd).reshape([b, t, nh, hd]);
+                let k = qkv.clone().narrow(2, nh * hd, nkv * hd).reshape([b, t, nkv, hd]);
+                let v = qkv.narrow(2, (nh + nkv) * hd, nkv * hd).reshape([b, t, nkv, hd]);
+                match &ctx.rope {
+                    Some((cos, sin)) => (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v),
+                    None => (q, k, v),
+                }
+            }
         };
         let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2));
         if ctx.mask.is_none()
@@ -90,15 +99,18 @@ impl<B: Backend> Attention<B> {
             .reshape([b, t, nkv, group, hd])
             .permute([0, 2, 3, 1, 4])
             .reshape([b, nkv, group * t, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
-        let mut scores = scores.reshape([b, nkv, group, t, s]);
-        if let Some(alibi) = &ctx.alibi {
-            scores = scores + alibi.clone();
-        }
-        if let Some(mask) = &ctx.mask {
-            scores = scores + mask.clone();
-        }
-        let probs = softmax(scores, 4).reshape([b, nkv, group * t, s]);
+        let raw = q.matmul(k.swap_dims(2, 3));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let probs = {
+            let mut scores = raw.mul_scalar(scale).reshape([b, nkv, group, t, s]);
+            if let Some(alibi) = &ctx.alibi {
+                scores = scores + alibi.clone();
+            }
+            if let Some(mask) = &ctx.mask {
+                scores = scores + mask.clone();
+            }
+            softmax(scores, 4).reshape([b, nkv, group * t, s])
+        };
         let y = probs
             .matmul(v)
             .reshape([b, nkv, group, t, hd])

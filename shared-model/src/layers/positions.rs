@@ -49,6 +49,9 @@ pub struct StepContext<B: Backend> {
     /// Additive mask `[batch, 1, 1, new, total]` (0 or a large negative); `None` when every
     /// key is visible to every query.
     pub mask: Option<Tensor<B, 5>>,
+    /// `Some(past)` when the mask is the plain causal one (query `i` sees keys `0..=past + i`:
+    /// no padding, no sliding window cutting in), so a kernel may apply it from indices.
+    pub causal: Option<usize>,
 }
 
 /// Large enough to zero a softmax weight, small enough that a row with every key masked
@@ -84,20 +87,40 @@ impl<B: Backend> StepContext<B> {
             PositionKind::Rope(_) => None,
         };
         let window = config.attention.sliding_window;
-        let needs_mask = new > 1 || layout.pad.iter().any(|&p| p > 0) || window.is_some_and(|w| total > w);
-        let mask = needs_mask.then(|| {
-            let mut data = Vec::with_capacity(batch * new * total);
-            for row in 0..batch {
-                for q in layout.past..total {
-                    for k in 0..total {
-                        let visible = k <= q && k >= layout.pad[row] && window.is_none_or(|w| q - k < w);
-                        data.push(if visible { 0.0 } else { MASKED });
+        let plain = layout.pad.iter().all(|&p| p == 0) && window.is_none_or(|w| total <= w);
+        let causal = plain.then_some(layout.past);
+        let needs_mask = new > 1 || !plain;
+        let mask = if plain {
+            // Built on the device: the host loop and upload cost milliseconds on long prompts.
+            needs_mask.then(|| {
+                let queries = Tensor::<B, 1, Int>::arange(layout.past as i64..total as i64, device).reshape([new, 1]);
+                let keys = Tensor::<B, 1, Int>::arange(0..total as i64, device).reshape([1, total]);
+                let hidden = keys.expand([new, total]).greater(queries.expand([new, total]));
+                Tensor::<B, 2>::zeros([new, total], device)
+                    .mask_fill(hidden, MASKED)
+                    .reshape([1, 1, 1, new, total])
+                    .expand([batch, 1, 1, new, total])
+            })
+        } else {
+            Some({
+                let mut data = Vec::with_capacity(batch * new * total);
+                for row in 0..batch {
+                    for q in layout.past..total {
+                        for k in 0..total {
+                            let visible = k <= q && k >= layout.pad[row] && window.is_none_or(|w| q - k < w);
+                            data.push(if visible { 0.0 } else { MASKED });
+                        }
                     }
                 }
-            }
-            Tensor::from_data(TensorData::new(data, [batch, 1, 1, new, total]), device)
-        });
-        Self { rope, alibi, mask }
+                Tensor::from_data(TensorData::new(data, [batch, 1, 1, new, total]), device)
+            })
+        };
+        Self {
+            rope,
+            alibi,
+            mask,
+            causal,
+        }
     }
 }
 

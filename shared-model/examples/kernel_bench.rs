@@ -1,0 +1,236 @@
+//! The CUDA fast paths one by one, on a Llama-2-70B block's shapes (bf16): each kernel
+//! variant's time and effective bandwidth, and its largest difference from burn's generic
+//! ops. One JSON object a line.
+//!
+//!   CUDARC_CUDA_VERSION=13000 cargo run --release -p shared-model --features cuda --example kernel_bench
+
+use std::time::Instant;
+
+use burn::backend::Cuda;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::softmax;
+use shared_model::kernels::{GpuQuant, variants};
+use shared_model::precision::Precision;
+use shared_model::quant::{QuantKind, QuantMatrix};
+use shared_model::weights::HostTensor;
+
+type B = Cuda;
+
+fn time(device: &burn::tensor::Device<B>, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    B::sync(device).ok();
+    let start = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    B::sync(device).ok();
+    start.elapsed().as_secs_f64() * 1e6 / iters as f64
+}
+
+fn max_rel_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    let a: Vec<f32> = a.into_data().convert::<f32>().into_vec().expect("f32");
+    let b: Vec<f32> = b.into_data().convert::<f32>().into_vec().expect("f32");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn emit(fields: serde_json::Value) {
+    println!("{fields}");
+}
+
+fn main() {
+    let device = Default::default();
+    Precision::Bf16.apply::<B>(&device).expect("bf16");
+    let iters = 50;
+
+    // Launch cost: a tiny op, and a tiny op plus a sync.
+    let small = Tensor::<B, 2>::random([1, 8192], Distribution::Default, &device);
+    let us = time(&device, 1000, || {
+        let _ = small.clone() + small.clone();
+    });
+    emit(serde_json::json!({"what": "launch", "us_per_op": us}));
+    let us = time(&device, 200, || {
+        let _ = small.clone() + small.clone();
+        B::sync(&device).ok();
+    });
+    emit(serde_json::json!({"what": "launch+sync", "us_per_op": us}));
+
+    // What each fast path costs the host: tiny shapes, 1000 calls queued, one wait.
+    {
+        let w = Tensor::<B, 2>::random([64, 64], Distribution::Default, &device);
+        let x = Tensor::<B, 2>::random([1, 64], Distribution::Default, &device);
+        let norm_w = Tensor::<B, 1>::random([64], Distribution::Default, &device);
+        let x3 = x.clone().reshape([1, 1, 64]);
+        let qkv = Tensor::<B, 3>::random([1, 1, 4 * 64], Distribution::Default, &device);
+        let cos = Tensor::<B, 4>::random([1, 1, 1, 32], Distribution::Default, &device);
+        let q = Tensor::<B, 4>::random([1, 1, 2, 64], Distribution::Default, &device);
+        let kv = Tensor::<B, 4>::random([1, 1, 16, 64], Distribution::Default, &device);
+        let one = Tensor::<B, 4>::random([1, 1, 1, 64], Distribution::Default, &device);
+        let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+            ("matvec", Box::new(|| drop(variants::matvec(&x, &w, 2)))),
+            ("matvec-cubek", Box::new(|| drop(variants::matvec(&x, &w, 0)))),
+            (
+                "rms_norm",
+                Box::new(|| drop(shared_model::kernels::rms_norm(&x3, &norm_w, 1e-5))),
+            ),
+            (
+                "rope_split",
+                Box::new(|| drop(shared_model::kernels::rope_split(&qkv, &cos, &cos, 2, 1, 64))),
+            ),
+            (
+                "split_attention",
+                Box::new(|| drop(variants::decode_attention(&q, &kv, &kv, true))),
+            ),
+            ("cat", Box::new(|| drop(Tensor::cat(vec![kv.clone(), one.clone()], 2)))),
+            ("silu", Box::new(|| drop(burn::tensor::activation::silu(x.clone())))),
+            ("mul", Box::new(|| drop(x.clone() * x.clone()))),
+        ];
+        for (name, f) in cases {
+            let us = time(&device, 1000, || f());
+            emit(serde_json::json!({"what": "host_cost", "op": name, "us_per_call": us}));
+        }
+    }
+
+    // Dense products of one row: qkv, o, gate|up, down.
+    for (n, k) in [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)] {
+        let w = Tensor::<B, 2>::random([n, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let x = Tensor::<B, 2>::random([1, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let reference = x.clone().matmul(w.clone().transpose());
+        let bytes = (n * k * 2) as f64;
+        let us = time(&device, iters, || {
+            let _ = x.clone().matmul(w.clone().transpose());
+        });
+        emit(
+            serde_json::json!({"what": "matvec", "variant": "burn-matmul", "n": n, "k": k, "us": us, "gb_s": bytes / us / 1e3}),
+        );
+        for per_warp in [0usize, 1, 2, 4] {
+            let Some(y) = variants::matvec(&x, &w, per_warp) else {
+                emit(serde_json::json!({"what": "matvec", "per_warp": per_warp, "n": n, "k": k, "refused": true}));
+                continue;
+            };
+            let diff = max_rel_diff(y, reference.clone());
+            let us = time(&device, iters, || {
+                let _ = variants::matvec(&x, &w, per_warp);
+            });
+            emit(
+                serde_json::json!({"what": "matvec", "per_warp": per_warp, "n": n, "k": k, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
+            );
+        }
+    }
+
+    // Products of a 2048-token prefill through burn's matmul.
+    let t = 2048;
+    for (n, k) in [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)] {
+        let w = Tensor::<B, 2>::random([n, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let x = Tensor::<B, 2>::random([t, k], Distribution::Uniform(-1.0, 1.0), &device);
+        let flops = (2 * t * n * k) as f64;
+        let us = time(&device, 10, || {
+            let _ = x.clone().matmul(w.clone().transpose());
+        });
+        emit(
+            serde_json::json!({"what": "matmul", "variant": "burn", "t": t, "n": n, "k": k, "us": us, "tflop_s": flops / us / 1e6}),
+        );
+    }
+
+    // A 2048-token prefill's attention through burn's ops, step by step (as `Attention`
+    // runs it when no kernel applies).
+    {
+        let (t, nh, nkv, hd) = (2048, 64, 8, 128);
+        let group = nh / nkv;
+        let q = Tensor::<B, 4>::random([1, t, nh, hd], Distribution::Default, &device);
+        let k = Tensor::<B, 4>::random([1, nkv, t, hd], Distribution::Default, &device);
+        let v = Tensor::<B, 4>::random([1, nkv, t, hd], Distribution::Default, &device);
+        let mask = Tensor::<B, 5>::zeros([1, 1, 1, t, t], &device);
+        let qs = || {
+            q.clone()
+                .reshape([1, t, nkv, group, hd])
+                .permute([0, 2, 3, 1, 4])
+                .reshape([1, nkv, group * t, hd])
+        };
+        let qg = qs();
+        let scores = || {
+            qg.clone()
+                .matmul(k.clone().swap_dims(2, 3))
+                .mul_scalar(1.0 / (hd as f64).sqrt())
+        };
+        let sc = scores().reshape([1, nkv, group, t, t]);
+        let probs = || softmax(sc.clone() + mask.clone(), 4).reshape([1, nkv, group * t, t]);
+        let pr = probs();
+        let steps: Vec<(&str, Box<dyn Fn()>)> = vec![
+            ("q-permute", Box::new(|| drop(qs().into_primitive()))),
+            ("scores", Box::new(|| drop(scores()))),
+            ("mask+softmax", Box::new(|| drop(probs()))),
+            ("pv", Box::new(|| drop(pr.clone().matmul(v.clone())))),
+        ];
+        for (name, f) in steps {
+            let us = time(&device, 10, || f());
+            emit(serde_json::json!({"what": "prefill_attention", "step": name, "t": t, "us": us}));
+        }
+    }
+
+    // Q4_0 / Q8_0 products of one row.
+    for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+        for (n, k) in [(8192, 8192), (57344, 8192), (8192, 28672)] {
+            let dense = Tensor::<B, 2>::random([n, k], Distribution::Uniform(-1.0, 1.0), &device);
+            let host: Vec<f32> = dense.into_data().convert::<f32>().into_vec().expect("f32");
+            let q = QuantMatrix::quantize("w", kind, &HostTensor::new(vec![n, k], host)).expect("quantizes");
+            let stored = (q.raw().len()) as f64;
+            let g = GpuQuant::<B>::new(&q, &device).expect("cuda");
+            let x = Tensor::<B, 2>::random([1, k], Distribution::Uniform(-1.0, 1.0), &device);
+            let reference = x.clone().matmul(g.dense().expect("dequantizes").transpose());
+            for v2 in [false, true] {
+                let Some(y) = variants::quant_matvec(&g, &x, v2) else {
+                    emit(serde_json::json!({"what": "quant_matvec", "v2": v2, "refused": true}));
+                    continue;
+                };
+                let diff = max_rel_diff(y, reference.clone());
+                let us = time(&device, iters, || {
+                    let _ = variants::quant_matvec(&g, &x, v2);
+                });
+                emit(
+                    serde_json::json!({"what": "quant_matvec", "kind": format!("{kind:?}"), "v2": v2, "n": n, "k": k, "us": us, "gb_s_of_gguf_bytes": stored / us / 1e3, "max_rel_diff": diff}),
+                );
+            }
+        }
+    }
+
+    // Attention of one new token over the cache: 64 query heads, 8 KV heads, head_dim 128.
+    let (nh, nkv, hd) = (64, 8, 128);
+    for keys in [512, 4096, 16384] {
+        let q = Tensor::<B, 4>::random([1, 1, nh, hd], Distribution::Uniform(-1.0, 1.0), &device);
+        let k = Tensor::<B, 4>::random([1, nkv, keys, hd], Distribution::Uniform(-1.0, 1.0), &device);
+        let v = Tensor::<B, 4>::random([1, nkv, keys, hd], Distribution::Uniform(-1.0, 1.0), &device);
+        let group = nh / nkv;
+        let reference = || {
+            let qg = q.clone().reshape([1, nkv, group, hd]);
+            let scores = qg
+                .matmul(k.clone().swap_dims(2, 3))
+                .mul_scalar(1.0 / (hd as f64).sqrt());
+            softmax(scores, 3).matmul(v.clone()).reshape([1, 1, nh * hd])
+        };
+        let want = reference();
+        let us = time(&device, iters, || {
+            let _ = reference();
+        });
+        let bytes = (2 * nkv * keys * hd * 2) as f64;
+        emit(
+            serde_json::json!({"what": "attention", "variant": "burn-ops", "keys": keys, "us": us, "gb_s": bytes / us / 1e3}),
+        );
+        for split in [false, true] {
+            let Some(y) = variants::decode_attention(&q, &k, &v, split) else {
+                emit(serde_json::json!({"what": "attention", "split": split, "keys": keys, "refused": true}));
+                continue;
+            };
+            let diff = max_rel_diff(y, want.clone());
+            let us = time(&device, iters, || {
+                let _ = variants::decode_attention(&q, &k, &v, split);
+            });
+            emit(
+                serde_json::json!({"what": "attention", "split": split, "keys": keys, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
+            );
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Each CUDA fast path against burn's generic ops on small shapes (f32 and bf16): one line per
+//! kernel with the largest absolute difference. A debugging aid beside `kernel_bench`.
+
+use burn::backend::Cuda;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::softmax;
+use shared_model::kernels::{self, variants};
+use shared_model::layers::positions::apply_rope;
+use shared_model::precision::Precision;
+
+type B = Cuda;
+type C = shared_model::Cpu;
+
+/// The same values on the CPU backend, in f32: the reference every result is held against.
+fn cpu<const D: usize>(t: &Tensor<B, D>) -> Tensor<C, D> {
+    Tensor::from_data(t.clone().into_data().convert::<f32>(), &Default::default())
+}
+
+fn host<const D: usize>(t: Tensor<C, D>) -> Tensor<B, D> {
+    Tensor::from_data(t.into_data(), &Default::default())
+}
+
+fn diff<const D: usize>(name: &str, got: Option<Tensor<B, D>>, want: Tensor<B, D>) {
+    let Some(got) = got else {
+        println!("{name:24} refused");
+        return;
+    };
+    assert_eq!(got.dims(), want.dims(), "{name}");
+    let g: Vec<f32> = got.into_data().convert::<f32>().into_vec().expect("f32");
+    let w: Vec<f32> = want.into_data().convert::<f32>().into_vec().expect("f32");
+    let d = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    println!("{name:24} max |diff| {d:.3e} (max |want| {scale:.3e})");
+}
+
+fn main() {
+    let dtype = std::env::args().nth(1).unwrap_or_else(|| "f32".into());
+    let device = Default::default();
+    if dtype == "bf16" {
+        Precision::Bf16.apply::<B>(&device).expect("bf16");
+    }
+    let r = |shape: Vec<usize>| {
+        Tensor::<B, 1>::random(
+            [shape.iter().product::<usize>()],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        )
+    };
+    let (nh, nkv, hd, t) = (4usize, 2usize, 16usize, 12usize);
+    let group = nh / nkv;
+    let s = 3 + t;
+    let scale = 1.0 / (hd as f64).sqrt();
+
+    // Linear products.
+    let w: Tensor<B, 2> = r(vec![192, 64]).reshape([192, 64]);
+    let x1: Tensor<B, 2> = r(vec![1, 64]).reshape([1, 64]);
+    let xt: Tensor<B, 2> = r(vec![t, 64]).reshape([t, 64]);
+    diff(
+        "matvec",
+        variants::matvec(&x1, &w, 2),
+        host(cpu(&x1).matmul(cpu(&w).transpose())),
+    );
+    diff(
+        "burn-cuda matmul w^T",
+        Some(xt.clone().matmul(w.clone().transpose())),
+        host(cpu(&xt).matmul(cpu(&w).transpose())),
+    );
+
+    // RoPE split.
+    let qkv: Tensor<B, 3> = r(vec![1, t, (nh + 2 * nkv) * hd]).reshape([1, t, (nh + 2 * nkv) * hd]);
+    let cos: Tensor<B, 4> = r(vec![1, t, 1, hd / 2]).reshape([1, t, 1, hd / 2]);
+    let sin: Tensor<B, 4> = r(vec![1, t, 1, hd / 2]).reshape([1, t, 1, hd / 2]);
+    let q = qkv.clone().narrow(2, 0, nh * hd).reshape([1, t, nh, hd]);
+    let k = qkv.clone().narrow(2, nh * hd, nkv * hd).reshape([1, t, nkv, hd]);
+    let v = qkv
+        .clone()
+        .narrow(2, (nh + nkv) * hd, nkv * hd)
+        .reshape([1, t, nkv, hd]);
+    let fused = kernels::rope_split(&qkv, &cos, &sin, nh, nkv, hd);
+    diff(
+        "rope_split q",
+        fused.clone().map(|f| f.0),
+        apply_rope(q.clone(), &cos, &sin),
+    );
+    diff(
+        "rope_split k",
+        fused.clone().map(|f| f.1),
+        apply_rope(k.clone(), &cos, &sin),
+    );
+    diff("rope_split v", fused.map(|f| f.2), v.clone());
+
+    // Decode attention over a cache view (buffers longer than the keys).
+    let q1: Tensor<B, 4> = r(vec![1, 1, nh, hd]).reshape([1, 1, nh, hd]);
+    let buf: Tensor<B, 4> = r(vec![1, nkv, 256, hd]).reshape([1, nkv, 256, hd]);
+    let kv = buf.clone().slice([0..1, 0..nkv, 0..s, 0..hd]);
+    let want = {
+        let qg = q1.clone().reshape([1, nkv, group, hd]);
+        let sc = qg.matmul(kv.clone().swap_dims(2, 3)).mul_scalar(scale);
+        softmax(sc, 3).matmul(kv.clone()).reshape([1, 1, nh * hd])
+    };
+    diff(
+        "split_attention (view)",
+        variants::decode_attention(&q1, &kv, &kv, true),
+        want.clone(),
+    );
+    let kvc = kv.clone().into_data();
+    let kvc = Tensor::<B, 4>::from_data(kvc, &device);
+    diff(
+        "split_attention (contig)",
+        variants::decode_attention(&q1, &kvc, &kvc, true),
+        want.clone(),
+    );
+    diff(
+        "attention v1 (contig)",
+        variants::decode_attention(&q1, &kvc, &kvc, false),
+        want,
+    );
+}
