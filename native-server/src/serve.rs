@@ -465,13 +465,15 @@ fn fill_memory<B: Backend>(
     let total = shared_model::kernels::gpu_memory_bytes::<B>(device)
         .context("give --blocks or --num-blocks: this backend does not report its memory (only CUDA does)")?;
     let elem = config.dtype.bytes();
-    let (blocks, reserve) = span_choice::blocks_for_memory(model, elem, config.cache_tokens, total);
+    let (blocks, reserve) = span_choice::blocks_for_memory(model, elem, config.quant, config.cache_tokens, total);
     let a = model.attention;
     tracing::info!(
         blocks,
         gpu_gib = total as f64 / (1u64 << 30) as f64,
         reserve_gib = reserve as f64 / (1u64 << 30) as f64,
-        block_weights_mib = (span_choice::block_params(model) * elem) as f64 / (1u64 << 20) as f64,
+        block_weights_mib =
+            span_choice::block_weight_bytes(model, elem, config.quant) as f64 / (1u64 << 20) as f64,
+        quant = ?config.quant,
         kv_cache_mib_per_block =
             (2 * a.num_kv_heads * a.head_dim * config.cache_tokens * elem) as f64 / (1u64 << 20) as f64,
         cache_tokens = config.cache_tokens,

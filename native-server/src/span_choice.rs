@@ -2,6 +2,7 @@
 
 use shared_model::ModelConfig;
 use shared_model::config::{MlpKind, NormKind};
+use shared_model::quant::QuantKind;
 use swarm::protocol::ServerInfo;
 
 /// Weights of one block, in elements (projections, biases and norms).
@@ -31,14 +32,59 @@ pub fn block_params(config: &ModelConfig) -> usize {
     attention + mlp + 2 * norm
 }
 
-/// How many blocks fit a GPU of `total` bytes: each block needs its weights plus the KV cache
-/// of `cache_tokens` tokens; `reserve` stays free for activations and kernel workspaces.
+/// Elements of one block's projection matrices (what `--quant` quantizes).
+pub fn projection_params(config: &ModelConfig) -> usize {
+    let d = config.hidden_size;
+    let a = config.attention;
+    let attention = config.qkv_width() * d + a.num_heads * a.head_dim * d;
+    let mlp = match config.mlp {
+        MlpKind::Gated { intermediate: i, .. } => 3 * d * i,
+        MlpKind::Plain { intermediate: i, .. } => 2 * d * i,
+        MlpKind::Moe {
+            experts,
+            intermediate: i,
+            ..
+        } => experts * 3 * d * i + experts * d,
+    };
+    attention + mlp
+}
+
+/// Bytes of one block's weights on the GPU: projections quantized as `quant` says (the packed
+/// words plus the f32 scales, and minimums for Q4_1, as the GPU keeps them), everything else
+/// (norms, biases, a MoE router) in `elem_bytes`.
+pub fn block_weight_bytes(config: &ModelConfig, elem_bytes: usize, quant: Option<QuantKind>) -> usize {
+    let projections = projection_params(config);
+    let rest = block_params(config) - projections;
+    // Bytes per 32 weights.
+    let per_32 = match quant {
+        None => 32 * elem_bytes,
+        Some(QuantKind::Q8_0) => 32 + 4,
+        Some(QuantKind::Q4_0) => 16 + 4,
+        Some(QuantKind::Q4_1) => 16 + 8,
+    };
+    let router = match config.mlp {
+        MlpKind::Moe { experts, .. } if quant.is_some() => experts * config.hidden_size,
+        _ => 0,
+    };
+    (projections - router) * per_32 / 32 + (rest + router) * elem_bytes
+}
+
+/// How many blocks fit a GPU of `total` bytes: each block needs its weights (quantized as
+/// `quant` says) plus the KV cache of `cache_tokens` tokens; `reserve` stays free for
+/// activations and kernel workspaces.
 ///
 /// Returns (blocks, reserve in bytes).
-pub fn blocks_for_memory(config: &ModelConfig, elem_bytes: usize, cache_tokens: usize, total: u64) -> (usize, u64) {
+pub fn blocks_for_memory(
+    config: &ModelConfig,
+    elem_bytes: usize,
+    quant: Option<QuantKind>,
+    cache_tokens: usize,
+    total: u64,
+) -> (usize, u64) {
     let reserve = (total / 10).max(2 << 30);
     let a = config.attention;
-    let per_block = (block_params(config) + 2 * a.num_kv_heads * a.head_dim * cache_tokens) * elem_bytes;
+    let per_block =
+        block_weight_bytes(config, elem_bytes, quant) + 2 * a.num_kv_heads * a.head_dim * cache_tokens * elem_bytes;
     let fit = total.saturating_sub(reserve) / per_block.max(1) as u64;
     ((fit as usize).clamp(1, config.num_layers), reserve)
 }
@@ -83,12 +129,33 @@ mod tests {
         // Llama-70B blocks hold 855.6 M parameters (1.71 GB in bf16).
         assert_eq!(block_params(&config), 855_654_400);
         // 80 GB, bf16, 64 Ki cache tokens (256 MiB a block): (80 - 8) GB / 1.98 GB = 36 blocks.
-        let (n, reserve) = blocks_for_memory(&config, 2, 65536, 80_000_000_000);
+        let (n, reserve) = blocks_for_memory(&config, 2, None, 65536, 80_000_000_000);
         assert_eq!(reserve, 8_000_000_000);
         assert_eq!(n, 36);
         // Never fewer than one block, never more than the model has.
-        assert_eq!(blocks_for_memory(&config, 2, 65536, 1 << 30).0, 1);
-        assert_eq!(blocks_for_memory(&config, 2, 1, u64::MAX / 2).0, 80);
+        assert_eq!(blocks_for_memory(&config, 2, None, 65536, 1 << 30).0, 1);
+        assert_eq!(blocks_for_memory(&config, 2, None, 1, u64::MAX / 2).0, 80);
+    }
+
+    #[test]
+    fn quantized_blocks_fill_memory_by_their_packed_size() {
+        let config = shared_model::synthetic::Shape::Llama70b.config().expect("config");
+        // Llama-70B: 855.6 M parameters, of which 16 Ki are the two RMSNorms.
+        assert_eq!(block_params(&config) - projection_params(&config), 2 * 8192);
+        let dense = block_weight_bytes(&config, 2, None);
+        assert_eq!(dense, 2 * 855_654_400);
+        // Q4_0 on the GPU: 16 bytes of nibbles and an f32 scale per 32 weights (0.625 bytes).
+        assert_eq!(
+            block_weight_bytes(&config, 2, Some(QuantKind::Q4_0)),
+            855_638_016 * 20 / 32 + 2 * 8192 * 2
+        );
+        // A Llama-2-70B (80 blocks) on 2 x 24 GB cards in q4 with 1 Ki cache tokens a block:
+        // (24 - 2.4) GB / 539 MB = 40 blocks a card; in bf16, 12.
+        assert_eq!(
+            blocks_for_memory(&config, 2, Some(QuantKind::Q4_0), 1024, 24_000_000_000).0,
+            40
+        );
+        assert_eq!(blocks_for_memory(&config, 2, None, 1024, 24_000_000_000).0, 12);
     }
 
     #[test]
