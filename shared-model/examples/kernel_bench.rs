@@ -10,7 +10,7 @@ use burn::backend::Cuda;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
-use shared_model::kernels::{GpuQuant, variants};
+use shared_model::kernels::{self, GpuQuant};
 use shared_model::precision::Precision;
 use shared_model::quant::{QuantKind, QuantMatrix};
 use shared_model::weights::HostTensor;
@@ -70,19 +70,15 @@ fn main() {
         let kv = Tensor::<B, 4>::random([1, 1, 16, 64], Distribution::Default, &device);
         let one = Tensor::<B, 4>::random([1, 1, 1, 64], Distribution::Default, &device);
         let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
-            ("matvec", Box::new(|| drop(variants::matvec(&x, &w, 2)))),
-            ("matvec-cubek", Box::new(|| drop(variants::matvec(&x, &w, 0)))),
-            (
-                "rms_norm",
-                Box::new(|| drop(shared_model::kernels::rms_norm(&x3, &norm_w, 1e-5))),
-            ),
+            ("matvec", Box::new(|| drop(kernels::matvec(&x, &w)))),
+            ("rms_norm", Box::new(|| drop(kernels::rms_norm(&x3, &norm_w, 1e-5)))),
             (
                 "rope_split",
-                Box::new(|| drop(shared_model::kernels::rope_split(&qkv, &cos, &cos, 2, 1, 64))),
+                Box::new(|| drop(kernels::rope_split(&qkv, &cos, &cos, 2, 1, 64))),
             ),
             (
-                "split_attention",
-                Box::new(|| drop(variants::decode_attention(&q, &kv, &kv, true))),
+                "decode_attention",
+                Box::new(|| drop(kernels::decode_attention(&q, &kv, &kv))),
             ),
             ("cat", Box::new(|| drop(Tensor::cat(vec![kv.clone(), one.clone()], 2)))),
             ("silu", Box::new(|| drop(burn::tensor::activation::silu(x.clone())))),
@@ -106,14 +102,14 @@ fn main() {
         emit(
             serde_json::json!({"what": "matvec", "variant": "burn-matmul", "n": n, "k": k, "us": us, "gb_s": bytes / us / 1e3}),
         );
-        for per_warp in [0usize, 1, 2, 4] {
-            let Some(y) = variants::matvec(&x, &w, per_warp) else {
+        for per_warp in [1usize, 2, 4] {
+            let Some(y) = kernels::matvec_rows_per_warp(&x, &w, per_warp) else {
                 emit(serde_json::json!({"what": "matvec", "per_warp": per_warp, "n": n, "k": k, "refused": true}));
                 continue;
             };
             let diff = max_rel_diff(y, reference.clone());
             let us = time(&device, iters, || {
-                let _ = variants::matvec(&x, &w, per_warp);
+                let _ = kernels::matvec_rows_per_warp(&x, &w, per_warp);
             });
             emit(
                 serde_json::json!({"what": "matvec", "per_warp": per_warp, "n": n, "k": k, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
@@ -181,19 +177,14 @@ fn main() {
             let g = GpuQuant::<B>::new(&q, &device).expect("cuda");
             let x = Tensor::<B, 2>::random([1, k], Distribution::Uniform(-1.0, 1.0), &device);
             let reference = x.clone().matmul(g.dense().expect("dequantizes").transpose());
-            for v2 in [false, true] {
-                let Some(y) = variants::quant_matvec(&g, &x, v2) else {
-                    emit(serde_json::json!({"what": "quant_matvec", "v2": v2, "refused": true}));
-                    continue;
-                };
-                let diff = max_rel_diff(y, reference.clone());
-                let us = time(&device, iters, || {
-                    let _ = variants::quant_matvec(&g, &x, v2);
-                });
-                emit(
-                    serde_json::json!({"what": "quant_matvec", "kind": format!("{kind:?}"), "v2": v2, "n": n, "k": k, "us": us, "gb_s_of_gguf_bytes": stored / us / 1e3, "max_rel_diff": diff}),
-                );
-            }
+            // One row: `forward` takes the quantized matrix-vector kernel.
+            let diff = max_rel_diff(g.forward(x.clone()), reference);
+            let us = time(&device, iters, || {
+                let _ = g.forward(x.clone());
+            });
+            emit(
+                serde_json::json!({"what": "quant_matvec", "kind": format!("{kind:?}"), "n": n, "k": k, "us": us, "gb_s_of_gguf_bytes": stored / us / 1e3, "max_rel_diff": diff}),
+            );
         }
     }
 
@@ -219,18 +210,16 @@ fn main() {
         emit(
             serde_json::json!({"what": "attention", "variant": "burn-ops", "keys": keys, "us": us, "gb_s": bytes / us / 1e3}),
         );
-        for split in [false, true] {
-            let Some(y) = variants::decode_attention(&q, &k, &v, split) else {
-                emit(serde_json::json!({"what": "attention", "split": split, "keys": keys, "refused": true}));
-                continue;
-            };
-            let diff = max_rel_diff(y, want.clone());
-            let us = time(&device, iters, || {
-                let _ = variants::decode_attention(&q, &k, &v, split);
-            });
-            emit(
-                serde_json::json!({"what": "attention", "split": split, "keys": keys, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
-            );
-        }
+        let Some(y) = kernels::decode_attention(&q, &k, &v) else {
+            emit(serde_json::json!({"what": "attention", "keys": keys, "refused": true}));
+            continue;
+        };
+        let diff = max_rel_diff(y, want);
+        let us = time(&device, iters, || {
+            let _ = kernels::decode_attention(&q, &k, &v);
+        });
+        emit(
+            serde_json::json!({"what": "attention", "variant": "split", "keys": keys, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
+        );
     }
 }

@@ -5,7 +5,7 @@ use burn::backend::Cuda;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
-use shared_model::kernels::{self, variants};
+use shared_model::kernels;
 use shared_model::layers::positions::apply_rope;
 use shared_model::precision::Precision;
 
@@ -58,7 +58,7 @@ fn main() {
     let xt: Tensor<B, 2> = r(vec![t, 64]).reshape([t, 64]);
     diff(
         "matvec",
-        variants::matvec(&x1, &w, 2),
+        kernels::matvec(&x1, &w),
         host(cpu(&x1).matmul(cpu(&w).transpose())),
     );
     diff(
@@ -100,20 +100,14 @@ fn main() {
         softmax(sc, 3).matmul(kv.clone()).reshape([1, 1, nh * hd])
     };
     diff(
-        "split_attention (view)",
-        variants::decode_attention(&q1, &kv, &kv, true),
+        "decode_attention (view)",
+        kernels::decode_attention(&q1, &kv, &kv),
         want.clone(),
     );
-    let kvc = kv.clone().into_data();
-    let kvc = Tensor::<B, 4>::from_data(kvc, &device);
+    let kvc = Tensor::<B, 4>::from_data(kv.clone().into_data(), &device);
     diff(
-        "split_attention (contig)",
-        variants::decode_attention(&q1, &kvc, &kvc, true),
-        want.clone(),
-    );
-    diff(
-        "attention v1 (contig)",
-        variants::decode_attention(&q1, &kvc, &kvc, false),
+        "decode_attention (contig)",
+        kernels::decode_attention(&q1, &kvc, &kvc),
         want,
     );
 }

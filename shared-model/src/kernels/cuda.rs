@@ -2,16 +2,12 @@
 //! the backend (generic code cannot name the CUDA backend's tensor type otherwise).
 
 use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
-use cubek::matmul::launch::{Strategy, launch_ref};
-use cubek::std::InputBinding;
 
 type Cuda = burn::backend::Cuda;
 
@@ -30,15 +26,8 @@ pub(super) fn is_cuda<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<Cuda>()
 }
 
-/// Set once a kernel refused a launch: warn once, then stop trying.
-static MATVEC_FAILED: AtomicBool = AtomicBool::new(false);
-
-/// `x W^T` by the row kernel (`per_warp` rows a warp), or by cubek's matrix-vector matmul
-/// when `per_warp` is 0 (kept to compare against: `examples/kernel_bench.rs`).
+/// `x W^T` by the row kernel, `per_warp` output rows a warp.
 pub(super) fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: usize) -> Option<Tensor<B, 2>> {
-    if per_warp == 0 {
-        return matvec_cubek(x, w);
-    }
     let ([m, k], [n, kw]) = (x.dims(), w.dims());
     if !is_cuda::<B>() || m != 1 || k != kw || k % 8 != 0 || n % per_warp != 0 {
         return None;
@@ -80,41 +69,6 @@ const WARPS: usize = 8;
 fn vector_aligned(t: &CubeTensor<CudaRuntime>) -> bool {
     let bytes = t.dtype.size() as u64 * 8;
     t.handle.offset_start.unwrap_or(0) % bytes == 0 && t.meta.shape().iter().last().is_some_and(|d| d % 8 == 0)
-}
-
-fn matvec_cubek<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    let ([m, k], [n, kw]) = (x.dims(), w.dims());
-    if !is_cuda::<B>() || m != 1 || k != kw || k % 32 != 0 || MATVEC_FAILED.load(Ordering::Relaxed) {
-        return None;
-    }
-    let x = burn_cubecl::kernel::into_contiguous(to_cube(x.clone())?);
-    // `[in, out]` with `in` contiguous: the column-major right-hand side the kernel wants.
-    let rhs = to_cube(w.clone().transpose())?;
-    if x.dtype != rhs.dtype || x.qparams.is_some() || rhs.qparams.is_some() {
-        return None;
-    }
-    let dtype = x.dtype;
-    let client = x.client.clone();
-    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, n].into(), dtype);
-    let mut elems = MatmulElems::from_globals(&MatmulGlobalElems {
-        lhs: dtype.into(),
-        rhs: dtype.into(),
-        out: dtype.into(),
-    });
-    let launched = launch_ref(
-        &Strategy::GemvPlaneParallel(Default::default()),
-        &client,
-        InputBinding::new(x.binding(), dtype.into()),
-        InputBinding::new(rhs.binding(), dtype.into()),
-        out.clone().binding(),
-        &mut elems,
-    );
-    if let Err(e) = launched {
-        MATVEC_FAILED.store(true, Ordering::Relaxed);
-        tracing::warn!(error = ?e, n, k, "matrix-vector kernel refused; using burn's matmul");
-        return None;
-    }
-    from_cube(out)
 }
 
 pub(super) fn memory_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
@@ -172,9 +126,6 @@ pub(super) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64)
     from_cube(out)
 }
 
-/// Longest cache the decode-attention kernel keeps its scores for (f32 in shared memory).
-const MAX_KEYS: usize = 8192;
-
 /// A KV cache view `[1, kv_heads, keys, head_dim]` as the kernel reads it, and the positions
 /// each KV head's rows are apart: a view into the cache's longer buffers (rows of `head_dim`
 /// contiguous, heads `capacity` rows apart) as it is, anything else copied contiguous.
@@ -195,7 +146,7 @@ fn cache_rows(t: CubeTensor<CudaRuntime>) -> (CubeTensor<CudaRuntime>, usize) {
 /// # Shapes
 /// - `q`: `[1, 1, heads, head_dim]`; `k`, `v`: `[1, kv_heads, keys, head_dim]`
 /// - returns `[1, 1, heads * head_dim]`
-pub(super) fn split_attention<B: Backend>(
+pub(super) fn decode_attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
@@ -266,98 +217,9 @@ pub(super) fn split_attention<B: Backend>(
     from_cube(out)
 }
 
-/// # Shapes
-/// - `q`: `[1, 1, heads, head_dim]`; `k`, `v`: `[1, kv_heads, keys, head_dim]`
-/// - returns `[1, 1, heads * head_dim]`
-pub(super) fn decode_attention<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    v: &Tensor<B, 4>,
-) -> Option<Tensor<B, 3>> {
-    let ([b, t, nh, hd], [bk, nkv, keys, hdk]) = (q.dims(), k.dims());
-    if !is_cuda::<B>()
-        || b != 1
-        || t != 1
-        || bk != 1
-        || hd != hdk
-        || nh % nkv != 0
-        || keys == 0
-        || keys > MAX_KEYS
-        || hd > ROW_THREADS as usize
-        || v.dims() != k.dims()
-    {
-        return None;
-    }
-    let q = into_contiguous(to_cube(q.clone())?);
-    let k = into_contiguous(to_cube(k.clone())?);
-    let v = into_contiguous(to_cube(v.clone())?);
-    if q.dtype != k.dtype || k.dtype != v.dtype {
-        return None;
-    }
-    let (dtype, client) = (q.dtype, q.client.clone());
-    let out = empty_device_dtype(client.clone(), q.device.clone(), [1, 1, nh * hd].into(), dtype);
-    super::cube::decode_attention_kernel::launch::<CudaRuntime>(
-        &client,
-        CubeCount::Static(nh as u32, 1, 1),
-        CubeDim::new_1d(ROW_THREADS),
-        q.into_tensor_arg(),
-        k.into_tensor_arg(),
-        v.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        keys as u32,
-        (nh / nkv) as u32,
-        1.0 / (hd as f32).sqrt(),
-        hd as u32,
-        MAX_KEYS as u32,
-        dtype.into(),
-    );
-    from_cube(out)
-}
-
 fn int_to_cube<B: Backend>(t: Tensor<B, 2, Int>) -> Option<CubeTensor<CudaRuntime>> {
     let boxed: Box<dyn Any> = Box::new(t.into_primitive());
     boxed.downcast::<CubeTensor<CudaRuntime>>().ok().map(|b| *b)
-}
-
-/// # Shapes
-/// - `x`: `[1, cols]`; `words`, `scales`, `mins` as `GpuQuant` holds them
-/// - returns `[1, rows]`
-pub(super) fn quant_matvec<B: Backend>(
-    x: &Tensor<B, 2>,
-    words: &Tensor<B, 2, Int>,
-    scales: &Tensor<B, 2>,
-    mins: &Tensor<B, 2>,
-    kind: u32,
-    rows: usize,
-    v2: bool,
-) -> Option<Tensor<B, 2>> {
-    if !is_cuda::<B>() {
-        return None;
-    }
-    if v2 {
-        return quant_matvec_v2(x, words, scales, mins, kind, rows);
-    }
-    let x = into_contiguous(to_cube(x.clone())?);
-    let words = int_to_cube(words.clone())?;
-    let scales = to_cube(scales.clone())?;
-    let mins = to_cube(mins.clone())?;
-    let (dtype, client) = (x.dtype, x.client.clone());
-    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, rows].into(), dtype);
-    let rows_per_cube = 8;
-    super::cube::quant_matvec_kernel::launch::<CudaRuntime>(
-        &client,
-        CubeCount::Static(rows.div_ceil(rows_per_cube) as u32, 1, 1),
-        CubeDim::new_2d(32, rows_per_cube as u32),
-        x.into_tensor_arg(),
-        words.into_tensor_arg(),
-        scales.into_tensor_arg(),
-        mins.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        rows as u32,
-        kind,
-        dtype.into(),
-    );
-    from_cube(out)
 }
 
 /// # Shapes
@@ -394,7 +256,7 @@ pub(super) fn dequantize<B: Backend>(
 /// # Shapes
 /// - `x`: `[1, cols]`; `words`, `scales`, `mins` as `GpuQuant` holds them
 /// - returns `[1, rows]`
-fn quant_matvec_v2<B: Backend>(
+pub(super) fn quant_matvec<B: Backend>(
     x: &Tensor<B, 2>,
     words: &Tensor<B, 2, Int>,
     scales: &Tensor<B, 2>,
@@ -402,6 +264,9 @@ fn quant_matvec_v2<B: Backend>(
     kind: u32,
     rows: usize,
 ) -> Option<Tensor<B, 2>> {
+    if !is_cuda::<B>() {
+        return None;
+    }
     let cols = x.dims()[1];
     let x = into_contiguous(to_cube(x.clone())?);
     let words = int_to_cube(words.clone())?;
@@ -416,7 +281,7 @@ fn quant_matvec_v2<B: Backend>(
     }
     let (dtype, client) = (x.dtype, x.client.clone());
     let out = empty_device_dtype(client.clone(), x.device.clone(), [1, rows].into(), dtype);
-    super::cube::quant_matvec_v2_kernel::launch::<CudaRuntime>(
+    super::cube::quant_matvec_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static(rows.div_ceil(WARPS) as u32, 1, 1),
         CubeDim::new_2d(32, WARPS as u32),

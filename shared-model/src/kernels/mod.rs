@@ -25,11 +25,6 @@ fn enabled_for(name: &str) -> bool {
     }
 }
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn enabled() -> bool {
-    enabled_for("")
-}
-
 /// `x W^T` for one input row and a weight in PyTorch layout `[out, in]`, as a matrix-vector
 /// kernel (one GPU warp per output, reading each weight row once with vector loads).
 ///
@@ -42,7 +37,7 @@ fn enabled() -> bool {
 pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() || !enabled_for("matvec") {
+        if !enabled_for("matvec") {
             return None;
         }
         cuda::matvec(x, w, MATVEC_ROWS_PER_WARP)
@@ -58,36 +53,12 @@ pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B
 #[cfg(feature = "cuda")]
 const MATVEC_ROWS_PER_WARP: usize = 2;
 
-/// The fast paths' alternatives, side by side, for `examples/kernel_bench.rs`: not an API.
+/// The matrix-vector kernel with a chosen number of rows a warp, for
+/// `examples/kernel_bench.rs`: not an API.
 #[cfg(feature = "cuda")]
 #[doc(hidden)]
-pub mod variants {
-    use super::*;
-
-    /// `per_warp` rows a warp; 0 for cubek's matrix-vector matmul.
-    pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: usize) -> Option<Tensor<B, 2>> {
-        cuda::matvec(x, w, per_warp)
-    }
-
-    /// `split`: the two-pass split kernel, else one cube per head.
-    pub fn decode_attention<B: Backend>(
-        q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
-        v: &Tensor<B, 4>,
-        split: bool,
-    ) -> Option<Tensor<B, 3>> {
-        if split {
-            cuda::split_attention(q, k, v)
-        } else {
-            cuda::decode_attention(q, k, v)
-        }
-    }
-
-    /// `v2`: one block per lane with 16-byte loads, else one word at a time.
-    pub fn quant_matvec<B: Backend>(g: &GpuQuant<B>, x: &Tensor<B, 2>, v2: bool) -> Option<Tensor<B, 2>> {
-        let mins = g.mins.as_ref().unwrap_or(&g.scales);
-        cuda::quant_matvec(x, &g.words, &g.scales, mins, g.kind_code(), g.rows, v2)
-    }
+pub fn matvec_rows_per_warp<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: usize) -> Option<Tensor<B, 2>> {
+    cuda::matvec(x, w, per_warp)
 }
 
 /// Total memory of the GPU behind `device`, when the backend can tell (CUDA); `None` elsewhere.
@@ -121,7 +92,7 @@ pub fn cache_compiled_kernels(dir: &std::path::Path) {
 pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() || !enabled_for("norm") {
+        if !enabled_for("norm") {
             return None;
         }
         cuda::rms_norm(x, weight, eps)
@@ -151,7 +122,7 @@ pub fn rope_split<B: Backend>(
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() || !enabled_for("rope") {
+        if !enabled_for("rope") {
             return None;
         }
         cuda::rope_split(qkv, cos, sin, heads, kv_heads, head_dim)
@@ -171,10 +142,10 @@ pub fn rope_split<B: Backend>(
 pub fn decode_attention<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>) -> Option<Tensor<B, 3>> {
     #[cfg(feature = "cuda")]
     {
-        if !enabled() || !enabled_for("attention") {
+        if !enabled_for("attention") {
             return None;
         }
-        cuda::split_attention(q, k, v)
+        cuda::decode_attention(q, k, v)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -201,7 +172,7 @@ pub struct GpuQuant<B: Backend> {
 impl<B: Backend> GpuQuant<B> {
     /// `None` where no kernel runs the format (every backend but CUDA).
     pub fn new(q: &QuantMatrix, device: &B::Device) -> Option<Self> {
-        if !cfg!(feature = "cuda") || !enabled() || !enabled_for("quant") || !gpu_backend::<B>() {
+        if !cfg!(feature = "cuda") || !enabled_for("quant") || !gpu_backend::<B>() {
             return None;
         }
         let [rows, cols] = q.shape();
@@ -258,7 +229,7 @@ impl<B: Backend> GpuQuant<B> {
             let kind = self.kind_code();
             let mins = self.mins.as_ref().unwrap_or(&self.scales);
             if x.dims()[0] == 1
-                && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows, true)
+                && let Some(y) = cuda::quant_matvec(&x, &self.words, &self.scales, mins, kind, self.rows)
             {
                 return y;
             }

@@ -99,18 +99,15 @@ impl<B: Backend> Attention<B> {
             .reshape([b, t, nkv, group, hd])
             .permute([0, 2, 3, 1, 4])
             .reshape([b, nkv, group * t, hd]);
-        let raw = q.matmul(k.swap_dims(2, 3));
-        let scale = 1.0 / (hd as f64).sqrt();
-        let probs = {
-            let mut scores = raw.mul_scalar(scale).reshape([b, nkv, group, t, s]);
-            if let Some(alibi) = &ctx.alibi {
-                scores = scores + alibi.clone();
-            }
-            if let Some(mask) = &ctx.mask {
-                scores = scores + mask.clone();
-            }
-            softmax(scores, 4).reshape([b, nkv, group * t, s])
-        };
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
+        let mut scores = scores.reshape([b, nkv, group, t, s]);
+        if let Some(alibi) = &ctx.alibi {
+            scores = scores + alibi.clone();
+        }
+        if let Some(mask) = &ctx.mask {
+            scores = scores + mask.clone();
+        }
+        let probs = softmax(scores, 4).reshape([b, nkv, group * t, s]);
         let y = probs
             .matmul(v)
             .reshape([b, nkv, group, t, hd])

@@ -49,9 +49,6 @@ pub struct StepContext<B: Backend> {
     /// Additive mask `[batch, 1, 1, new, total]` (0 or a large negative); `None` when every
     /// key is visible to every query.
     pub mask: Option<Tensor<B, 5>>,
-    /// `Some(past)` when the mask is the plain causal one (query `i` sees keys `0..=past + i`:
-    /// no padding, no sliding window cutting in), so a kernel may apply it from indices.
-    pub causal: Option<usize>,
 }
 
 /// Large enough to zero a softmax weight, small enough that a row with every key masked
@@ -88,7 +85,6 @@ impl<B: Backend> StepContext<B> {
         };
         let window = config.attention.sliding_window;
         let plain = layout.pad.iter().all(|&p| p == 0) && window.is_none_or(|w| total <= w);
-        let causal = plain.then_some(layout.past);
         let needs_mask = new > 1 || !plain;
         let mask = if plain {
             // Built on the device: the host loop and upload cost milliseconds on long prompts.
@@ -115,12 +111,7 @@ impl<B: Backend> StepContext<B> {
                 Tensor::from_data(TensorData::new(data, [batch, 1, 1, new, total]), device)
             })
         };
-        Self {
-            rope,
-            alibi,
-            mask,
-            causal,
-        }
+        Self { rope, alibi, mask }
     }
 }
 
