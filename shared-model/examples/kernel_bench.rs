@@ -3,6 +3,9 @@
 //! ops. One JSON object a line.
 //!
 //!   CUDARC_CUDA_VERSION=13000 cargo run --release -p shared-model --features cuda --example kernel_bench
+//!
+//! With the argument `prefill`: the pieces of a 2048-token prefill instead (cuBLAS products,
+//! the fused softmax and gated SiLU), each against burn's ops.
 
 use std::time::Instant;
 
@@ -45,6 +48,10 @@ fn main() {
     let device = Default::default();
     Precision::Bf16.apply::<B>(&device).expect("bf16");
     let iters = 50;
+    if std::env::args().nth(1).as_deref() == Some("prefill") {
+        prefill(&device);
+        return;
+    }
 
     // Launch cost: a tiny op, and a tiny op plus a sync.
     let small = Tensor::<B, 2>::random([1, 8192], Distribution::Default, &device);
@@ -222,4 +229,50 @@ fn main() {
             serde_json::json!({"what": "attention", "variant": "split", "keys": keys, "us": us, "gb_s": bytes / us / 1e3, "max_rel_diff": diff}),
         );
     }
+}
+
+/// A 2048-token prefill of a Llama-2-70B block, piece by piece.
+fn prefill(device: &burn::tensor::Device<B>) {
+    let t = 2048usize;
+    let iters = 10;
+    let uniform = Distribution::Uniform(-1.0, 1.0);
+    for (n, k) in [(10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)] {
+        let w = Tensor::<B, 2>::random([n, k], uniform, device);
+        let x = Tensor::<B, 2>::random([t, k], uniform, device);
+        let wt = w.transpose();
+        let flops = 2.0 * (t * n * k) as f64;
+        let us = time(device, iters, || drop(kernels::matmul(&x, &wt)));
+        // burn's matmul is left out here: its first call per shape autotunes for a minute.
+        emit(serde_json::json!({"what": "prefill_gemm", "m": t, "n": n, "k": k, "us": us,
+            "tflop_s": flops / us / 1e6}));
+    }
+    let (nkv, group, hd) = (8usize, 8usize, 128usize);
+    let q = Tensor::<B, 4>::random([1, nkv, group * t, hd], uniform, device);
+    let cache = Tensor::<B, 4>::random([1, nkv, t + 256, hd], uniform, device);
+    let k = cache.slice([0..1, 0..nkv, 0..t, 0..hd]);
+    let kt = k.clone().swap_dims(2, 3);
+    let us = time(device, iters, || drop(kernels::matmul(&q, &kt)));
+    emit(serde_json::json!({"what": "prefill_scores", "us": us}));
+    let scores = kernels::matmul(&q, &kt).expect("scores").reshape([1, nkv, group, t, t]);
+    let mask_host: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { -3.0e4 }).collect();
+    let mask = Tensor::<B, 1>::from_floats(mask_host.as_slice(), device).reshape([1, 1, 1, t, t]);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let us = time(device, iters, || drop(kernels::masked_softmax(&scores, &mask, scale)));
+    let us_burn = time(device, 3, || drop(softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4)));
+    let diff = max_rel_diff(
+        kernels::masked_softmax(&scores, &mask, scale).expect("softmax"),
+        softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4),
+    );
+    emit(serde_json::json!({"what": "prefill_softmax", "us": us, "us_burn": us_burn, "max_rel_diff": diff}));
+    let probs = scores.reshape([1, nkv, group * t, t]);
+    let us = time(device, iters, || drop(kernels::matmul(&probs, &k)));
+    emit(serde_json::json!({"what": "prefill_pv", "us": us}));
+    let gu = Tensor::<B, 2>::random([t, 2 * 28672], uniform, device);
+    let us = time(device, iters, || drop(kernels::gated_silu(&gu)));
+    let burn_silu = || {
+        burn::tensor::activation::silu(gu.clone().narrow(1, 0, 28672)) * gu.clone().narrow(1, 28672, 28672)
+    };
+    let us_burn = time(device, 3, || drop(burn_silu()));
+    let diff = max_rel_diff(kernels::gated_silu(&gu).expect("silu"), burn_silu());
+    emit(serde_json::json!({"what": "prefill_silu", "us": us, "us_burn": us_burn, "max_rel_diff": diff}));
 }

@@ -110,4 +110,74 @@ fn main() {
         kernels::decode_attention(&q1, &kvc, &kvc),
         want,
     );
+
+    // Products through cuBLAS, every layout the layers hand it.
+    let x37: Tensor<B, 2> = r(vec![37, 64]).reshape([37, 64]);
+    let wt = w.clone().transpose();
+    diff(
+        "gemm x w^T",
+        kernels::matmul(&x37, &wt),
+        host(cpu(&x37).matmul(cpu(&w).transpose())),
+    );
+    let a: Tensor<B, 2> = r(vec![40, 24]).reshape([40, 24]);
+    let bm: Tensor<B, 2> = r(vec![24, 33]).reshape([24, 33]);
+    diff("gemm a b", kernels::matmul(&a, &bm), host(cpu(&a).matmul(cpu(&bm))));
+    let at: Tensor<B, 2> = r(vec![24, 40]).reshape([24, 40]).transpose();
+    diff(
+        "gemm a^T b",
+        kernels::matmul(&at, &bm),
+        host(cpu(&at).matmul(cpu(&bm))),
+    );
+    let big_x: Tensor<B, 2> = r(vec![300, 512]).reshape([300, 512]);
+    let big_w: Tensor<B, 2> = r(vec![1000, 512]).reshape([1000, 512]);
+    diff(
+        "gemm 300x512x1000",
+        kernels::matmul(&big_x, &big_w.clone().transpose()),
+        host(cpu(&big_x).matmul(cpu(&big_w).transpose())),
+    );
+    let a3: Tensor<B, 3> = r(vec![3, 17, 8]).reshape([3, 17, 8]);
+    let b3: Tensor<B, 3> = r(vec![1, 8, 5]).reshape([1, 8, 5]);
+    diff(
+        "gemm broadcast batch",
+        kernels::matmul(&a3, &b3),
+        host(cpu(&a3).matmul(cpu(&b3))),
+    );
+    let tq = 20usize;
+    let sq = 30usize;
+    let qh: Tensor<B, 4> = r(vec![1, nkv, tq, hd]).reshape([1, nkv, tq, hd]);
+    let kview = buf.clone().slice([0..1, 0..nkv, 0..sq, 0..hd]);
+    let kt = kview.clone().swap_dims(2, 3);
+    diff(
+        "gemm q k^T (cache view)",
+        kernels::matmul(&qh, &kt),
+        host(cpu(&qh).matmul(cpu(&kview).swap_dims(2, 3))),
+    );
+    let p: Tensor<B, 4> = r(vec![1, nkv, tq, sq]).reshape([1, nkv, tq, sq]);
+    diff(
+        "gemm p v (cache view)",
+        kernels::matmul(&p, &kview),
+        host(cpu(&p).matmul(cpu(&kview))),
+    );
+
+    // Scaled, masked softmax (causal with 10 cached keys, as a prompt's second chunk).
+    let scores: Tensor<B, 5> = r(vec![1, nkv, group, tq, sq]).reshape([1, nkv, group, tq, sq]);
+    let mask_host: Vec<f32> = (0..tq * sq)
+        .map(|i| if i % sq <= i / sq + (sq - tq) { 0.0 } else { -3.0e4 })
+        .collect();
+    let mask: Tensor<B, 5> = Tensor::<B, 1>::from_floats(mask_host.as_slice(), &device).reshape([1, 1, 1, tq, sq]);
+    diff(
+        "masked_softmax",
+        kernels::masked_softmax(&scores, &mask, scale),
+        host(softmax(cpu(&scores).mul_scalar(scale) + cpu(&mask), 4)),
+    );
+
+    // silu(gate) * up.
+    let gu: Tensor<B, 2> = r(vec![tq, 96]).reshape([tq, 96]);
+    let gate = cpu(&gu).narrow(1, 0, 48);
+    let up = cpu(&gu).narrow(1, 48, 48);
+    diff(
+        "gated_silu",
+        kernels::gated_silu(&gu),
+        host(burn::tensor::activation::silu(gate) * up),
+    );
 }

@@ -383,3 +383,93 @@ pub(super) fn rope_split_kernel<F: Float>(
         v[dst + half as usize] = x2;
     }
 }
+
+/// `softmax(scores * scale + mask)` over each row of `total` scores: one cube per row, three
+/// passes over the row (max, sum of exponentials, write), all in f32. Row `r` is query
+/// `r % new` of batch `r / (new * heads)`, whose mask row is shared by every head.
+#[cube(launch)]
+pub(super) fn masked_softmax_kernel<F: Float>(
+    scores: &Tensor<F>,
+    mask: &Tensor<F>,
+    output: &mut Tensor<F>,
+    total: u32,
+    new: u32,
+    heads: u32,
+    scale: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize;
+    let s = total as usize;
+    let query = row % new as usize;
+    let batch = row / (new as usize * heads as usize);
+    let base = row * s;
+    let mask_base = (batch * new as usize + query) * s;
+    let threads = CUBE_DIM_X as usize;
+    let warp = (UNIT_POS_X / PLANE_DIM) as usize;
+    let warps = CUBE_DIM_X / PLANE_DIM;
+
+    let mut local_max = f32::new(-3.0e38);
+    let mut j = UNIT_POS_X as usize;
+    while j < s {
+        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
+        local_max = f32::max(local_max, v);
+        j += threads;
+    }
+    let mut maxima = SharedMemory::<f32>::new(32usize);
+    let warp_max = plane_max(local_max);
+    if UNIT_POS_PLANE == 0 {
+        maxima[warp] = warp_max;
+    }
+    sync_cube();
+    let mut row_max = f32::new(-3.0e38);
+    for w in 0..warps {
+        row_max = f32::max(row_max, maxima[w as usize]);
+    }
+
+    let mut local_sum = f32::new(0.0);
+    let mut j = UNIT_POS_X as usize;
+    while j < s {
+        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
+        local_sum += (v - row_max).exp();
+        j += threads;
+    }
+    let mut sums = SharedMemory::<f32>::new(32usize);
+    let warp_sum = plane_sum(local_sum);
+    if UNIT_POS_PLANE == 0 {
+        sums[warp] = warp_sum;
+    }
+    sync_cube();
+    let mut row_sum = f32::new(0.0);
+    for w in 0..warps {
+        row_sum += sums[w as usize];
+    }
+    let inv = f32::new(1.0) / row_sum;
+
+    let mut j = UNIT_POS_X as usize;
+    while j < s {
+        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
+        output[base + j] = F::cast_from((v - row_max).exp() * inv);
+        j += threads;
+    }
+}
+
+/// `silu(gate) * up` for each element of `[tokens, inter]`, reading both halves of the fused
+/// `[tokens, 2 inter]` projection; computed in f32, rounded once.
+#[cube(launch)]
+pub(super) fn gated_silu_kernel<F: Float>(
+    gate_up: &Tensor<F>,
+    output: &mut Tensor<F>,
+    inter: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= output.len() {
+        terminate!();
+    }
+    let width = inter as usize;
+    let token = i / width;
+    let column = i % width;
+    let g = f32::cast_from(gate_up[token * 2 * width + column]);
+    let u = f32::cast_from(gate_up[token * 2 * width + width + column]);
+    output[i] = F::cast_from(g / (f32::new(1.0) + (-g).exp()) * u);
+}

@@ -6,7 +6,7 @@ use std::any::{Any, TypeId};
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 
 type Cuda = burn::backend::Cuda;
@@ -44,7 +44,7 @@ pub(super) fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, per_warp: u
         return None;
     }
     let (dtype, client) = (x.dtype, x.client.clone());
-    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, n].into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), [1, n].into(), dtype);
     let rows_per_cube = per_warp * WARPS;
     super::cube::matvec_kernel::launch::<CudaRuntime>(
         &client,
@@ -112,7 +112,7 @@ pub(super) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64)
         return None;
     }
     let (dtype, client) = (input.dtype, input.client.clone());
-    let out = empty_device_dtype(client.clone(), input.device.clone(), [b, t, d].into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), input.device.clone(), [b, t, d].into(), dtype);
     super::cube::rms_norm_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static((b * t) as u32, 1, 1),
@@ -182,7 +182,7 @@ pub(super) fn decode_attention<B: Backend>(
     }
     let (dtype, client) = (q.dtype, q.client.clone());
     let chunks = keys.div_ceil(threads);
-    let partial = empty_device_dtype(
+    let partial = empty_device_contiguous_dtype(
         client.clone(),
         q.device.clone(),
         [nh, chunks, hd + 2].into(),
@@ -203,7 +203,7 @@ pub(super) fn decode_attention<B: Backend>(
         hd as u32,
         dtype.into(),
     );
-    let out = empty_device_dtype(client.clone(), partial.device.clone(), [1, 1, nh * hd].into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), partial.device.clone(), [1, 1, nh * hd].into(), dtype);
     super::cube::attention_combine_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static(nh as u32, 1, 1),
@@ -236,7 +236,7 @@ pub(super) fn dequantize<B: Backend>(
     let scales = to_cube(scales.clone())?;
     let mins = to_cube(mins.clone())?;
     let client = words.client.clone();
-    let out = empty_device_dtype(client.clone(), words.device.clone(), shape.into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), words.device.clone(), shape.into(), dtype);
     let n = shape[0] * shape[1];
     let cube_dim = CubeDim::new_1d(ROW_THREADS);
     super::cube::dequantize_kernel::launch::<CudaRuntime>(
@@ -280,7 +280,7 @@ pub(super) fn quant_matvec<B: Backend>(
         return None;
     }
     let (dtype, client) = (x.dtype, x.client.clone());
-    let out = empty_device_dtype(client.clone(), x.device.clone(), [1, rows].into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), x.device.clone(), [1, rows].into(), dtype);
     super::cube::quant_matvec_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static(rows.div_ceil(WARPS) as u32, 1, 1),
@@ -331,9 +331,9 @@ pub(super) fn rope_split<B: Backend>(
         return None;
     }
     let (dtype, client, device) = (qkv.dtype, qkv.client.clone(), qkv.device.clone());
-    let q = empty_device_dtype(client.clone(), device.clone(), [b, t, heads, head_dim].into(), dtype);
-    let k = empty_device_dtype(client.clone(), device.clone(), [b, t, kv_heads, head_dim].into(), dtype);
-    let v = empty_device_dtype(client.clone(), device, [b, t, kv_heads, head_dim].into(), dtype);
+    let q = empty_device_contiguous_dtype(client.clone(), device.clone(), [b, t, heads, head_dim].into(), dtype);
+    let k = empty_device_contiguous_dtype(client.clone(), device.clone(), [b, t, kv_heads, head_dim].into(), dtype);
+    let v = empty_device_contiguous_dtype(client.clone(), device, [b, t, kv_heads, head_dim].into(), dtype);
     super::cube::rope_split_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static((b * t * (heads + 2 * kv_heads)) as u32, 1, 1),
@@ -350,4 +350,70 @@ pub(super) fn rope_split<B: Backend>(
         dtype.into(),
     );
     Some((from_cube(q)?, from_cube(k)?, from_cube(v)?))
+}
+
+/// # Shapes
+/// - `a`: `[..., m, k]`; `b`: `[..., k, n]`
+/// - returns `[..., m, n]`
+pub(super) fn matmul<B: Backend, const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    if !is_cuda::<B>() {
+        return None;
+    }
+    from_cube(super::cublas::matmul(to_cube(a.clone())?, to_cube(b.clone())?)?)
+}
+
+/// # Shapes
+/// - `scores`: `[batch, kv_heads, group, new, total]`; `mask`: `[batch, 1, 1, new, total]`
+/// - returns `[batch, kv_heads, group, new, total]`
+pub(super) fn masked_softmax<B: Backend>(scores: &Tensor<B, 5>, mask: &Tensor<B, 5>, scale: f64) -> Option<Tensor<B, 5>> {
+    let [b, nkv, group, new, total] = scores.dims();
+    let rows = b * nkv * group * new;
+    if !is_cuda::<B>() || mask.dims() != [b, 1, 1, new, total] || rows == 0 || rows > i32::MAX as usize {
+        return None;
+    }
+    let scores = into_contiguous(to_cube(scores.clone())?);
+    let mask = into_contiguous(to_cube(mask.clone())?);
+    if scores.dtype != mask.dtype {
+        return None;
+    }
+    let (dtype, client) = (scores.dtype, scores.client.clone());
+    let out = empty_device_contiguous_dtype(client.clone(), scores.device.clone(), [b, nkv, group, new, total].into(), dtype);
+    super::cube::masked_softmax_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_THREADS),
+        scores.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        total as u32,
+        new as u32,
+        (nkv * group) as u32,
+        scale as f32,
+        dtype.into(),
+    );
+    from_cube(out)
+}
+
+/// # Shapes
+/// - `gate_up`: `[tokens, 2 inter]`
+/// - returns `[tokens, inter]`
+pub(super) fn gated_silu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    let [tokens, width] = gate_up.dims();
+    if !is_cuda::<B>() || width % 2 != 0 || tokens * width == 0 || tokens * width > u32::MAX as usize {
+        return None;
+    }
+    let gate_up = into_contiguous(to_cube(gate_up.clone())?);
+    let (dtype, client) = (gate_up.dtype, gate_up.client.clone());
+    let out = empty_device_contiguous_dtype(client.clone(), gate_up.device.clone(), [tokens, width / 2].into(), dtype);
+    let cube_dim = CubeDim::new_1d(ROW_THREADS);
+    super::cube::gated_silu_kernel::launch::<CudaRuntime>(
+        &client,
+        burn_cubecl::cubecl::calculate_cube_count_elemwise(&client, tokens * width / 2, cube_dim),
+        cube_dim,
+        gate_up.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        (width / 2) as u32,
+        dtype.into(),
+    );
+    from_cube(out)
 }

@@ -10,11 +10,13 @@ use crate::quant::{QuantKind, QuantMatrix};
 #[cfg(feature = "cuda")]
 mod cube;
 #[cfg(feature = "cuda")]
+mod cublas;
+#[cfg(feature = "cuda")]
 mod cuda;
 
 /// `COROLLA_KERNELS=off` turns every fast path off (to measure what they bring, or to rule
 /// them out when a result looks wrong); `COROLLA_KERNELS=-rope,-attention` turns off the named
-/// ones (`matvec`, `quant`, `norm`, `rope`, `attention`).
+/// ones (`matvec`, `quant`, `norm`, `rope`, `attention`, `gemm`, `softmax`, `silu`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn enabled_for(name: &str) -> bool {
     static SETTING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -45,6 +47,77 @@ pub fn matvec<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, w);
+        None
+    }
+}
+
+/// `a b` through cuBLAS (CUDA), for products of at least [`GEMM_MIN_ROWS`] rows: prefill's
+/// projections and the attention of a prompt, where burn's matmul runs at a fraction of the
+/// tensor cores' rate. The operands are read in place, whatever their strides (a transposed
+/// weight, a view into the KV cache), when cuBLAS can express them.
+///
+/// # Shapes
+/// - `a`: `[..., m, k]`; `b`: `[..., k, n]` (batch dimensions equal, or 1 to broadcast)
+/// - returns `[..., m, n]`
+pub fn matmul<B: Backend, const D: usize>(a: &Tensor<B, D>, b: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "cuda")]
+    {
+        let dims = a.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        if !enabled_for("gemm") || rows < GEMM_MIN_ROWS {
+            return None;
+        }
+        cuda::matmul(a, b)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (a, b);
+        None
+    }
+}
+
+/// Below this many rows of `a` a product stays in burn's queue: the two waits around a cuBLAS
+/// call (~40 us) cost more than they save on a few rows.
+pub const GEMM_MIN_ROWS: usize = 16;
+
+/// `softmax(scores * scale + mask)` over the last axis, in one pass over the scores (burn's ops
+/// take six launches and as many trips through a prompt's `heads x tokens^2` scores).
+///
+/// # Shapes
+/// - `scores`: `[batch, kv_heads, group, new, total]`; `mask`: `[batch, 1, 1, new, total]`
+/// - returns `[batch, kv_heads, group, new, total]`
+pub fn masked_softmax<B: Backend>(scores: &Tensor<B, 5>, mask: &Tensor<B, 5>, scale: f64) -> Option<Tensor<B, 5>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled_for("softmax") {
+            return None;
+        }
+        cuda::masked_softmax(scores, mask, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (scores, mask, scale);
+        None
+    }
+}
+
+/// `silu(gate) * up` from the fused `[gate | up]` projection, in one kernel (burn's ops take
+/// four, each reading the strided halves).
+///
+/// # Shapes
+/// - `gate_up`: `[tokens, 2 inter]`
+/// - returns `[tokens, inter]`
+pub fn gated_silu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled_for("silu") {
+            return None;
+        }
+        cuda::gated_silu(gate_up)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gate_up;
         None
     }
 }
@@ -234,7 +307,10 @@ impl<B: Backend> GpuQuant<B> {
                 return y;
             }
             match self.dense() {
-                Some(w) => x.matmul(w.transpose()),
+                Some(w) => {
+                    let w = w.transpose();
+                    matmul(&x, &w).unwrap_or_else(|| x.matmul(w))
+                }
                 // Only if a launch was refused: nothing else can multiply these weights.
                 None => panic!("the GPU refused the dequantization kernel"),
             }

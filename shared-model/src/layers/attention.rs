@@ -99,17 +99,30 @@ impl<B: Backend> Attention<B> {
             .reshape([b, t, nkv, group, hd])
             .permute([0, 2, 3, 1, 4])
             .reshape([b, nkv, group * t, hd]);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (hd as f64).sqrt());
-        let mut scores = scores.reshape([b, nkv, group, t, s]);
-        if let Some(alibi) = &ctx.alibi {
-            scores = scores + alibi.clone();
-        }
-        if let Some(mask) = &ctx.mask {
-            scores = scores + mask.clone();
-        }
-        let probs = softmax(scores, 4).reshape([b, nkv, group * t, s]);
-        let y = probs
-            .matmul(v)
+        let kt = k.swap_dims(2, 3);
+        let scores = crate::kernels::matmul(&q, &kt).unwrap_or_else(|| q.matmul(kt));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = scores.reshape([b, nkv, group, t, s]);
+        let fused = match (&ctx.alibi, &ctx.mask) {
+            (None, Some(mask)) => crate::kernels::masked_softmax(&scores, mask, scale),
+            _ => None,
+        };
+        let probs = match fused {
+            Some(probs) => probs,
+            None => {
+                let mut scores = scores.mul_scalar(scale);
+                if let Some(alibi) = &ctx.alibi {
+                    scores = scores + alibi.clone();
+                }
+                if let Some(mask) = &ctx.mask {
+                    scores = scores + mask.clone();
+                }
+                softmax(scores, 4)
+            }
+        };
+        let probs = probs.reshape([b, nkv, group * t, s]);
+        let y = crate::kernels::matmul(&probs, &v)
+            .unwrap_or_else(|| probs.matmul(v))
             .reshape([b, nkv, group, t, hd])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, t, nh * hd]);

@@ -100,7 +100,10 @@ impl<B: Backend> Linear<B> {
         let y = match &self.weight {
             Weight::Dense(w) => match crate::kernels::matvec(&x, w) {
                 Some(y) => y,
-                None => x.matmul(w.clone().transpose()),
+                None => {
+                    let w = w.clone().transpose();
+                    crate::kernels::matmul(&x, &w).unwrap_or_else(|| x.matmul(w))
+                }
             },
             Weight::GpuQuant(g) => g.forward(x),
             Weight::Quant(q) => {

@@ -48,10 +48,19 @@ impl<B: Backend> GatedMlp<B> {
     fn forward_2d_lora(&self, x: Tensor<B, 2>, act: Activation, lora: Option<&BlockLora<B>>) -> Tensor<B, 2> {
         let pair = |f: fn(&BlockLora<B>) -> Option<&LoraPair<B>>| lora.and_then(f);
         let gu = add_delta_2d(self.gate_up.forward_2d(x.clone()), x, pair(|l| l.gate_up.as_ref()));
-        let inter = gu.dims()[1] / 2;
-        let gate = gu.clone().narrow(1, 0, inter);
-        let up = gu.narrow(1, inter, inter);
-        let h = activate(gate, act) * up;
+        let fused = match act {
+            Activation::Silu => crate::kernels::gated_silu(&gu),
+            _ => None,
+        };
+        let h = match fused {
+            Some(h) => h,
+            None => {
+                let inter = gu.dims()[1] / 2;
+                let gate = gu.clone().narrow(1, 0, inter);
+                let up = gu.narrow(1, inter, inter);
+                activate(gate, act) * up
+            }
+        };
         add_delta_2d(self.down.forward_2d(h.clone()), h, pair(|l| l.down.as_ref()))
     }
 }
