@@ -257,10 +257,10 @@ fn prefill(device: &burn::tensor::Device<B>) {
     let mask_host: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { -3.0e4 }).collect();
     let mask = Tensor::<B, 1>::from_floats(mask_host.as_slice(), device).reshape([1, 1, 1, t, t]);
     let scale = 1.0 / (hd as f64).sqrt();
-    let us = time(device, iters, || drop(kernels::masked_softmax(&scores, &mask, scale)));
+    let us = time(device, iters, || drop(kernels::masked_softmax(&scores, &mask, scale, Some(0))));
     let us_burn = time(device, 3, || drop(softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4)));
     let diff = max_rel_diff(
-        kernels::masked_softmax(&scores, &mask, scale).expect("softmax"),
+        kernels::masked_softmax(&scores, &mask, scale, Some(0)).expect("softmax"),
         softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4),
     );
     emit(serde_json::json!({"what": "prefill_softmax", "us": us, "us_burn": us_burn, "max_rel_diff": diff}));

@@ -159,17 +159,27 @@ fn main() {
         host(cpu(&p).matmul(cpu(&kview))),
     );
 
-    // Scaled, masked softmax (causal with 10 cached keys, as a prompt's second chunk).
-    let scores: Tensor<B, 5> = r(vec![1, nkv, group, tq, sq]).reshape([1, nkv, group, tq, sq]);
-    let mask_host: Vec<f32> = (0..tq * sq)
-        .map(|i| if i % sq <= i / sq + (sq - tq) { 0.0 } else { -3.0e4 })
-        .collect();
-    let mask: Tensor<B, 5> = Tensor::<B, 1>::from_floats(mask_host.as_slice(), &device).reshape([1, 1, 1, tq, sq]);
-    diff(
-        "masked_softmax",
-        kernels::masked_softmax(&scores, &mask, scale),
-        host(softmax(cpu(&scores).mul_scalar(scale) + cpu(&mask), 4)),
-    );
+    // Scaled, masked softmax, causal after some cached keys (a prompt's second chunk); rows of
+    // 30 (pairs of elements a load) and 32 (vectors of 8).
+    for (tq, sq) in [(20usize, 30usize), (20, 32)] {
+        let scores: Tensor<B, 5> = r(vec![1, nkv, group, tq, sq]).reshape([1, nkv, group, tq, sq]);
+        let mask_host: Vec<f32> = (0..tq * sq)
+            .map(|i| if i % sq <= i / sq + (sq - tq) { 0.0 } else { -3.0e4 })
+            .collect();
+        let mask: Tensor<B, 5> =
+            Tensor::<B, 1>::from_floats(mask_host.as_slice(), &device).reshape([1, 1, 1, tq, sq]);
+        let want = host(softmax(cpu(&scores).mul_scalar(scale) + cpu(&mask), 4));
+        diff(
+            &format!("masked_softmax {sq}"),
+            kernels::masked_softmax(&scores, &mask, scale, None),
+            want.clone(),
+        );
+        diff(
+            &format!("masked_softmax causal {sq}"),
+            kernels::masked_softmax(&scores, &mask, scale, Some(sq - tq)),
+            want,
+        );
+    }
 
     // silu(gate) * up.
     let gu: Tensor<B, 2> = r(vec![tq, 96]).reshape([tq, 96]);
@@ -180,4 +190,17 @@ fn main() {
         kernels::gated_silu(&gu),
         host(burn::tensor::activation::silu(gate) * up),
     );
+
+    // RMSNorm, rows of 96 (vectors of 8) and 100 (of 4).
+    for d in [96usize, 100] {
+        let x: Tensor<B, 3> = r(vec![1, 5, d]).reshape([1, 5, d]);
+        let w: Tensor<B, 1> = r(vec![d]);
+        let xc = cpu(&x);
+        let rms = xc.clone().powi_scalar(2).mean_dim(2).add_scalar(1e-5).sqrt();
+        diff(
+            &format!("rms_norm {d}"),
+            kernels::rms_norm(&x, &w, 1e-5),
+            host(xc / rms * cpu(&w).reshape([1, 1, d])),
+        );
+    }
 }

@@ -6,24 +6,26 @@ use burn_cubecl::cubecl;
 use cubecl::num_traits::Zero;
 use cubecl::prelude::*;
 
-/// One cube per row: the mean of squares in f32 (warp sums, then across warps), then
-/// `(x * rsqrt(mean + eps)) as F * weight`, as HF's `LlamaRMSNorm` rounds it.
+/// One cube per row, in vectors of `N` elements: the mean of squares in f32 (warp sums, then
+/// across warps), then `(x * rsqrt(mean + eps)) as F * weight`, as HF's `LlamaRMSNorm` rounds
+/// it.
 #[cube(launch)]
-pub(super) fn rms_norm_kernel<F: Float>(
-    input: &Tensor<F>,
-    weight: &Tensor<F>,
-    output: &mut Tensor<F>,
+pub(super) fn rms_norm_kernel<F: Float, N: Size>(
+    input: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
     eps: f32,
     #[define(F)] _dtype: StorageType,
 ) {
-    let d = weight.len();
-    let base = CUBE_POS_X as usize * d;
+    let vectors = weight.len();
+    let d = vectors * input.vector_size();
+    let base = CUBE_POS_X as usize * vectors;
     let threads = CUBE_DIM_X as usize;
     let mut acc = f32::new(0.0);
     let mut i = UNIT_POS_X as usize;
-    while i < d {
-        let v = f32::cast_from(input[base + i]);
-        acc += v * v;
+    while i < vectors {
+        let v = Vector::<f32, N>::cast_from(input[base + i]);
+        acc += f32::cast_from(Vector::vector_sum(v * v));
         i += threads;
     }
     let warp_sum = plane_sum(acc);
@@ -36,10 +38,10 @@ pub(super) fn rms_norm_kernel<F: Float>(
     for w in 0..CUBE_DIM_X / PLANE_DIM {
         total += partial[w as usize];
     }
-    let scale = f32::new(1.0) / (total / f32::cast_from(d as u32) + eps).sqrt();
+    let scale = Vector::<f32, N>::new(f32::new(1.0) / (total / f32::cast_from(d as u32) + eps).sqrt());
     let mut j = UNIT_POS_X as usize;
-    while j < d {
-        output[base + j] = F::cast_from(f32::cast_from(input[base + j]) * scale) * weight[j];
+    while j < vectors {
+        output[base + j] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(input[base + j]) * scale) * weight[j];
         j += threads;
     }
 }
@@ -385,34 +387,51 @@ pub(super) fn rope_split_kernel<F: Float>(
 }
 
 /// `softmax(scores * scale + mask)` over each row of `total` scores: one cube per row, three
-/// passes over the row (max, sum of exponentials, write), all in f32. Row `r` is query
-/// `r % new` of batch `r / (new * heads)`, whose mask row is shared by every head.
+/// passes over the row (max, sum of exponentials, write) in vectors of `N` elements, all in
+/// f32. Row `r` is query `r % new` of batch `r / (new * heads)`, whose mask row is shared by
+/// every head. With `visible_from > 0` (a plain causal mask), query `q` sees only its first
+/// `q + visible_from` keys: vectors past them are not read, and written as 0 (what the mask's
+/// -3e4 makes of them: `exp` underflows to exactly 0 in f32).
 #[cube(launch)]
-pub(super) fn masked_softmax_kernel<F: Float>(
-    scores: &Tensor<F>,
-    mask: &Tensor<F>,
-    output: &mut Tensor<F>,
+pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
+    scores: &Tensor<Vector<F, N>>,
+    mask: &Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
     total: u32,
     new: u32,
     heads: u32,
+    visible_from: u32,
     scale: f32,
     #[define(F)] _dtype: StorageType,
 ) {
+    let width = scores.vector_size();
+    let vectors = total as usize / width;
     let row = CUBE_POS_X as usize;
-    let s = total as usize;
     let query = row % new as usize;
+    let mut limit = vectors;
+    if visible_from > 0 {
+        let visible = query + visible_from as usize;
+        if visible < total as usize {
+            limit = (visible + width - 1) / width;
+        }
+    }
     let batch = row / (new as usize * heads as usize);
-    let base = row * s;
-    let mask_base = (batch * new as usize + query) * s;
+    let base = row * vectors;
+    let mask_base = (batch * new as usize + query) * vectors;
     let threads = CUBE_DIM_X as usize;
     let warp = (UNIT_POS_X / PLANE_DIM) as usize;
     let warps = CUBE_DIM_X / PLANE_DIM;
+    let scale_v = Vector::<f32, N>::new(scale);
 
     let mut local_max = f32::new(-3.0e38);
     let mut j = UNIT_POS_X as usize;
-    while j < s {
-        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
-        local_max = f32::max(local_max, v);
+    while j < limit {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
+            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        #[unroll]
+        for e in 0..width {
+            local_max = f32::max(local_max, v[e]);
+        }
         j += threads;
     }
     let mut maxima = SharedMemory::<f32>::new(32usize);
@@ -425,12 +444,14 @@ pub(super) fn masked_softmax_kernel<F: Float>(
     for w in 0..warps {
         row_max = f32::max(row_max, maxima[w as usize]);
     }
+    let max_v = Vector::<f32, N>::new(row_max);
 
     let mut local_sum = f32::new(0.0);
     let mut j = UNIT_POS_X as usize;
-    while j < s {
-        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
-        local_sum += (v - row_max).exp();
+    while j < limit {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
+            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        local_sum += f32::cast_from(Vector::vector_sum((v - max_v).exp()));
         j += threads;
     }
     let mut sums = SharedMemory::<f32>::new(32usize);
@@ -443,12 +464,17 @@ pub(super) fn masked_softmax_kernel<F: Float>(
     for w in 0..warps {
         row_sum += sums[w as usize];
     }
-    let inv = f32::new(1.0) / row_sum;
+    let inv = Vector::<f32, N>::new(f32::new(1.0) / row_sum);
 
     let mut j = UNIT_POS_X as usize;
-    while j < s {
-        let v = f32::cast_from(scores[base + j]) * scale + f32::cast_from(mask[mask_base + j]);
-        output[base + j] = F::cast_from((v - row_max).exp() * inv);
+    while j < limit {
+        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
+            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        output[base + j] = Vector::<F, N>::cast_from((v - max_v).exp() * inv);
+        j += threads;
+    }
+    while j < vectors {
+        output[base + j] = Vector::<F, N>::zero();
         j += threads;
     }
 }

@@ -71,6 +71,20 @@ fn vector_aligned(t: &CubeTensor<CudaRuntime>) -> bool {
     t.handle.offset_start.unwrap_or(0) % bytes == 0 && t.meta.shape().iter().last().is_some_and(|d| d % 8 == 0)
 }
 
+/// The widest vector (8, 4, 2 or 1 elements: 16-byte loads in half precision) that rows of
+/// `len` elements split into and that every tensor's start is aligned to.
+fn vector_width(len: usize, tensors: &[&CubeTensor<CudaRuntime>]) -> usize {
+    [8usize, 4, 2]
+        .into_iter()
+        .find(|&w| {
+            len % w == 0
+                && tensors
+                    .iter()
+                    .all(|t| t.handle.offset_start.unwrap_or(0) % (w * t.dtype.size()) as u64 == 0)
+        })
+        .unwrap_or(1)
+}
+
 pub(super) fn memory_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
     let device = (device as &dyn Any).downcast_ref::<burn_cubecl::cubecl::cuda::CudaDevice>()?;
     let client = <CudaRuntime as burn_cubecl::cubecl::Runtime>::client(device);
@@ -113,10 +127,12 @@ pub(super) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64)
     }
     let (dtype, client) = (input.dtype, input.client.clone());
     let out = empty_device_contiguous_dtype(client.clone(), input.device.clone(), [b, t, d].into(), dtype);
+    let width = vector_width(d, &[&input, &weight]);
     super::cube::rms_norm_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static((b * t) as u32, 1, 1),
         CubeDim::new_1d(ROW_THREADS),
+        width,
         input.into_tensor_arg(),
         weight.into_tensor_arg(),
         out.clone().into_tensor_arg(),
@@ -365,10 +381,26 @@ pub(super) fn matmul<B: Backend, const D: usize>(a: &Tensor<B, D>, b: &Tensor<B,
 /// # Shapes
 /// - `scores`: `[batch, kv_heads, group, new, total]`; `mask`: `[batch, 1, 1, new, total]`
 /// - returns `[batch, kv_heads, group, new, total]`
-pub(super) fn masked_softmax<B: Backend>(scores: &Tensor<B, 5>, mask: &Tensor<B, 5>, scale: f64) -> Option<Tensor<B, 5>> {
+pub(super) fn masked_softmax<B: Backend>(
+    scores: &Tensor<B, 5>,
+    mask: &Tensor<B, 5>,
+    scale: f64,
+    causal_past: Option<usize>,
+) -> Option<Tensor<B, 5>> {
     let [b, nkv, group, new, total] = scores.dims();
     let rows = b * nkv * group * new;
-    if !is_cuda::<B>() || mask.dims() != [b, 1, 1, new, total] || rows == 0 || rows > i32::MAX as usize {
+    // Keys query 0 sees (0: every key, the mask alone decides).
+    let visible_from = match causal_past {
+        Some(past) if past + new == total => past + 1,
+        Some(_) => return None,
+        None => 0,
+    };
+    if !is_cuda::<B>()
+        || mask.dims() != [b, 1, 1, new, total]
+        || rows == 0
+        || rows > i32::MAX as usize
+        || total > u32::MAX as usize
+    {
         return None;
     }
     let scores = into_contiguous(to_cube(scores.clone())?);
@@ -378,16 +410,19 @@ pub(super) fn masked_softmax<B: Backend>(scores: &Tensor<B, 5>, mask: &Tensor<B,
     }
     let (dtype, client) = (scores.dtype, scores.client.clone());
     let out = empty_device_contiguous_dtype(client.clone(), scores.device.clone(), [b, nkv, group, new, total].into(), dtype);
+    let width = vector_width(total, &[&scores, &mask]);
     super::cube::masked_softmax_kernel::launch::<CudaRuntime>(
         &client,
         CubeCount::Static(rows as u32, 1, 1),
         CubeDim::new_1d(ROW_THREADS),
+        width,
         scores.into_tensor_arg(),
         mask.into_tensor_arg(),
         out.clone().into_tensor_arg(),
         total as u32,
         new as u32,
         (nkv * group) as u32,
+        visible_from as u32,
         scale as f32,
         dtype.into(),
     );

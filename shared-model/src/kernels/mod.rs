@@ -82,21 +82,28 @@ pub const GEMM_MIN_ROWS: usize = 16;
 
 /// `softmax(scores * scale + mask)` over the last axis, in one pass over the scores (burn's ops
 /// take six launches and as many trips through a prompt's `heads x tokens^2` scores).
+/// `causal_past: Some(past)` says the mask is plain causal after `past` cached keys: the keys
+/// it hides are skipped, not read (their weights are written as 0, as the mask makes them).
 ///
 /// # Shapes
 /// - `scores`: `[batch, kv_heads, group, new, total]`; `mask`: `[batch, 1, 1, new, total]`
 /// - returns `[batch, kv_heads, group, new, total]`
-pub fn masked_softmax<B: Backend>(scores: &Tensor<B, 5>, mask: &Tensor<B, 5>, scale: f64) -> Option<Tensor<B, 5>> {
+pub fn masked_softmax<B: Backend>(
+    scores: &Tensor<B, 5>,
+    mask: &Tensor<B, 5>,
+    scale: f64,
+    causal_past: Option<usize>,
+) -> Option<Tensor<B, 5>> {
     #[cfg(feature = "cuda")]
     {
         if !enabled_for("softmax") {
             return None;
         }
-        cuda::masked_softmax(scores, mask, scale)
+        cuda::masked_softmax(scores, mask, scale, causal_past)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (scores, mask, scale);
+        let _ = (scores, mask, scale, causal_past);
         None
     }
 }

@@ -104,7 +104,7 @@ impl<B: Backend> Attention<B> {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = scores.reshape([b, nkv, group, t, s]);
         let fused = match (&ctx.alibi, &ctx.mask) {
-            (None, Some(mask)) => crate::kernels::masked_softmax(&scores, mask, scale),
+            (None, Some(mask)) => crate::kernels::masked_softmax(&scores, mask, scale, ctx.causal_past),
             _ => None,
         };
         let probs = match fused {

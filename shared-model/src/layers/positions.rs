@@ -49,6 +49,9 @@ pub struct StepContext<B: Backend> {
     /// Additive mask `[batch, 1, 1, new, total]` (0 or a large negative); `None` when every
     /// key is visible to every query.
     pub mask: Option<Tensor<B, 5>>,
+    /// `Some(past)` when `mask` is plain causal (no padding, no window), `past` keys cached:
+    /// query `i` sees keys `0..=past + i` and no other, so a kernel may skip the rest.
+    pub causal_past: Option<usize>,
 }
 
 /// Large enough to zero a softmax weight, small enough that a row with every key masked
@@ -111,7 +114,13 @@ impl<B: Backend> StepContext<B> {
                 Tensor::from_data(TensorData::new(data, [batch, 1, 1, new, total]), device)
             })
         };
-        Self { rope, alibi, mask }
+        let causal_past = (plain && needs_mask).then_some(layout.past);
+        Self {
+            rope,
+            alibi,
+            mask,
+            causal_past,
+        }
     }
 }
 
@@ -152,24 +161,77 @@ fn rope_tables<B: Backend>(rope: &RopeConfig, layout: &SeqLayout, device: &B::De
     let freqs = inv_freq(rope);
     let half = freqs.len();
     let (batch, new) = (layout.batch(), layout.new);
-    let mut cos = Vec::with_capacity(batch * new * half);
-    let mut sin = Vec::with_capacity(batch * new * half);
-    for row in 0..batch {
-        for t in 0..new {
-            let pos = layout.position(row, layout.past + t) as f32;
-            for f in &freqs {
-                // The angle is rounded to f32 first, as HF computes it.
-                let angle = (pos * f) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-    }
+    let positions: Vec<usize> = (0..batch * new)
+        .map(|i| layout.position(i / new, layout.past + i % new))
+        .collect();
+    let (cos, sin) = rope_rows(&freqs, &positions);
     let shape = [batch, new, 1, half];
     (
         Tensor::from_data(TensorData::new(cos, shape), device),
         Tensor::from_data(TensorData::new(sin, shape), device),
     )
+}
+
+/// Positions below this are served from a table kept per set of frequencies (16 MiB for a
+/// 128-wide head); others are computed each time.
+const TABLE_POSITIONS: usize = 32768;
+
+/// `cos` and `sin` of `position * freq`, a row of `freqs.len()` per position. A prompt's rows
+/// are `tokens x head_dim / 2` sines and cosines in f64 (~7 ms for 2048 tokens on one core, as
+/// much as a 70B block's products on a GPU), so rows are computed once per process, in
+/// parallel, and copied afterwards.
+fn rope_rows(freqs: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Table = Arc<(Vec<f32>, Vec<f32>)>;
+    static TABLES: OnceLock<Mutex<HashMap<Vec<u32>, Table>>> = OnceLock::new();
+
+    let half = freqs.len();
+    let max = positions.iter().copied().max().unwrap_or(0);
+    if half == 0 || max >= TABLE_POSITIONS {
+        return compute_rows(freqs, positions);
+    }
+    let key: Vec<u32> = freqs.iter().map(|f| f.to_bits()).collect();
+    let table = {
+        let mut tables = TABLES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let known = tables.get(&key).filter(|t| t.0.len() / half > max).cloned();
+        match known {
+            Some(table) => table,
+            None => {
+                let len = (max + 1).next_power_of_two().clamp(256, TABLE_POSITIONS);
+                let table: Table = Arc::new(compute_rows(freqs, &(0..len).collect::<Vec<_>>()));
+                tables.insert(key, table.clone());
+                table
+            }
+        }
+    };
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        cos.extend_from_slice(&table.0[p * half..(p + 1) * half]);
+        sin.extend_from_slice(&table.1[p * half..(p + 1) * half]);
+    }
+    (cos, sin)
+}
+
+fn compute_rows(freqs: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let half = freqs.len().max(1);
+    let mut cos = vec![0f32; positions.len() * freqs.len()];
+    let mut sin = vec![0f32; positions.len() * freqs.len()];
+    cos.par_chunks_mut(half)
+        .zip(sin.par_chunks_mut(half))
+        .zip(positions.par_iter())
+        .for_each(|((cos, sin), &pos)| {
+            let pos = pos as f32;
+            for ((c, s), f) in cos.iter_mut().zip(sin.iter_mut()).zip(freqs) {
+                // The angle is rounded to f32 first, as HF computes it.
+                let angle = (pos * f) as f64;
+                *c = angle.cos() as f32;
+                *s = angle.sin() as f32;
+            }
+        });
+    (cos, sin)
 }
 
 /// Rotates the first `rope_dim` features of each head (rotate-half layout).
