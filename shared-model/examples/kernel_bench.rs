@@ -243,8 +243,10 @@ fn prefill(device: &burn::tensor::Device<B>) {
         let flops = 2.0 * (t * n * k) as f64;
         let us = time(device, iters, || drop(kernels::matmul(&x, &wt)));
         // burn's matmul is left out here: its first call per shape autotunes for a minute.
-        emit(serde_json::json!({"what": "prefill_gemm", "m": t, "n": n, "k": k, "us": us,
-            "tflop_s": flops / us / 1e6}));
+        emit(
+            serde_json::json!({"what": "prefill_gemm", "m": t, "n": n, "k": k, "us": us,
+            "tflop_s": flops / us / 1e6}),
+        );
     }
     let (nkv, group, hd) = (8usize, 8usize, 128usize);
     let q = Tensor::<B, 4>::random([1, nkv, group * t, hd], uniform, device);
@@ -257,8 +259,12 @@ fn prefill(device: &burn::tensor::Device<B>) {
     let mask_host: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { -3.0e4 }).collect();
     let mask = Tensor::<B, 1>::from_floats(mask_host.as_slice(), device).reshape([1, 1, 1, t, t]);
     let scale = 1.0 / (hd as f64).sqrt();
-    let us = time(device, iters, || drop(kernels::masked_softmax(&scores, &mask, scale, Some(0))));
-    let us_burn = time(device, 3, || drop(softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4)));
+    let us = time(device, iters, || {
+        drop(kernels::masked_softmax(&scores, &mask, scale, Some(0)))
+    });
+    let us_burn = time(device, 3, || {
+        drop(softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4))
+    });
     let diff = max_rel_diff(
         kernels::masked_softmax(&scores, &mask, scale, Some(0)).expect("softmax"),
         softmax(scores.clone().mul_scalar(scale) + mask.clone(), 4),
@@ -269,9 +275,8 @@ fn prefill(device: &burn::tensor::Device<B>) {
     emit(serde_json::json!({"what": "prefill_pv", "us": us}));
     let gu = Tensor::<B, 2>::random([t, 2 * 28672], uniform, device);
     let us = time(device, iters, || drop(kernels::gated_silu(&gu)));
-    let burn_silu = || {
-        burn::tensor::activation::silu(gu.clone().narrow(1, 0, 28672)) * gu.clone().narrow(1, 28672, 28672)
-    };
+    let burn_silu =
+        || burn::tensor::activation::silu(gu.clone().narrow(1, 0, 28672)) * gu.clone().narrow(1, 28672, 28672);
     let us_burn = time(device, 3, || drop(burn_silu()));
     let diff = max_rel_diff(kernels::gated_silu(&gu).expect("silu"), burn_silu());
     emit(serde_json::json!({"what": "prefill_silu", "us": us, "us_burn": us_burn, "max_rel_diff": diff}));

@@ -123,11 +123,7 @@ fn main() {
     let bm: Tensor<B, 2> = r(vec![24, 33]).reshape([24, 33]);
     diff("gemm a b", kernels::matmul(&a, &bm), host(cpu(&a).matmul(cpu(&bm))));
     let at: Tensor<B, 2> = r(vec![24, 40]).reshape([24, 40]).transpose();
-    diff(
-        "gemm a^T b",
-        kernels::matmul(&at, &bm),
-        host(cpu(&at).matmul(cpu(&bm))),
-    );
+    diff("gemm a^T b", kernels::matmul(&at, &bm), host(cpu(&at).matmul(cpu(&bm))));
     let big_x: Tensor<B, 2> = r(vec![300, 512]).reshape([300, 512]);
     let big_w: Tensor<B, 2> = r(vec![1000, 512]).reshape([1000, 512]);
     diff(
@@ -166,8 +162,7 @@ fn main() {
         let mask_host: Vec<f32> = (0..tq * sq)
             .map(|i| if i % sq <= i / sq + (sq - tq) { 0.0 } else { -3.0e4 })
             .collect();
-        let mask: Tensor<B, 5> =
-            Tensor::<B, 1>::from_floats(mask_host.as_slice(), &device).reshape([1, 1, 1, tq, sq]);
+        let mask: Tensor<B, 5> = Tensor::<B, 1>::from_floats(mask_host.as_slice(), &device).reshape([1, 1, 1, tq, sq]);
         let want = host(softmax(cpu(&scores).mul_scalar(scale) + cpu(&mask), 4));
         diff(
             &format!("masked_softmax {sq}"),

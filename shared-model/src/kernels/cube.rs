@@ -426,8 +426,8 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
     let mut local_max = f32::new(-3.0e38);
     let mut j = UNIT_POS_X as usize;
     while j < limit {
-        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
-            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        let v =
+            Vector::<f32, N>::cast_from(scores[base + j]) * scale_v + Vector::<f32, N>::cast_from(mask[mask_base + j]);
         #[unroll]
         for e in 0..width {
             local_max = f32::max(local_max, v[e]);
@@ -449,8 +449,8 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
     let mut local_sum = f32::new(0.0);
     let mut j = UNIT_POS_X as usize;
     while j < limit {
-        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
-            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        let v =
+            Vector::<f32, N>::cast_from(scores[base + j]) * scale_v + Vector::<f32, N>::cast_from(mask[mask_base + j]);
         local_sum += f32::cast_from(Vector::vector_sum((v - max_v).exp()));
         j += threads;
     }
@@ -468,8 +468,8 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
 
     let mut j = UNIT_POS_X as usize;
     while j < limit {
-        let v = Vector::<f32, N>::cast_from(scores[base + j]) * scale_v
-            + Vector::<f32, N>::cast_from(mask[mask_base + j]);
+        let v =
+            Vector::<f32, N>::cast_from(scores[base + j]) * scale_v + Vector::<f32, N>::cast_from(mask[mask_base + j]);
         output[base + j] = Vector::<F, N>::cast_from((v - max_v).exp() * inv);
         j += threads;
     }

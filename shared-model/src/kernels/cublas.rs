@@ -20,6 +20,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublas::{CudaBlas, result as blas, sys};
 use cudarc::driver::{CudaContext, CudaStream};
 
+use super::strides::{Layout, batch_stride, layout};
+
 /// One cuBLAS handle and stream per GPU, behind a lock: a handle is not to be used from two
 /// threads at once.
 struct Gpu {
@@ -29,7 +31,8 @@ struct Gpu {
 
 /// `None` for a GPU where cuBLAS could not be set up (reported once).
 fn gpu(index: usize) -> Option<&'static Mutex<Gpu>> {
-    static GPUS: OnceLock<Mutex<HashMap<usize, Option<&'static Mutex<Gpu>>>>> = OnceLock::new();
+    type Registry = Mutex<HashMap<usize, Option<&'static Mutex<Gpu>>>>;
+    static GPUS: OnceLock<Registry> = OnceLock::new();
     let mut gpus = GPUS.get_or_init(Default::default).lock().ok()?;
     *gpus.entry(index).or_insert_with(|| match open(index) {
         Ok(gpu) => Some(Box::leak(Box::new(Mutex::new(gpu)))),
@@ -49,49 +52,6 @@ fn open(index: usize) -> Result<Gpu, String> {
     let stream = ctx.new_stream().map_err(|e| format!("CUDA stream: {e:?}"))?;
     let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS handle: {e:?}"))?;
     Ok(Gpu { stream, blas })
-}
-
-/// How cuBLAS reads one operand: `trans` when its rows are strided by 1 (column-major), and the
-/// distance between its rows (row-major) or columns (column-major).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Layout {
-    column_major: bool,
-    ld: usize,
-}
-
-/// The layout of a `rows x cols` matrix with strides `(row, col)`, if cuBLAS can read it
-/// (one of the two strides 1, the other spanning the matrix). A dimension of size 1 may carry
-/// any stride.
-fn layout(rows: usize, cols: usize, row: usize, col: usize) -> Option<Layout> {
-    if (cols == 1 || col == 1) && (rows == 1 || row >= cols) {
-        let ld = if rows == 1 { cols } else { row };
-        return Some(Layout { column_major: false, ld: ld.max(1) });
-    }
-    if (rows == 1 || row == 1) && (cols == 1 || col >= rows) {
-        let ld = if cols == 1 { rows } else { col };
-        return Some(Layout { column_major: true, ld: ld.max(1) });
-    }
-    None
-}
-
-/// One stride for the flattened batch dimensions of an operand (0 where it is broadcast), if
-/// its batch dimensions are evenly spaced.
-fn batch_stride(shape: &[usize], strides: &[usize], out: &[usize]) -> Option<usize> {
-    let mut flat: Option<usize> = None;
-    let mut inner = 1usize;
-    for i in (0..out.len()).rev() {
-        if out[i] == 1 {
-            continue;
-        }
-        let effective = if shape[i] == 1 { 0 } else { strides[i] };
-        match flat {
-            None => flat = Some(effective),
-            Some(f) if effective == f.checked_mul(inner)? => {}
-            Some(_) => return None,
-        }
-        inner = inner.checked_mul(out[i])?;
-    }
-    Some(flat.unwrap_or(0))
 }
 
 /// `a b` over the last two dimensions, batch dimensions broadcast as burn's matmul does.
@@ -159,7 +119,13 @@ pub(super) fn matmul(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> 
 
     // cuBLAS is column-major: the row-major C = A B is the column-major C^T = B^T A^T, so B
     // comes first. A row-major operand read column-major is its own transpose (no flag).
-    let op = |l: Layout| if l.column_major { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+    let op = |l: Layout| {
+        if l.column_major {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
     let (alpha, beta) = (1f32, 0f32);
     let ctx = gpu.stream.context();
     ctx.bind_to_thread().ok()?;
@@ -201,39 +167,5 @@ pub(super) fn matmul(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> 
             tracing::warn!(?done, ?waited, "cuBLAS product failed: burn's matmul used instead");
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layouts() {
-        // A contiguous [4, 3]; its transpose view [3, 4] with strides (1, 3).
-        assert_eq!(layout(4, 3, 3, 1), Some(Layout { column_major: false, ld: 3 }));
-        assert_eq!(layout(3, 4, 1, 3), Some(Layout { column_major: true, ld: 3 }));
-        // Rows of 16 inside a buffer of 128-wide rows (a KV cache view).
-        assert_eq!(layout(5, 16, 128, 1), Some(Layout { column_major: false, ld: 128 }));
-        // One row or one column: any stride.
-        assert_eq!(layout(1, 8, 999, 1), Some(Layout { column_major: false, ld: 8 }));
-        assert_eq!(layout(8, 1, 1, 999), Some(Layout { column_major: false, ld: 1 }));
-        // Overlapping or scattered: refused.
-        assert_eq!(layout(4, 3, 2, 1), None);
-        assert_eq!(layout(4, 3, 6, 2), None);
-    }
-
-    #[test]
-    fn batch_strides() {
-        // [2, 3] batches, contiguous matrices of 20 elements.
-        assert_eq!(batch_stride(&[2, 3], &[60, 20], &[2, 3]), Some(20));
-        // Broadcast over every batch.
-        assert_eq!(batch_stride(&[1, 1], &[20, 20], &[2, 3]), Some(0));
-        // KV heads `capacity` rows apart: one stride.
-        assert_eq!(batch_stride(&[1, 8], &[8 * 4096 * 128, 4096 * 128], &[1, 8]), Some(4096 * 128));
-        // Broadcast in one dimension only: not one stride.
-        assert_eq!(batch_stride(&[2, 1], &[20, 20], &[2, 3]), None);
-        // Unevenly spaced.
-        assert_eq!(batch_stride(&[2, 3], &[100, 20], &[2, 3]), None);
     }
 }

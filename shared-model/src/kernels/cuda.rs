@@ -77,7 +77,7 @@ fn vector_width(len: usize, tensors: &[&CubeTensor<CudaRuntime>]) -> usize {
     [8usize, 4, 2]
         .into_iter()
         .find(|&w| {
-            len % w == 0
+            len.is_multiple_of(w)
                 && tensors
                     .iter()
                     .all(|t| t.handle.offset_start.unwrap_or(0) % (w * t.dtype.size()) as u64 == 0)
@@ -409,7 +409,12 @@ pub(super) fn masked_softmax<B: Backend>(
         return None;
     }
     let (dtype, client) = (scores.dtype, scores.client.clone());
-    let out = empty_device_contiguous_dtype(client.clone(), scores.device.clone(), [b, nkv, group, new, total].into(), dtype);
+    let out = empty_device_contiguous_dtype(
+        client.clone(),
+        scores.device.clone(),
+        [b, nkv, group, new, total].into(),
+        dtype,
+    );
     let width = vector_width(total, &[&scores, &mask]);
     super::cube::masked_softmax_kernel::launch::<CudaRuntime>(
         &client,
@@ -439,7 +444,12 @@ pub(super) fn gated_silu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B,
     }
     let gate_up = into_contiguous(to_cube(gate_up.clone())?);
     let (dtype, client) = (gate_up.dtype, gate_up.client.clone());
-    let out = empty_device_contiguous_dtype(client.clone(), gate_up.device.clone(), [tokens, width / 2].into(), dtype);
+    let out = empty_device_contiguous_dtype(
+        client.clone(),
+        gate_up.device.clone(),
+        [tokens, width / 2].into(),
+        dtype,
+    );
     let cube_dim = CubeDim::new_1d(ROW_THREADS);
     super::cube::gated_silu_kernel::launch::<CudaRuntime>(
         &client,

@@ -13,6 +13,7 @@ mod cube;
 mod cublas;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod strides;
 
 /// `COROLLA_KERNELS=off` turns every fast path off (to measure what they bring, or to rule
 /// them out when a result looks wrong); `COROLLA_KERNELS=-rope,-attention` turns off the named

@@ -193,7 +193,10 @@ fn rope_rows(freqs: &[f32], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
     }
     let key: Vec<u32> = freqs.iter().map(|f| f.to_bits()).collect();
     let table = {
-        let mut tables = TABLES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = TABLES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let known = tables.get(&key).filter(|t| t.0.len() / half > max).cloned();
         match known {
             Some(table) => table,
