@@ -7,6 +7,8 @@
 #
 #   CUDARC_CUDA_VERSION=13000 cargo build --release -p corolla-cli --features cuda
 #   bench/cuda_dtype_check.sh [PATH_TO_COROLLA] [OUT_DIR]
+#
+# FAMILIES="llama bloom" checks those families only (to run several checks side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B="${1:-${CARGO_TARGET_DIR:-target}/release/corolla}"
@@ -18,7 +20,8 @@ if [ -z "${CUDA_PATH:-}" ]; then
   export LD_LIBRARY_PATH="$CUDA_PATH/lib:$CUDA_PATH/lib64:${LD_LIBRARY_PATH:-}"
 fi
 IDS=359,310,172,47,105,300,235,357,169,40,181,303
-for fam in llama mistral mixtral qwen2 bloom falcon; do
+FAMILIES="${FAMILIES:-llama mistral mixtral qwen2 bloom falcon}"
+for fam in $FAMILIES; do
   "$B" forward --model "tests/fixtures/$fam" --token-ids $IDS --out "$OUT/${fam}_cpu.safetensors"
   for be in cpu cuda; do
     "$B" generate --model "tests/fixtures/$fam" --token-ids $IDS --max-new-tokens 12 --ignore-eos --json \
@@ -31,13 +34,13 @@ for fam in llama mistral mixtral qwen2 bloom falcon; do
       --backend cuda --dtype $dt
   done
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" $FAMILIES <<'PY'
 import json
 import sys
 from safetensors.numpy import load_file
 out, bad = sys.argv[1], 0
 limits = {"f32": 2e-3, "f16": 1e-2, "bf16": 5e-2}
-for fam in ["llama", "mistral", "mixtral", "qwen2", "bloom", "falcon"]:
+for fam in sys.argv[2:]:
     ref = load_file(f"{out}/{fam}_cpu.safetensors")
     errs = {}
     for dt in limits:
