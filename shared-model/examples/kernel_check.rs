@@ -198,4 +198,21 @@ fn main() {
             host(xc / rms * cpu(&w).reshape([1, 1, d])),
         );
     }
+
+    // Residual add + RMSNorm.
+    for d in [96usize, 100] {
+        let x: Tensor<B, 3> = r(vec![1, 5, d]).reshape([1, 5, d]);
+        let delta: Tensor<B, 3> = r(vec![1, 5, d]).reshape([1, 5, d]);
+        let w: Tensor<B, 1> = r(vec![d]);
+        let h = x.clone() + delta.clone();
+        let hc = cpu(&h);
+        let rms = hc.clone().powi_scalar(2).mean_dim(2).add_scalar(1e-5).sqrt();
+        let fused = kernels::add_rms_norm(&x, &delta, &w, 1e-5);
+        diff(&format!("add_rms_norm sum {d}"), fused.clone().map(|f| f.0), h);
+        diff(
+            &format!("add_rms_norm norm {d}"),
+            fused.map(|f| f.1),
+            host(hc / rms * cpu(&w).reshape([1, 1, d])),
+        );
+    }
 }

@@ -46,6 +46,50 @@ pub(super) fn rms_norm_kernel<F: Float, N: Size>(
     }
 }
 
+/// The residual sum `x + delta` (rounded to `F`, as burn's add) and its RMSNorm, in one pass:
+/// what [`rms_norm_kernel`] does, after writing the sum it normalizes.
+#[cube(launch)]
+pub(super) fn add_rms_norm_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    delta: &Tensor<Vector<F, N>>,
+    weight: &Tensor<Vector<F, N>>,
+    sum: &mut Tensor<Vector<F, N>>,
+    output: &mut Tensor<Vector<F, N>>,
+    eps: f32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let vectors = weight.len();
+    let d = vectors * x.vector_size();
+    let base = CUBE_POS_X as usize * vectors;
+    let threads = CUBE_DIM_X as usize;
+    let mut acc = f32::new(0.0);
+    let mut i = UNIT_POS_X as usize;
+    while i < vectors {
+        let s = x[base + i] + delta[base + i];
+        sum[base + i] = s;
+        let v = Vector::<f32, N>::cast_from(s);
+        acc += f32::cast_from(Vector::vector_sum(v * v));
+        i += threads;
+    }
+    let warp_sum = plane_sum(acc);
+    let mut partial = SharedMemory::<f32>::new(32usize);
+    if UNIT_POS_PLANE == 0 {
+        partial[(UNIT_POS_X / PLANE_DIM) as usize] = warp_sum;
+    }
+    sync_cube();
+    let mut total = f32::new(0.0);
+    for w in 0..CUBE_DIM_X / PLANE_DIM {
+        total += partial[w as usize];
+    }
+    let scale = Vector::<f32, N>::new(f32::new(1.0) / (total / f32::cast_from(d as u32) + eps).sqrt());
+    let mut j = UNIT_POS_X as usize;
+    while j < vectors {
+        let s = x[base + j] + delta[base + j];
+        output[base + j] = Vector::<F, N>::cast_from(Vector::<f32, N>::cast_from(s) * scale) * weight[j];
+        j += threads;
+    }
+}
+
 /// The dense `[rows, cols]` matrix of quantized blocks, one thread per element (for products
 /// of several rows, which burn's matmul then does).
 #[cube(launch)]

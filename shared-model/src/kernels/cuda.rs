@@ -142,6 +142,45 @@ pub(super) fn rms_norm<B: Backend>(x: &Tensor<B, 3>, w: &Tensor<B, 1>, eps: f64)
     from_cube(out)
 }
 
+/// # Shapes
+/// - `x`, `delta`: `[batch, seq, hidden]`; `w`: `[hidden]`
+/// - returns `x + delta` and its norm, both `[batch, seq, hidden]`
+pub(super) fn add_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    delta: &Tensor<B, 3>,
+    w: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    let [b, t, d] = x.dims();
+    if !is_cuda::<B>() || delta.dims() != [b, t, d] || b * t == 0 || b * t > i32::MAX as usize {
+        return None;
+    }
+    let x = into_contiguous(to_cube(x.clone())?);
+    let delta = into_contiguous(to_cube(delta.clone())?);
+    let weight = into_contiguous(to_cube(w.clone())?);
+    if x.dtype != delta.dtype || x.dtype != weight.dtype || weight.meta.shape()[0] != d {
+        return None;
+    }
+    let (dtype, client, device) = (x.dtype, x.client.clone(), x.device.clone());
+    let sum = empty_device_contiguous_dtype(client.clone(), device.clone(), [b, t, d].into(), dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), device, [b, t, d].into(), dtype);
+    let width = vector_width(d, &[&x, &delta, &weight]);
+    super::cube::add_rms_norm_kernel::launch::<CudaRuntime>(
+        &client,
+        CubeCount::Static((b * t) as u32, 1, 1),
+        CubeDim::new_1d(ROW_THREADS),
+        width,
+        x.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        weight.into_tensor_arg(),
+        sum.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        eps as f32,
+        dtype.into(),
+    );
+    Some((from_cube(sum)?, from_cube(out)?))
+}
+
 /// A KV cache view `[1, kv_heads, keys, head_dim]` as the kernel reads it, and the positions
 /// each KV head's rows are apart: a view into the cache's longer buffers (rows of `head_dim`
 /// contiguous, heads `capacity` rows apart) as it is, anything else copied contiguous.

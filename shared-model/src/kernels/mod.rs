@@ -185,6 +185,32 @@ pub fn rms_norm<B: Backend>(x: &Tensor<B, 3>, weight: &Tensor<B, 1>, eps: f64) -
     }
 }
 
+/// The residual sum `x + delta` and its RMSNorm in one kernel (one launch fewer a block than
+/// the add and the norm apart; decode at batch 1 is bound by launches).
+///
+/// # Shapes
+/// - `x`, `delta`: `[batch, seq, hidden]`; `weight`: `[hidden]`
+/// - returns `x + delta` and its norm, both `[batch, seq, hidden]`
+pub fn add_rms_norm<B: Backend>(
+    x: &Tensor<B, 3>,
+    delta: &Tensor<B, 3>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+    #[cfg(feature = "cuda")]
+    {
+        if !enabled_for("norm") {
+            return None;
+        }
+        cuda::add_rms_norm(x, delta, weight, eps)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, delta, weight, eps);
+        None
+    }
+}
+
 /// Splits a fused q|k|v projection into heads and applies rotate-half RoPE (over the whole
 /// head) to q and k, in one kernel.
 ///

@@ -105,8 +105,9 @@ impl<B: Backend> Block<B> {
         let attn_in = self.attn_norm.forward(x.clone());
         match &self.wiring {
             Wiring::Sequential { mlp_norm } => {
-                let h = x + self.attention.forward_lora(attn_in, ctx, cache, lora);
-                h.clone() + self.mlp.forward_lora(mlp_norm.forward(h), lora)
+                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora);
+                let (h, mlp_in) = mlp_norm.forward_residual(x, attn);
+                h + self.mlp.forward_lora(mlp_in, lora)
             }
             Wiring::Parallel { mlp_norm } => {
                 let mlp_in = match mlp_norm {

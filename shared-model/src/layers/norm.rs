@@ -58,6 +58,24 @@ impl<B: Backend> Norm<B> {
     }
 }
 
+impl<B: Backend> Norm<B> {
+    /// The residual sum `x + delta` and its norm (one kernel on CUDA for RMSNorm).
+    ///
+    /// # Shapes
+    /// - `x`, `delta`: `[batch, seq, hidden]`
+    /// - returns `x + delta` and its norm, both `[batch, seq, hidden]`
+    pub fn forward_residual(&self, x: Tensor<B, 3>, delta: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if let (NormKind::Rms { eps }, None) = (self.kind, &self.bias)
+            && let Some(pair) = crate::kernels::add_rms_norm(&x, &delta, &self.weight, eps)
+        {
+            return pair;
+        }
+        let h = x + delta;
+        let y = self.forward(h.clone());
+        (h, y)
+    }
+}
+
 /// Host weights of a norm.
 #[derive(Debug, Clone)]
 pub struct NormWeights {
