@@ -6,6 +6,39 @@ use burn_cubecl::cubecl;
 use cubecl::num_traits::Zero;
 use cubecl::prelude::*;
 
+/// The sum of `value` over every unit of the cube (warp sums, then across warps), for every
+/// unit. Each call has its own shared memory, so calls in a row need no wait between them.
+#[cube]
+fn cube_sum(value: f32) -> f32 {
+    let mut partial = SharedMemory::<f32>::new(32usize);
+    let warp_sum = plane_sum(value);
+    if UNIT_POS_PLANE == 0 {
+        partial[(UNIT_POS_X / PLANE_DIM) as usize] = warp_sum;
+    }
+    sync_cube();
+    let mut total = f32::new(0.0);
+    for w in 0..CUBE_DIM_X / PLANE_DIM {
+        total += partial[w as usize];
+    }
+    total
+}
+
+/// The largest `value` over every unit of the cube, for every unit (as [`cube_sum`]).
+#[cube]
+fn cube_max(value: f32) -> f32 {
+    let mut partial = SharedMemory::<f32>::new(32usize);
+    let warp_max = plane_max(value);
+    if UNIT_POS_PLANE == 0 {
+        partial[(UNIT_POS_X / PLANE_DIM) as usize] = warp_max;
+    }
+    sync_cube();
+    let mut max = f32::new(-3.0e38);
+    for w in 0..CUBE_DIM_X / PLANE_DIM {
+        max = f32::max(max, partial[w as usize]);
+    }
+    max
+}
+
 /// One cube per row, in vectors of `N` elements: the mean of squares in f32 (warp sums, then
 /// across warps), then `(x * rsqrt(mean + eps)) as F * weight`, as HF's `LlamaRMSNorm` rounds
 /// it.
@@ -28,16 +61,7 @@ pub(super) fn rms_norm_kernel<F: Float, N: Size>(
         acc += f32::cast_from(Vector::vector_sum(v * v));
         i += threads;
     }
-    let warp_sum = plane_sum(acc);
-    let mut partial = SharedMemory::<f32>::new(32usize);
-    if UNIT_POS_PLANE == 0 {
-        partial[(UNIT_POS_X / PLANE_DIM) as usize] = warp_sum;
-    }
-    sync_cube();
-    let mut total = f32::new(0.0);
-    for w in 0..CUBE_DIM_X / PLANE_DIM {
-        total += partial[w as usize];
-    }
+    let total = cube_sum(acc);
     let scale = Vector::<f32, N>::new(f32::new(1.0) / (total / f32::cast_from(d as u32) + eps).sqrt());
     let mut j = UNIT_POS_X as usize;
     while j < vectors {
@@ -71,16 +95,7 @@ pub(super) fn add_rms_norm_kernel<F: Float, N: Size>(
         acc += f32::cast_from(Vector::vector_sum(v * v));
         i += threads;
     }
-    let warp_sum = plane_sum(acc);
-    let mut partial = SharedMemory::<f32>::new(32usize);
-    if UNIT_POS_PLANE == 0 {
-        partial[(UNIT_POS_X / PLANE_DIM) as usize] = warp_sum;
-    }
-    sync_cube();
-    let mut total = f32::new(0.0);
-    for w in 0..CUBE_DIM_X / PLANE_DIM {
-        total += partial[w as usize];
-    }
+    let total = cube_sum(acc);
     let scale = Vector::<f32, N>::new(f32::new(1.0) / (total / f32::cast_from(d as u32) + eps).sqrt());
     let mut j = UNIT_POS_X as usize;
     while j < vectors {
@@ -287,34 +302,15 @@ pub(super) fn attention_partial_kernel<F: Float>(
         }
         score = f32::cast_from(Vector::vector_sum(dot)) * scale;
     }
-    let mut partials = SharedMemory::<f32>::new(32usize);
-    let warp = (t / PLANE_DIM) as usize;
-    let warps = CUBE_DIM_X / PLANE_DIM;
-    let warp_max = plane_max(score);
-    if UNIT_POS_PLANE == 0 {
-        partials[warp] = warp_max;
-    }
-    sync_cube();
-    let mut max = f32::new(-3.0e38);
-    for w in 0..warps {
-        max = f32::max(max, partials[w as usize]);
-    }
-    sync_cube();
+    let max = cube_max(score);
     let mut p = f32::new(0.0);
     if key < keys {
         p = (score - max).exp();
     }
     let mut probs = SharedMemory::<f32>::new(ATTENTION_CHUNK as usize);
     probs[t as usize] = p;
-    let warp_sum = plane_sum(p);
-    if UNIT_POS_PLANE == 0 {
-        partials[warp] = warp_sum;
-    }
-    sync_cube();
-    let mut sum = f32::new(0.0);
-    for w in 0..warps {
-        sum += partials[w as usize];
-    }
+    // Its wait for the cube also makes `probs` visible to every unit.
+    let sum = cube_sum(p);
 
     // Thread t: vector column t % hv of value rows t / hv, + groups, ...
     let groups = CUBE_DIM_X / hv;
@@ -463,8 +459,6 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
     let base = row * vectors;
     let mask_base = (batch * new as usize + query) * vectors;
     let threads = CUBE_DIM_X as usize;
-    let warp = (UNIT_POS_X / PLANE_DIM) as usize;
-    let warps = CUBE_DIM_X / PLANE_DIM;
     let scale_v = Vector::<f32, N>::new(scale);
 
     let mut local_max = f32::new(-3.0e38);
@@ -478,16 +472,7 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
         }
         j += threads;
     }
-    let mut maxima = SharedMemory::<f32>::new(32usize);
-    let warp_max = plane_max(local_max);
-    if UNIT_POS_PLANE == 0 {
-        maxima[warp] = warp_max;
-    }
-    sync_cube();
-    let mut row_max = f32::new(-3.0e38);
-    for w in 0..warps {
-        row_max = f32::max(row_max, maxima[w as usize]);
-    }
+    let row_max = cube_max(local_max);
     let max_v = Vector::<f32, N>::new(row_max);
 
     let mut local_sum = f32::new(0.0);
@@ -498,16 +483,7 @@ pub(super) fn masked_softmax_kernel<F: Float, N: Size>(
         local_sum += f32::cast_from(Vector::vector_sum((v - max_v).exp()));
         j += threads;
     }
-    let mut sums = SharedMemory::<f32>::new(32usize);
-    let warp_sum = plane_sum(local_sum);
-    if UNIT_POS_PLANE == 0 {
-        sums[warp] = warp_sum;
-    }
-    sync_cube();
-    let mut row_sum = f32::new(0.0);
-    for w in 0..warps {
-        row_sum += sums[w as usize];
-    }
+    let row_sum = cube_sum(local_sum);
     let inv = Vector::<f32, N>::new(f32::new(1.0) / row_sum);
 
     let mut j = UNIT_POS_X as usize;

@@ -67,8 +67,11 @@ const WARPS: usize = 8;
 /// Whether the kernels' 8-element vector loads of `t` are aligned (a view into the middle of a
 /// buffer need not be).
 fn vector_aligned(t: &CubeTensor<CudaRuntime>) -> bool {
-    let bytes = t.dtype.size() as u64 * 8;
-    t.handle.offset_start.unwrap_or(0) % bytes == 0 && t.meta.shape().iter().last().is_some_and(|d| d % 8 == 0)
+    t.meta
+        .shape()
+        .iter()
+        .last()
+        .is_some_and(|&d| vector_width(d, &[t]) == 8)
 }
 
 /// The widest vector (8, 4, 2 or 1 elements: 16-byte loads in half precision) that rows of
