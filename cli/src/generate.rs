@@ -140,6 +140,44 @@ struct JsonOutput<'a> {
     /// Only the new tokens, the stop token included.
     token_ids: &'a [u32],
     text: &'a str,
+    timing: Timing,
+}
+
+/// When the tokens came, measured from the start of generation (weights already loaded,
+/// the swarm already joined).
+#[derive(serde::Serialize)]
+struct Timing {
+    /// Until the first new token (the prompt's prefill, through the servers if remote).
+    first_token_ms: f64,
+    /// Mean time per token after the first (decode).
+    ms_per_token: Option<f64>,
+    /// Each token's time since the previous one (the first: since the start).
+    token_ms: Vec<f64>,
+}
+
+impl Timing {
+    fn new(start: std::time::Instant, stamps: &[std::time::Instant]) -> Self {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let mut last = start;
+        let token_ms = stamps
+            .iter()
+            .map(|&t| {
+                let d = ms(t.saturating_duration_since(last));
+                last = t;
+                d
+            })
+            .collect();
+        Self {
+            first_token_ms: stamps.first().map_or(0.0, |&t| ms(t.saturating_duration_since(start))),
+            ms_per_token: match (stamps.first(), stamps.last()) {
+                (Some(&a), Some(&b)) if stamps.len() > 1 => {
+                    Some(ms(b.saturating_duration_since(a)) / (stamps.len() - 1) as f64)
+                }
+                _ => None,
+            },
+            token_ms,
+        }
+    }
 }
 
 struct Job<'a> {
@@ -208,7 +246,12 @@ pub fn emit(
         let stops = &args.stop;
         let json = args.json;
         let mut write_error = None;
+        let start = std::time::Instant::now();
+        let mut stamps = Vec::new();
         let out = generate(params, &mut |event| {
+            if event.row == 0 {
+                stamps.push(std::time::Instant::now());
+            }
             let piece = match stream.as_mut() {
                 Some(s) => s.push(event.token).unwrap_or_default(),
                 None => format!("{} ", event.token),
@@ -236,6 +279,7 @@ pub fn emit(
                 prompt_ids,
                 token_ids: &token_ids,
                 text: &text,
+                timing: Timing::new(start, &stamps),
             };
             writeln!(stdout, "{}", serde_json::to_string(&object)?)?;
         } else {

@@ -63,6 +63,8 @@ pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingAr
         limits: Limits::default(),
         deep_prompts: None,
         adapter: None,
+        hidden_size: files.config.hidden_size,
+        chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
         route_mode: match routing {
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,

@@ -102,9 +102,54 @@ pub struct ServerArgs {
     /// Most concurrent inference sessions.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
-    /// KV cache budget in tokens (batch x max_length summed over open sessions).
+    /// Most sessions one peer may hold [default: a quarter of --max-sessions].
+    #[arg(long)]
+    pub max_sessions_per_peer: Option<usize>,
+    /// KV cache budget in tokens (batch x max_length summed over open sessions, plus their
+    /// deep prompts); what the caches may ever allocate.
     #[arg(long, default_value_t = 65536)]
     pub cache_tokens: usize,
+    /// Most cache tokens one peer may hold [default: a quarter of --cache-tokens, raised to the
+    /// model's context length but never past half of --cache-tokens].
+    #[arg(long)]
+    pub max_cache_tokens_per_peer: Option<usize>,
+    /// Bytes that all requests in flight may use besides weights and KV caches (messages,
+    /// activations, attention scores, logits, replies), e.g. 4GiB. A request that needs more
+    /// is refused with the largest that would pass [default: a quarter of the machine's
+    /// memory].
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_request_memory: Option<u64>,
+    /// Requests whose blocks run at once (a long one runs a chunk at a time between others).
+    #[arg(long, default_value_t = 2)]
+    pub compute_slots: usize,
+    /// Most requests one peer may have waiting for or holding request memory.
+    #[arg(long, default_value_t = 8)]
+    pub max_requests_per_peer: usize,
+    /// Long prompts, replays and stateless requests run this many tokens (per row) at a time.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_tokens: usize,
+    /// Most connections; at the limit a new one replaces the oldest of a peer that holds
+    /// nothing here.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: u32,
+    /// Most connections one peer may have open.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections_per_peer: u32,
+    /// Most inbound streams waiting for their first message (in total).
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_streams: usize,
+    /// Most inbound streams of one peer waiting for their first message.
+    #[arg(long, default_value_t = 16)]
+    pub max_pending_streams_per_peer: usize,
+    /// Seconds a new stream has to send its first message (a session's `Open`).
+    #[arg(long, default_value_t = 10)]
+    pub open_timeout: u64,
+    /// Seconds a peer has to take each reply; one that stops reading loses its session.
+    #[arg(long, default_value_t = 30)]
+    pub write_timeout: u64,
+    /// Seconds a request may wait for memory, compute or cache before it is told "busy".
+    #[arg(long, default_value_t = 10)]
+    pub queue_timeout: u64,
     /// Seconds a DHT announcement lives; it is renewed at a third of that.
     #[arg(long, default_value_t = 120)]
     pub announce_ttl: u64,
@@ -146,7 +191,21 @@ pub struct ServerConfig {
     pub identity: Option<PathBuf>,
     pub public_name: Option<String>,
     pub max_sessions: usize,
+    pub max_sessions_per_peer: usize,
     pub cache_tokens: usize,
+    /// `None`: derived from the model's context once it is known.
+    pub max_cache_tokens_per_peer: Option<usize>,
+    pub max_request_memory: u64,
+    pub compute_slots: usize,
+    pub max_requests_per_peer: usize,
+    pub chunk_tokens: usize,
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    pub max_pending_streams: usize,
+    pub max_pending_streams_per_peer: usize,
+    pub open_timeout: Duration,
+    pub write_timeout: Duration,
+    pub queue_timeout: Duration,
     pub announce_ttl: Duration,
     pub session_timeout: Duration,
     pub addr_file: Option<PathBuf>,
@@ -182,6 +241,33 @@ impl ServerArgs {
         if self.max_sessions == 0 || self.cache_tokens == 0 || self.announce_ttl < 3 {
             bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
         }
+        let positive = [
+            (
+                "--max-sessions-per-peer",
+                self.max_sessions_per_peer.unwrap_or(1) as u64,
+            ),
+            (
+                "--max-cache-tokens-per-peer",
+                self.max_cache_tokens_per_peer.unwrap_or(1) as u64,
+            ),
+            ("--max-request-memory", self.max_request_memory.unwrap_or(1)),
+            ("--compute-slots", self.compute_slots as u64),
+            ("--max-requests-per-peer", self.max_requests_per_peer as u64),
+            ("--chunk-tokens", self.chunk_tokens as u64),
+            ("--max-connections", u64::from(self.max_connections)),
+            ("--max-connections-per-peer", u64::from(self.max_connections_per_peer)),
+            ("--max-pending-streams", self.max_pending_streams as u64),
+            (
+                "--max-pending-streams-per-peer",
+                self.max_pending_streams_per_peer as u64,
+            ),
+            ("--open-timeout", self.open_timeout),
+            ("--write-timeout", self.write_timeout),
+            ("--queue-timeout", self.queue_timeout),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            bail!("{flag} must be at least 1");
+        }
         let listen = if self.listen.is_empty() {
             // WebRTC-direct lets browsers dial the server without a relay in between.
             vec![
@@ -208,7 +294,25 @@ impl ServerArgs {
             identity: self.identity,
             public_name: self.public_name,
             max_sessions: self.max_sessions,
+            max_sessions_per_peer: self
+                .max_sessions_per_peer
+                .unwrap_or((self.max_sessions / 4).max(1))
+                .min(self.max_sessions),
             cache_tokens: self.cache_tokens,
+            max_cache_tokens_per_peer: self.max_cache_tokens_per_peer.map(|n| n.min(self.cache_tokens)),
+            max_request_memory: self
+                .max_request_memory
+                .unwrap_or_else(crate::memory::default_request_memory),
+            compute_slots: self.compute_slots,
+            max_requests_per_peer: self.max_requests_per_peer,
+            chunk_tokens: self.chunk_tokens,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            max_pending_streams: self.max_pending_streams,
+            max_pending_streams_per_peer: self.max_pending_streams_per_peer.min(self.max_pending_streams),
+            open_timeout: Duration::from_secs(self.open_timeout),
+            write_timeout: Duration::from_secs(self.write_timeout),
+            queue_timeout: Duration::from_secs(self.queue_timeout),
             announce_ttl: Duration::from_secs(self.announce_ttl),
             session_timeout: Duration::from_secs(self.session_timeout),
             addr_file: self.addr_file,
@@ -217,5 +321,40 @@ impl ServerArgs {
             serve_head: self.serve_head,
             adapters: self.adapters,
         })
+    }
+}
+
+/// Parses a byte count: a number with an optional binary suffix (`512MiB`, `4GiB`, `64k`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a byte count"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown byte suffix {other:?} (use KiB, MiB, GiB or TiB)")),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_take_binary_suffixes() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 }

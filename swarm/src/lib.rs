@@ -1,7 +1,6 @@
 //! Corolla's libp2p protocol, shared by native code and the browser: message types,
 //! the tensor wire format, DHT records, and the swarm event loop with its client handle.
 
-pub mod codec;
 pub mod dht;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod http;
@@ -9,6 +8,7 @@ pub mod identity;
 pub mod node;
 pub mod protocol;
 pub mod remote;
+pub mod request;
 pub mod routing;
 pub mod rt;
 pub mod session;

@@ -18,7 +18,6 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec::FrameCodec;
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
@@ -53,8 +52,6 @@ pub struct Behaviour {
     dcutr: dcutr::Behaviour,
     ping: ping::Behaviour,
     streams: libp2p_stream::Behaviour,
-    span: request_response::Behaviour<FrameCodec<SpanRequest, SpanResponse>>,
-    head: request_response::Behaviour<FrameCodec<HeadRequest, HeadResponse>>,
     info: request_response::cbor::Behaviour<InfoRequest, ServerInfo>,
 }
 
@@ -92,22 +89,13 @@ impl NodeConfig {
     }
 }
 
-/// Requests from other peers that the application answers.
+/// Requests from other peers that the application answers. (Inference sessions, span and
+/// head requests come as streams: [`Client::accept`].)
 #[derive(Debug)]
 pub enum InboundEvent {
-    Span {
-        peer: PeerId,
-        request: SpanRequest,
-        channel: ResponseChannel<SpanResponse>,
-    },
     Info {
         peer: PeerId,
         channel: ResponseChannel<ServerInfo>,
-    },
-    Head {
-        peer: PeerId,
-        request: HeadRequest,
-        channel: ResponseChannel<HeadResponse>,
     },
 }
 
@@ -143,27 +131,9 @@ enum Command {
         key: kad::RecordKey,
         reply: Reply<Vec<Vec<u8>>>,
     },
-    Span {
-        peer: PeerId,
-        request: SpanRequest,
-        reply: Reply<SpanResponse>,
-    },
     Info {
         peer: PeerId,
         reply: Reply<ServerInfo>,
-    },
-    RespondSpan {
-        channel: ResponseChannel<SpanResponse>,
-        response: SpanResponse,
-    },
-    Head {
-        peer: PeerId,
-        request: HeadRequest,
-        reply: Reply<HeadResponse>,
-    },
-    RespondHead {
-        channel: ResponseChannel<HeadResponse>,
-        response: HeadResponse,
     },
     RespondInfo {
         channel: ResponseChannel<ServerInfo>,
@@ -194,6 +164,7 @@ pub struct Client {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
+    limits: Limits,
 }
 
 /// Builds the swarm and returns its handle, the inbound request stream and the event loop
@@ -251,7 +222,6 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 kad::Mode::Client
             }));
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
-            let max = limits.max_frame_bytes;
             Ok(Behaviour {
                 relay_client,
                 kad,
@@ -269,16 +239,6 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 dcutr: dcutr::Behaviour::new(peer_id),
                 ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(5))),
                 streams: libp2p_stream::Behaviour::new(),
-                span: request_response::Behaviour::with_codec(
-                    FrameCodec::new(max),
-                    [(SPAN_PROTOCOL, ProtocolSupport::Full)],
-                    rr_config.clone(),
-                ),
-                head: request_response::Behaviour::with_codec(
-                    FrameCodec::new(max),
-                    [(HEAD_PROTOCOL, ProtocolSupport::Full)],
-                    rr_config.clone(),
-                ),
                 info: request_response::cbor::Behaviour::new([(INFO_PROTOCOL, ProtocolSupport::Full)], rr_config),
             })
         })
@@ -329,8 +289,6 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         fallback_circuits: relays,
         pending_dials: HashMap::new(),
         pending_queries: HashMap::new(),
-        pending_span: HashMap::new(),
-        pending_head: HashMap::new(),
         pending_info: HashMap::new(),
         rtt: HashMap::new(),
         relayed: false,
@@ -340,6 +298,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             peer_id,
             commands,
             control,
+            limits,
         },
         inbound_rx,
         event_loop,
@@ -411,8 +370,6 @@ pub struct EventLoop {
     fallback_circuits: Vec<Multiaddr>,
     pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
     pending_queries: HashMap<kad::QueryId, QueryReply>,
-    pending_span: HashMap<OutboundRequestId, Reply<SpanResponse>>,
-    pending_head: HashMap<OutboundRequestId, Reply<HeadResponse>>,
     pending_info: HashMap<OutboundRequestId, Reply<ServerInfo>>,
     rtt: HashMap<PeerId, Duration>,
     relayed: bool,
@@ -491,23 +448,9 @@ impl EventLoop {
                 let id = behaviour.kad.get_record(key);
                 self.pending_queries.insert(id, QueryReply::Records(reply, Vec::new()));
             }
-            Command::Span { peer, request, reply } => {
-                let id = behaviour.span.send_request(&peer, request);
-                self.pending_span.insert(id, reply);
-            }
             Command::Info { peer, reply } => {
                 let id = behaviour.info.send_request(&peer, InfoRequest);
                 self.pending_info.insert(id, reply);
-            }
-            Command::RespondSpan { channel, response } => {
-                let _ = behaviour.span.send_response(channel, response);
-            }
-            Command::Head { peer, request, reply } => {
-                let id = behaviour.head.send_request(&peer, request);
-                self.pending_head.insert(id, reply);
-            }
-            Command::RespondHead { channel, response } => {
-                let _ = behaviour.head.send_response(channel, response);
             }
             Command::RespondInfo { channel, info } => {
                 let _ = behaviour.info.send_response(channel, info);
@@ -621,22 +564,6 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_query(id, result, step.last);
             }
-            BehaviourEvent::Span(event) => {
-                let inbound = &self.inbound;
-                on_request_response(event, &mut self.pending_span, |peer, request, channel| {
-                    if inbound.try_send(InboundEvent::Span { peer, request, channel }).is_err() {
-                        tracing::warn!(%peer, "dropping a span request: the server is saturated");
-                    }
-                });
-            }
-            BehaviourEvent::Head(event) => {
-                let inbound = &self.inbound;
-                on_request_response(event, &mut self.pending_head, |peer, request, channel| {
-                    if inbound.try_send(InboundEvent::Head { peer, request, channel }).is_err() {
-                        tracing::warn!(%peer, "dropping a head request: the server is saturated");
-                    }
-                });
-            }
             BehaviourEvent::Info(event) => {
                 let inbound = &self.inbound;
                 on_request_response(event, &mut self.pending_info, |peer, _, channel| {
@@ -745,39 +672,18 @@ impl Client {
         self.ask(|reply| Command::GetRecord { key, reply }).await
     }
 
+    /// Stateless forward or backward over a server's span (one stream per request).
     pub async fn span_request(&self, peer: PeerId, request: SpanRequest) -> Result<SpanResponse, NodeError> {
-        self.ask(|reply| Command::Span { peer, request, reply }).await
+        crate::request::call(self, peer, SPAN_PROTOCOL, &request, &self.limits).await
     }
 
     /// Asks a server offering head service to embed tokens or compute logits.
     pub async fn head_request(&self, peer: PeerId, request: HeadRequest) -> Result<HeadResponse, NodeError> {
-        self.ask(|reply| Command::Head { peer, request, reply }).await
-    }
-
-    pub async fn respond_head(
-        &self,
-        channel: ResponseChannel<HeadResponse>,
-        response: HeadResponse,
-    ) -> Result<(), NodeError> {
-        self.commands
-            .send(Command::RespondHead { channel, response })
-            .await
-            .map_err(|_| NodeError::Shutdown)
+        crate::request::call(self, peer, HEAD_PROTOCOL, &request, &self.limits).await
     }
 
     pub async fn info(&self, peer: PeerId) -> Result<ServerInfo, NodeError> {
         self.ask(|reply| Command::Info { peer, reply }).await
-    }
-
-    pub async fn respond_span(
-        &self,
-        channel: ResponseChannel<SpanResponse>,
-        response: SpanResponse,
-    ) -> Result<(), NodeError> {
-        self.commands
-            .send(Command::RespondSpan { channel, response })
-            .await
-            .map_err(|_| NodeError::Shutdown)
     }
 
     pub async fn respond_info(&self, channel: ResponseChannel<ServerInfo>, info: ServerInfo) -> Result<(), NodeError> {

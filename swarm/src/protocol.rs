@@ -11,15 +11,16 @@ use crate::wire::{WireDtype, WireTensor};
 /// Inference sessions: one stream per session, carrying [`SessionRequest`]s and
 /// [`SessionResponse`]s as length-prefixed CBOR frames.
 pub const INFERENCE_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/inference/1");
-/// Stateless forward/backward over a span (request-response, one length-prefixed CBOR frame
-/// each way: [`crate::codec::FrameCodec`]).
-pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/2");
+/// Stateless forward/backward over a span: one stream per request, one length-prefixed CBOR
+/// frame each way ([`crate::request`]), so the server admits a request's memory from its
+/// length prefix before reading the body.
+pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/3");
 /// A server describes itself (request-response, CBOR).
 pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1");
 
-/// Embeddings and LM head run by a server for a client that cannot hold them
-/// (request-response, framed like [`SPAN_PROTOCOL`]).
-pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/2");
+/// Embeddings and LM head run by a server for a client that cannot hold them (one stream per
+/// request, framed like [`SPAN_PROTOCOL`]).
+pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3");
 
 /// Version of the message formats below; announced in the DHT, and clients use only servers
 /// of their own version.
@@ -28,7 +29,11 @@ pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/2")
 /// adapters (`ServerInfo::adapters`, `Open::adapter`). The new fields are optional, so a
 /// version-1 message still decodes; the version keeps a 1 server, which would silently ignore
 /// them, out of a 2 client's routes.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: span and head requests on their own streams, [`ErrorKind::TooLarge`] with
+/// [`LimitExceeded`] (what was refused and the largest request that would pass), and a
+/// server's [`ServerLoad`] in its info.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +180,9 @@ pub struct InfoRequest;
 pub struct ProtocolError {
     pub kind: ErrorKind,
     pub message: String,
+    /// With [`ErrorKind::TooLarge`]: the limit and what would have passed.
+    #[serde(default)]
+    pub limit: Option<LimitExceeded>,
 }
 
 impl ProtocolError {
@@ -182,14 +190,44 @@ impl ProtocolError {
         Self {
             kind,
             message: message.into(),
+            limit: None,
+        }
+    }
+
+    /// A request refused for good by one of the server's limits.
+    pub fn too_large(message: impl Into<String>, limit: LimitExceeded) -> Self {
+        Self {
+            kind: ErrorKind::TooLarge,
+            message: message.into(),
+            limit: Some(limit),
         }
     }
 }
 
+/// Which limit refused a request, by how much, and the largest request that would pass: a
+/// client can split its work to fit instead of giving up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitExceeded {
+    /// The server flag that sets the limit, e.g. `--max-request-memory`.
+    pub limit: String,
+    /// What the request needs, in the limit's unit (`unit`).
+    pub needed: u64,
+    /// What the limit allows.
+    pub allowed: u64,
+    /// `bytes`, `tokens`, `sessions`, ...
+    pub unit: String,
+    /// The most tokens (positions) a request of this shape may carry now, if any would pass.
+    pub largest_tokens: Option<u64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// No cache budget left within the wait timeout: try another server.
+    /// Out of room for now (cache, memory, compute or sessions) within the wait timeout: try
+    /// again later or another server.
     Busy,
+    /// Larger than this server's limits allow at all; [`ProtocolError::limit`] says which and
+    /// what would pass. Retrying the same request cannot succeed.
+    TooLarge,
     /// The message is malformed (shape, size, order of messages).
     BadRequest,
     /// A different checkpoint than the one asked for.
@@ -234,4 +272,24 @@ pub struct ServerInfo {
     /// LoRA adapters this server can apply (`server --adapters`), by name.
     #[serde(default)]
     pub adapters: Vec<String>,
+    /// The server's budgets and how much of each is free (answered on [`INFO_PROTOCOL`]; a
+    /// DHT record carries it as of its announcement).
+    #[serde(default)]
+    pub load: Option<ServerLoad>,
+}
+
+/// A server's budgets, whole and free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerLoad {
+    pub sessions: u32,
+    pub max_sessions: u32,
+    pub cache_tokens: u64,
+    pub free_cache_tokens: u64,
+    pub request_memory: u64,
+    pub free_request_memory: u64,
+    /// Inbound streams that have not yet sent their first message.
+    pub pending_streams: u32,
+    /// Requests waiting for memory or compute, and running.
+    pub queued: u32,
+    pub running: u32,
 }

@@ -18,7 +18,7 @@ use shared_model::weights::HostTensor;
 
 use crate::dht;
 use crate::node::Client;
-use crate::protocol::{Limits, ServerInfo};
+use crate::protocol::{ErrorKind, Limits, ServerInfo};
 use crate::routing::{Candidate, Hop, RouteMode, route};
 use crate::rt::Instant;
 use crate::session::{HopSession, SessionError, SessionSpec};
@@ -52,14 +52,22 @@ pub struct RemoteConfig {
     pub deep_prompts: Option<HostTensor>,
     /// Use only servers that announce this LoRA adapter, and have them apply it.
     pub adapter: Option<String>,
+    /// The model's hidden size (what one token weighs on the wire).
+    pub hidden_size: usize,
+    /// Most tokens (per row) sent in one message: long prompts and replays go in pieces.
+    pub chunk_tokens: usize,
 }
+
+/// Pieces of a long prompt or replay, in tokens per row (servers may ask for smaller ones).
+pub const DEFAULT_CHUNK_TOKENS: usize = 1024;
 
 struct ActiveHop {
     session: HopSession,
-    /// Every input this hop has seen, one `[batch, new, hidden]` chunk per step (what a
-    /// replacement server needs replayed). Kept in chunks so a step costs no copy of the past;
-    /// they are joined only on replay.
+    /// Every input this hop has seen, one `[batch, new, hidden]` piece per message (what a
+    /// replacement server needs replayed, piece by piece).
     history: Vec<HostTensor>,
+    /// The most tokens (per row) this server takes in one message.
+    chunk: usize,
 }
 
 /// A session's chain of servers covering every block, driven asynchronously (the browser
@@ -189,14 +197,29 @@ impl RemoteChain {
         HopSession::open(&self.client, peer, hop.start, hop.end, spec).await
     }
 
-    /// Opens sessions over `[start, end)` and replays `history` through them; returns the new
-    /// hops and the output of the replay.
+    /// [`Self::open`], asking a busy server again a few times before it counts as failed.
+    async fn open_patiently(&self, hop: &Hop, spec: &SessionSpec) -> Result<HopSession, SessionError> {
+        let mut busy = 0;
+        loop {
+            match self.open(hop, spec).await {
+                Err(e) if matches!(refusal(&e), Refusal::Busy) && busy < BUSY_RETRIES => {
+                    busy += 1;
+                    tracing::debug!(peer = %hop.peer, attempt = busy, error = %e, "server busy; asking again");
+                    crate::rt::sleep(Duration::from_millis(250) * 2u32.pow(busy)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens sessions over `[start, end)` and replays `history` (one hop's inputs, piece by
+    /// piece) through them; returns the new hops.
     async fn connect(
         &mut self,
         start: usize,
         end: usize,
-        history: Option<HostTensor>,
-    ) -> Result<(Vec<ActiveHop>, Option<HostTensor>), SessionError> {
+        history: &[HostTensor],
+    ) -> Result<Vec<ActiveHop>, SessionError> {
         let spec = self.spec.clone().ok_or(SessionError::Protocol {
             peer: self.client.peer_id(),
         })?;
@@ -204,24 +227,26 @@ impl RemoteChain {
         for _ in 0..=self.config.max_failovers {
             let route = self.plan(start, end).await?;
             let mut hops = Vec::new();
-            let mut x = history.clone();
+            let mut pieces: Vec<HostTensor> = history.to_vec();
             let mut failed = None;
             for hop in &route {
                 let attempt = async {
-                    let mut session = self.open(hop, &spec).await?;
-                    let out = match &x {
-                        Some(h) => Some(session.step(h).await?),
-                        None => None,
+                    let session = self.open_patiently(hop, &spec).await?;
+                    let mut active = ActiveHop {
+                        session,
+                        history: Vec::new(),
+                        chunk: self.chunk_limit(),
                     };
-                    Ok::<_, SessionError>((session, out))
+                    let mut outputs = Vec::with_capacity(pieces.len());
+                    for piece in &pieces {
+                        outputs.extend(hop_pieces(&mut active, piece).await.map_err(|f| f.error)?);
+                    }
+                    Ok::<_, SessionError>((active, outputs))
                 };
                 match attempt.await {
-                    Ok((session, out)) => {
-                        hops.push(ActiveHop {
-                            session,
-                            history: x.iter().cloned().collect(),
-                        });
-                        x = out;
+                    Ok((active, outputs)) => {
+                        hops.push(active);
+                        pieces = outputs;
                     }
                     Err(e) => {
                         failed = Some((hop.peer.clone(), e));
@@ -230,7 +255,7 @@ impl RemoteChain {
                 }
             }
             match failed {
-                None => return Ok((hops, x)),
+                None => return Ok(hops),
                 Some((peer, e)) => {
                     last = e.to_string();
                     if let Ok(peer) = peer.parse() {
@@ -243,6 +268,18 @@ impl RemoteChain {
             }
         }
         Err(SessionError::Exhausted { start, end, last })
+    }
+
+    /// The most tokens (per row) one message carries: the configured chunk, and what fits a
+    /// frame at the wire dtype.
+    fn chunk_limit(&self) -> usize {
+        let per_token = self.spec.as_ref().map_or(1, |s| {
+            s.batch.max(1) * self.config.hidden_size.max(1) * self.config.dtype.size()
+        });
+        // Half a frame: room for the message around the tensor.
+        let by_frame = (self.config.limits.max_frame_bytes / 2 / per_token).max(1);
+        let by_tokens = self.config.limits.max_step_tokens / self.spec.as_ref().map_or(1, |s| s.batch.max(1));
+        self.config.chunk_tokens.min(by_frame).min(by_tokens.max(1)).max(1)
     }
 
     /// Opens a session for a batch left-padded by `pad[row]` tokens, holding at most
@@ -265,26 +302,37 @@ impl RemoteChain {
             deep_prompts: self.config.deep_prompts.clone(),
             adapter: self.config.adapter.clone(),
         });
-        let (hops, _) = self.connect(0, self.config.num_layers, None).await?;
-        self.hops = hops;
+        self.hops = self.connect(0, self.config.num_layers, &[]).await?;
         tracing::info!(route = ?self.route(), "session route");
         Ok(())
     }
 
-    /// Runs `[batch, new, hidden]` states through every block; a failed server is replaced and
-    /// its history replayed, so the result is what an undisturbed run gives.
+    /// Runs `[batch, new, hidden]` states through every block, in pieces of at most the chunk
+    /// size (a long prompt never travels as one message); a failed server is replaced and its
+    /// history replayed, piece by piece, so the result is what an undisturbed run gives.
     pub async fn step(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
-        let mut x = hidden;
-        let mut i = 0;
+        // Work in token order: each piece goes through every hop before the next starts, so
+        // every server sees its inputs in order; (piece, hop it is at).
+        let mut queue: std::collections::VecDeque<(HostTensor, usize)> = split_tokens(&hidden, self.chunk_limit())
+            .into_iter()
+            .map(|p| (p, 0))
+            .collect();
+        drop(hidden);
+        let mut outputs = Vec::new();
         let mut failovers = 0;
-        while i < self.hops.len() {
-            match self.hops[i].session.step(&x).await {
-                Ok(out) => {
-                    self.hops[i].history.push(x);
-                    x = out;
-                    i += 1;
+        while let Some((piece, i)) = queue.pop_front() {
+            if i == self.hops.len() {
+                outputs.push(piece);
+                continue;
+            }
+            match hop_pieces(&mut self.hops[i], &piece).await {
+                Ok(outs) => {
+                    // Its outputs go on to the next hop before anything else.
+                    for out in outs.into_iter().rev() {
+                        queue.push_front((out, i + 1));
+                    }
                 }
-                Err(e) => {
+                Err(PieceFailure { error: e, done, rest }) => {
                     failovers += 1;
                     let (peer, start, end) = {
                         let s = &self.hops[i].session;
@@ -299,16 +347,125 @@ impl RemoteChain {
                         });
                     }
                     self.ban(&peer);
-                    let history = concat_all(&self.hops[i].history);
-                    let (replacement, _) = self.connect(start, end, history).await?;
+                    let history = std::mem::take(&mut self.hops[i].history);
+                    let replacement = self.connect(start, end, &history).await?;
+                    let k = replacement.len();
                     self.hops.splice(i..=i, replacement);
-                    tracing::info!(route = ?self.route(), "session re-routed");
-                    // Retry this step from the replaced hop on.
+                    tracing::info!(route = ?self.route(), replayed_pieces = history.len(), "session re-routed");
+                    // What the failed hop did not take goes to its replacement; what it did
+                    // (now replayed) goes on past the replacement, first.
+                    for p in rest.into_iter().rev() {
+                        queue.push_front((p, i));
+                    }
+                    for out in done.into_iter().rev() {
+                        queue.push_front((out, i + k));
+                    }
                 }
             }
         }
-        Ok(x)
+        concat_all(&outputs).ok_or(SessionError::Protocol {
+            peer: self.client.peer_id(),
+        })
     }
+}
+
+/// How many times a busy server is asked again before it counts as failed.
+const BUSY_RETRIES: u32 = 4;
+
+/// A hop failed part-way through a piece.
+struct PieceFailure {
+    error: SessionError,
+    /// Outputs of the parts it took (recorded in its history).
+    done: Vec<HostTensor>,
+    /// The parts it did not take, in order.
+    rest: Vec<HostTensor>,
+}
+
+/// Sends `piece` through one hop, in smaller pieces if the server says the piece is too large
+/// (and how large it may be), asking again a few times if it is busy; records each piece the
+/// hop took in its history. Returns the outputs, in order.
+async fn hop_pieces(hop: &mut ActiveHop, piece: &HostTensor) -> Result<Vec<HostTensor>, PieceFailure> {
+    let mut pending: std::collections::VecDeque<HostTensor> = split_tokens(piece, hop.chunk).into();
+    let mut outputs = Vec::new();
+    let mut busy = 0;
+    while let Some(p) = pending.pop_front() {
+        match hop.session.step(&p).await {
+            Ok(out) => {
+                busy = 0;
+                hop.history.push(p);
+                outputs.push(out);
+            }
+            Err(e) => match refusal(&e) {
+                Refusal::Smaller(largest) if largest < p.shape[1] => {
+                    tracing::debug!(peer = %hop.session.peer, largest, tokens = p.shape[1], "server asked for smaller pieces");
+                    hop.chunk = largest.max(1);
+                    for smaller in split_tokens(&p, hop.chunk).into_iter().rev() {
+                        pending.push_front(smaller);
+                    }
+                }
+                Refusal::Busy if busy < BUSY_RETRIES => {
+                    busy += 1;
+                    crate::rt::sleep(Duration::from_millis(250) * 2u32.pow(busy)).await;
+                    pending.push_front(p);
+                }
+                _ => {
+                    pending.push_front(p);
+                    return Err(PieceFailure {
+                        error: e,
+                        done: outputs,
+                        rest: pending.into(),
+                    });
+                }
+            },
+        }
+    }
+    Ok(outputs)
+}
+
+/// What a refused request can still do.
+enum Refusal {
+    /// Fits when split into pieces of at most this many tokens.
+    Smaller(usize),
+    /// Try again later.
+    Busy,
+    Other,
+}
+
+fn refusal(e: &SessionError) -> Refusal {
+    match e {
+        SessionError::Remote { error, .. } => match error.kind {
+            ErrorKind::TooLarge => match error.limit.as_ref().and_then(|l| l.largest_tokens) {
+                Some(n) if n > 0 => Refusal::Smaller(n as usize),
+                _ => Refusal::Other,
+            },
+            ErrorKind::Busy => Refusal::Busy,
+            _ => Refusal::Other,
+        },
+        _ => Refusal::Other,
+    }
+}
+
+/// `[b, t, h]` split along the token axis into pieces of at most `chunk` tokens (one piece
+/// when it is short enough, without a copy of the rows' layout).
+fn split_tokens(t: &HostTensor, chunk: usize) -> Vec<HostTensor> {
+    let (batch, len, h) = (t.shape[0], t.shape[1], t.shape[2]);
+    let chunk = chunk.max(1);
+    if len <= chunk {
+        return vec![t.clone()];
+    }
+    let mut pieces = Vec::with_capacity(len.div_ceil(chunk));
+    let mut at = 0;
+    while at < len {
+        let n = chunk.min(len - at);
+        let mut data = Vec::with_capacity(batch * n * h);
+        for row in 0..batch {
+            let base = (row * len + at) * h;
+            data.extend_from_slice(&t.data[base..base + n * h]);
+        }
+        pieces.push(HostTensor::new(vec![batch, n, h], data));
+        at += n;
+    }
+    pieces
 }
 
 /// All chunks (`[b, t_i, h]`) joined along the token axis in one pass; `None` for no chunks.
@@ -378,6 +535,18 @@ impl<B: Backend> Drop for RemoteBlocks<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_then_concat_is_the_identity() {
+        let data: Vec<f32> = (0..2 * 7 * 3).map(|i| i as f32).collect();
+        let t = HostTensor::new(vec![2, 7, 3], data);
+        for chunk in [1, 2, 3, 6, 7, 100] {
+            let pieces = split_tokens(&t, chunk);
+            assert_eq!(pieces.len(), 7usize.div_ceil(chunk), "chunk {chunk}");
+            assert!(pieces.iter().all(|p| p.shape[1] <= chunk && p.shape[0] == 2));
+            assert_eq!(concat_all(&pieces).expect("pieces"), t, "chunk {chunk}");
+        }
+    }
 
     #[test]
     fn concat_keeps_rows_apart() {

@@ -359,6 +359,14 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     r: &mut R,
     max_frame_bytes: usize,
 ) -> Result<T, WireError> {
+    let len = read_frame_len(r, max_frame_bytes).await?;
+    read_frame_body(r, len).await
+}
+
+/// Reads a frame's length prefix only, so that a receiver can reserve what the message will
+/// cost before reading it. [`WireError::Closed`] on a clean end of stream; a length above
+/// `max_frame_bytes` is [`WireError::FrameTooLarge`].
+pub async fn read_frame_len<R: AsyncRead + Unpin>(r: &mut R, max_frame_bytes: usize) -> Result<usize, WireError> {
     let mut prefix = [0u8; PREFIX_BYTES];
     let mut filled = 0;
     while filled < PREFIX_BYTES {
@@ -381,12 +389,35 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
             max: max_frame_bytes,
         });
     }
+    Ok(len)
+}
+
+/// Reads and decodes the `len`-byte body that [`read_frame_len`] announced. The buffer grows
+/// only with the bytes actually received.
+pub async fn read_frame_body<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R, len: usize) -> Result<T, WireError> {
+    let declared = u64::try_from(len).map_err(|_| unexpected_eof("frame body"))?;
     let mut body = Vec::with_capacity(len.min(INITIAL_BODY_CAPACITY));
-    (&mut *r).take(u64::from(declared)).read_to_end(&mut body).await?;
+    (&mut *r).take(declared).read_to_end(&mut body).await?;
     if body.len() != len {
         return Err(unexpected_eof("frame body"));
     }
     from_cbor(&body)
+}
+
+/// Reads up to the end of the stream, which must come next: a one-message stream is over.
+/// Taking in the sender's close matters in the browser: a WebRTC sender waits for it to be
+/// acknowledged before it reads the reply, and until then the reply piles up in its queue
+/// ("remote overloaded us with messages").
+pub async fn read_end<R: AsyncRead + Unpin>(r: &mut R) -> Result<(), WireError> {
+    let mut rest = [0u8; 1];
+    loop {
+        match r.read(&mut rest).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => return Err(WireError::Decode("bytes after the message".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn unexpected_eof(what: &str) -> WireError {

@@ -33,6 +33,25 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+/// A copy of fixture `name` whose config allows `context` positions (the fixtures' own is 256),
+/// for tests of long prompts. Its fingerprint differs from the fixture's.
+pub fn long_context_fixture(name: &str, context: usize) -> PathBuf {
+    let dir = temp_dir(&format!("{name}-context-{context}"));
+    let source = fixture(name);
+    let entries = fs::read_dir(&source).unwrap_or_else(|e| panic!("cannot read {}: {e}", source.display()));
+    for entry in entries {
+        let entry = entry.unwrap_or_else(|e| panic!("cannot read {}: {e}", source.display()));
+        fs::copy(entry.path(), dir.join(entry.file_name()))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", entry.path().display()));
+    }
+    let path = dir.join("config.json");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut config: serde_json::Value = serde_json::from_str(&text).expect("the fixture's config is JSON");
+    config["max_position_embeddings"] = serde_json::json!(context);
+    fs::write(&path, config.to_string()).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    dir
+}
+
 /// A fresh, empty directory, unique to this process and call.
 pub fn temp_dir(name: &str) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);

@@ -89,7 +89,10 @@ fn three_overlapping_servers_match_local_and_golden() {
                 generated[row][prompt.len()..],
                 "{family} row {row}"
             );
-            assert_eq!(remote, local(&model, &args), "{family} row {row}: swarm vs local");
+            let here = local(&model, &args);
+            for field in ["prompt_ids", "token_ids", "text"] {
+                assert_eq!(remote[field], here[field], "{family} row {row}: swarm vs local {field}");
+            }
             let mut spread = args.to_vec();
             spread.extend(["--routing", "throughput"]);
             let (batchy, _) = swarm.generate(&model, &spread);
@@ -335,4 +338,92 @@ fn actionable_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("no server for blocks 2..4"), "{stderr}");
+}
+
+/// A 20,000-token prompt goes to the servers in chunks; the server in use is killed after the
+/// first new token, and its replacement gets the 20,000-token history replayed in chunks: the
+/// tokens are those of an undisturbed local run.
+#[test]
+fn a_20k_token_session_fails_over_in_chunks() {
+    let model = corolla_tests::long_context_fixture("llama", 32768);
+    // A seeded pseudo-random prompt over the fixture's 384-token vocabulary.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let prompt: Vec<u32> = (0..20_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 384) as u32
+        })
+        .collect();
+    let prompt = csv(&prompt);
+    let args = [
+        "--token-ids",
+        prompt.as_str(),
+        "--max-new-tokens",
+        "200",
+        "--ignore-eos",
+    ];
+    let undisturbed = local(&model, &args);
+
+    let mut swarm = Swarm::start("long-failover");
+    let a = swarm.server(&model, "0:4", &[]);
+    let b = swarm.server(&model, "0:4", &[]);
+    let log = swarm.dir.join("client.log");
+    let mut client = Command::new(bin("corolla"))
+        .env("COROLLA_LOG", "info")
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(args)
+        .args(["--initial-peers", &swarm.relay_addr])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("corolla runs");
+    let mut stdout = client.stdout.take().expect("piped");
+    // The first token comes after the whole prompt went through the servers.
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.contains(&b' ') {
+        assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
+        seen.push(byte[0]);
+    }
+    let route = std::fs::read_to_string(&log).expect("client log");
+    let route_line = route
+        .lines()
+        .find(|l| l.contains("session route"))
+        .expect("route logged");
+    let victim = [&a, &b]
+        .into_iter()
+        .position(|peer| route_line.contains(peer.as_str()))
+        .expect("the route uses one of the servers");
+    swarm.servers[victim].0.kill9();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("read");
+    let status = client.wait().expect("exits");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    seen.extend(rest);
+    let tokens: Vec<u32> = String::from_utf8(seen)
+        .expect("utf-8")
+        .split_whitespace()
+        .map(|t| t.parse().expect("token id"))
+        .collect();
+    assert_eq!(tokens, ids(&undisturbed["token_ids"]));
+    let replayed = log
+        .lines()
+        .find(|l| l.contains("session re-routed"))
+        .unwrap_or_else(|| panic!("the client must have failed over: {log}"));
+    // 20,000 prompt tokens in pieces of at most 1,024, plus the decoded tokens.
+    let pieces: usize = replayed
+        .split("replayed_pieces=")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|s| s.parse().ok())
+        .expect("replayed_pieces logged");
+    assert!(
+        pieces >= 20,
+        "the 20,000-token history was replayed in {pieces} pieces: {replayed}"
+    );
 }

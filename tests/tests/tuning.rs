@@ -71,6 +71,8 @@ fn remote_blocks(swarm: &Swarm, files: &ModelFiles) -> (tokio::runtime::Runtime,
         route_mode: RouteMode::MinLatency,
         deep_prompts: None,
         adapter: None,
+        hidden_size: cfg.hidden_size,
+        chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
     };
     let remote = RemoteBlocks::<CpuAutodiff>::new(runtime.handle().clone(), client, remote_config, Default::default());
     (runtime, remote)

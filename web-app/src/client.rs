@@ -189,6 +189,8 @@ pub fn remote_config(loaded: &Loaded, deep_prompts: Option<HostTensor>) -> Remot
         route_mode: RouteMode::MinLatency,
         deep_prompts,
         adapter: None,
+        hidden_size: loaded.bundle.config.hidden_size,
+        chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
     }
 }
 

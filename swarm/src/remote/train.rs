@@ -20,7 +20,7 @@ use shared_model::weights::HostTensor;
 use super::RemoteChain;
 #[cfg(not(target_arch = "wasm32"))]
 use super::{RemoteBlocks, RemoteError};
-use crate::protocol::{SpanRequest, SpanResponse};
+use crate::protocol::{ErrorKind, SpanRequest, SpanResponse};
 use crate::routing::Hop;
 use crate::session::SessionError;
 use crate::wire::{WireDtype, WireTensor};
@@ -58,11 +58,20 @@ impl RemoteChain {
             }
         }
         let timeout = self.config.step_timeout;
-        match crate::rt::timeout(timeout, self.client.span_request(id, request)).await {
-            Err(_) => Err(SessionError::Timeout { peer: id, timeout }),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok(SpanResponse::Error(error))) => Err(SessionError::Remote { peer: id, error }),
-            Ok(Ok(r)) => Ok(r),
+        let mut busy = 0;
+        loop {
+            match crate::rt::timeout(timeout, self.client.span_request(id, request.clone())).await {
+                Err(_) => return Err(SessionError::Timeout { peer: id, timeout }),
+                Ok(Err(e)) => return Err(e.into()),
+                // A busy server is asked again a few times before it counts as failed.
+                Ok(Ok(SpanResponse::Error(error))) if error.kind == ErrorKind::Busy && busy < super::BUSY_RETRIES => {
+                    busy += 1;
+                    tracing::debug!(%peer, attempt = busy, error = %error, "server busy; asking again");
+                    crate::rt::sleep(std::time::Duration::from_millis(250) * 2u32.pow(busy)).await;
+                }
+                Ok(Ok(SpanResponse::Error(error))) => return Err(SessionError::Remote { peer: id, error }),
+                Ok(Ok(r)) => return Ok(r),
+            }
         }
     }
 
