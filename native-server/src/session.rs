@@ -118,7 +118,12 @@ where
             .await
         {
             Ok(m) => m,
-            Err(e) => {
+            Err(mut e) => {
+                // A frame too large to take at all: say how many tokens a step's frame may hold.
+                if let Some(limit) = e.limit.as_mut() {
+                    let per_token = (opened.batch * ctx.hosted.hidden_size() * opened.reply_dtype.size()) as u64;
+                    limit.largest_tokens = Some(limit.allowed / 2 / per_token.max(1)).filter(|&n| n > 0);
+                }
                 // Skip the body without holding it: the session goes on at the next frame.
                 io::discard(stream, len, limits.open_timeout)
                     .await
