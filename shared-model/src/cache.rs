@@ -272,3 +272,92 @@ impl<B: Backend> SpanCache<B> {
         self.layers.iter().map(LayerCache::allocated_bytes).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = crate::Cpu;
+
+    fn kv(batch: usize, heads: usize, new: usize, dim: usize) -> Tensor<B, 4> {
+        Tensor::ones([batch, heads, new, dim], &Default::default())
+    }
+
+    /// Appends `steps` (cycled) until the cache refuses; checks every state on the way.
+    fn fill(batch: usize, max_len: usize, steps: &[usize]) {
+        let (heads, dim) = (2, 3);
+        let mut cache = LayerCache::<B>::with_max_len(max_len);
+        let mut held = 0;
+        for &new in steps.iter().cycle().take(4 * max_len + 8) {
+            let result = cache.append(kv(batch, heads, new, dim), kv(batch, heads, new, dim));
+            if held + new > max_len {
+                assert_eq!(
+                    result.err(),
+                    Some(CacheError::Full {
+                        needed: held + new,
+                        max: max_len
+                    })
+                );
+                assert_eq!(cache.len(), held, "a refused append changes nothing");
+            } else {
+                let (k, _) = result.expect("fits");
+                held += new;
+                assert_eq!(k.dims(), [batch, heads, held, dim]);
+            }
+            assert!(
+                cache.allocated_positions() <= batch * max_len,
+                "batch {batch} max {max_len}: {} positions allocated",
+                cache.allocated_positions()
+            );
+            assert!(cache.capacity() <= max_len);
+            let bytes = 2 * (batch * heads * cache.capacity() * dim * 4) as u64;
+            assert_eq!(cache.allocated_bytes(), bytes);
+            if held == max_len {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_never_allocate_past_the_reservation() {
+        fill(64, 1, &[1]);
+        fill(64, 1, &[2, 1]);
+        for max_len in 1..=600 {
+            fill(1, max_len, &[1]);
+            fill(1, max_len, &[max_len]);
+            fill(1, max_len, &[257, 3, 1]);
+            fill(1, max_len, &[max_len + 1, 255, 256]);
+        }
+        fill(5, 300, &[7, 64, 1, 200]);
+    }
+
+    #[test]
+    fn kv_cache_bytes_is_what_a_full_session_cache_allocates() {
+        let mut config = crate::synthetic::Shape::Tiny.config().expect("config");
+        config.attention.num_kv_heads = 2;
+        config.attention.head_dim = 3;
+        for (batch, max_len) in [(1, 1), (64, 1), (3, 255), (2, 257), (1, 600)] {
+            let mut cache = SpanCache::<B>::with_max_len(4, vec![0; batch], max_len);
+            let mut held = 0;
+            while held < max_len {
+                let new = (max_len - held).min(100);
+                for layer in &mut cache.layers {
+                    layer.append(kv(batch, 2, new, 3), kv(batch, 2, new, 3)).expect("fits");
+                }
+                held += new;
+            }
+            cache.len = held;
+            assert_eq!(
+                cache.allocated_bytes(),
+                crate::cost::kv_cache_bytes(&config, 4, batch, max_len, 4)
+            );
+            assert_eq!(
+                cache.check_room(1),
+                Err(CacheError::Full {
+                    needed: max_len + 1,
+                    max: max_len
+                })
+            );
+        }
+    }
+}

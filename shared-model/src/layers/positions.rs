@@ -412,6 +412,74 @@ pub fn alibi_slopes(heads: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    /// Every tile's mask is the whole mask's columns for its keys, and the keys no tile visits
+    /// are hidden from every query.
+    #[test]
+    fn mask_tiles_are_slices_of_the_whole_mask() {
+        type B = crate::Cpu;
+        let device = Default::default();
+        for window in [None, Some(4), Some(9)] {
+            let mut config = crate::synthetic::Shape::Tiny.config().expect("config");
+            config.attention.sliding_window = window;
+            for (pad, past, new) in [
+                (vec![0], 0, 12),
+                (vec![0], 7, 6),
+                (vec![0, 3, 8], 0, 12),
+                (vec![0, 3, 8], 10, 5),
+                (vec![2, 0], 13, 1),
+            ] {
+                let layout = SeqLayout { pad, past, new };
+                let whole = StepContext::<B>::with_tiling(&config, &layout, AttentionTiling::OFF, &device);
+                let tiled =
+                    StepContext::<B>::with_tiling(&config, &layout, AttentionTiling { min_keys: 0, tile: 5 }, &device);
+                let (batch, total) = (layout.batch(), layout.total());
+                let full = match whole.mask.clone() {
+                    Some(m) => m
+                        .expand([batch, 1, 1, new, total])
+                        .into_data()
+                        .to_vec::<f32>()
+                        .expect("f32"),
+                    None => vec![0.0; batch * new * total],
+                };
+                let at = |row: usize, q: usize, k: usize| full[(row * new + q) * total + k];
+                let tiles = tiled.key_tiles();
+                if batch * new > 1 {
+                    assert!(tiled.mask.is_none() && tiled.tile() == Some(5));
+                }
+                let mut visited = vec![false; total];
+                for keys in tiles {
+                    assert!(keys.len() <= 5);
+                    let part = tiled.mask_tile(keys.clone(), &device).map(|m| {
+                        m.expand([batch, 1, 1, new, keys.len()])
+                            .into_data()
+                            .to_vec::<f32>()
+                            .expect("f32")
+                    });
+                    for row in 0..batch {
+                        for q in 0..new {
+                            for (i, k) in keys.clone().enumerate() {
+                                visited[k] = true;
+                                let got = part.as_ref().map_or(0.0, |p| p[(row * new + q) * keys.len() + i]);
+                                assert_eq!(got, at(row, q, k), "{layout:?} {window:?} row {row} q {q} k {k}");
+                            }
+                        }
+                    }
+                }
+                for k in (0..total).filter(|&k| !visited[k]) {
+                    for row in 0..batch {
+                        for q in 0..new {
+                            assert_eq!(
+                                at(row, q, k),
+                                MASKED,
+                                "{layout:?} {window:?}: skipped key {k} is visible"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn alibi_slopes_match_bloom() {
         // From BLOOM's build_alibi_tensor for 4 and 6 heads.
