@@ -341,3 +341,62 @@ pub fn head_bytes(config: &ModelConfig, batch: usize, positions: usize, elem_byt
     let tokens = batch * positions;
     3 * mul(&[tokens, config.hidden_size, elem_bytes]) + mul(&[tokens, config.vocab_size, elem_bytes + 8])
 }
+
+/// The largest `n` in `0..=upper` whose `cost(n)` fits `budget`, found by bisection: for the
+/// error that names the largest request that would pass. Exact when `cost` grows with `n`;
+/// otherwise (attention switching to tiles past [`AttentionTiling::min_keys`] keys makes a
+/// step cheaper) still an `n` that passes. `0` when none does.
+pub fn largest_within(budget: u64, upper: usize, cost: impl Fn(usize) -> u64) -> usize {
+    if cost(upper) <= budget {
+        return upper;
+    }
+    // `lo` passes (or is 0), `hi` does not.
+    let (mut lo, mut hi) = (0, upper);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if cost(mid) <= budget { lo = mid } else { hi = mid }
+    }
+    if lo > 0 || cost(0) <= budget { lo } else { 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::Shape;
+
+    #[test]
+    fn costs_grow_with_the_request() {
+        let config = Shape::Llama70b.config().expect("config");
+        let step = |batch, new, past| step_bytes(&config, &StepShape::new(batch, new, past, 80, 2));
+        assert!(step(1, 1, 0) < step(1, 2, 0));
+        assert!(step(1, 1024, 0) < step(1, 1024, 8192));
+        assert!(step(1, 1024, 0) < step(4, 1024, 0));
+        // A 16384-token stateless forward in chunks costs a fraction of the one-shot step.
+        let one_shot = step_bytes(
+            &config,
+            &StepShape {
+                tiling: AttentionTiling::OFF,
+                ..StepShape::new(1, 16384, 0, 80, 2)
+            },
+        );
+        let chunked = chunked_bytes(&config, &StepShape::new(1, 16384, 0, 80, 2), DEFAULT_CHUNK_TOKENS);
+        assert!(one_shot > 30_000_000_000, "{one_shot}");
+        assert!(chunked < one_shot / 20, "{chunked} vs {one_shot}");
+        // KV: K and V, 80 layers, 8 KV heads of 128, bf16.
+        assert_eq!(kv_cache_bytes(&config, 80, 1, 1000, 2), 2 * 80 * 8 * 1000 * 128 * 2);
+    }
+
+    #[test]
+    fn largest_within_finds_the_edge() {
+        assert_eq!(largest_within(100, 1000, |n| n as u64 * 3), 33);
+        assert_eq!(largest_within(10_000, 1000, |n| n as u64 * 3), 1000);
+        assert_eq!(largest_within(2, 1000, |n| 5 + n as u64), 0);
+        let config = Shape::Tiny.config().expect("config");
+        let budget = 50 << 20;
+        let n = largest_within(budget, 1 << 20, |n| {
+            chunked_bytes(&config, &StepShape::new(1, n, 0, 4, 4), DEFAULT_CHUNK_TOKENS)
+        });
+        let cost = |n| chunked_bytes(&config, &StepShape::new(1, n, 0, 4, 4), DEFAULT_CHUNK_TOKENS);
+        assert!(cost(n) <= budget && cost(n + 1) > budget, "{n}");
+    }
+}
