@@ -174,17 +174,17 @@ fn filled_cache<B: Backend>(
     config: &ModelConfig,
     cached: usize,
     device: &B::Device,
-) -> shared_model::cache::SpanCache<B> {
+) -> Result<shared_model::cache::SpanCache<B>> {
     let mut cache = span.new_cache(vec![0]);
     if cached > 0 {
         let a = config.attention;
         for layer in &mut cache.layers {
             let shape = [1, a.num_kv_heads, cached, a.head_dim];
-            layer.append(random(shape, device), random(shape, device));
+            layer.append(random(shape, device), random(shape, device))?;
         }
         cache.len = cached;
     }
-    cache
+    Ok(cache)
 }
 
 /// Mean time of one decode step of the span after `cached` tokens, the warm-up's total, and
@@ -203,7 +203,7 @@ fn time_decode<B: Backend>(
 ) -> Result<(f64, f64, f64)> {
     let x = random::<B, 3>([1, 1, config.hidden_size], device);
     let steps = |n: usize| -> Result<f64> {
-        let mut cache = filled_cache(span, config, cached, device);
+        let mut cache = filled_cache(span, config, cached, device)?;
         B::sync(device).ok();
         let start = Instant::now();
         for _ in 0..n {
@@ -219,7 +219,7 @@ fn time_decode<B: Backend>(
     let per_step = steps(args.iters)? / args.iters as f64;
     // The same steps queued back to back with one wait at the end: the gap to `per_step` is
     // what waiting for each step costs (the host's launches no longer overlap the GPU's work).
-    let mut cache = filled_cache(span, config, cached, device);
+    let mut cache = filled_cache(span, config, cached, device)?;
     B::sync(device).ok();
     let start = Instant::now();
     for _ in 0..args.iters {

@@ -1,3 +1,4 @@
+use crate::cache::CacheError;
 use crate::config::ConfigError;
 use crate::gguf::GgufError;
 use crate::tokenizer::TokenizerError;
@@ -16,6 +17,8 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Bundle(#[from] crate::bundle::BundleError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("token id {id} is out of range for a vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("{tokens} tokens do not fit the model's context of {context}")]

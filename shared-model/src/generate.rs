@@ -8,7 +8,7 @@ use burn::prelude::*;
 use crate::cache::SpanCache;
 use crate::error::ModelError;
 use crate::layers::lora::{LoraAdapter, LoraSpan};
-use crate::model::{BlockSpan, Embeddings, LmHead, to_host};
+use crate::model::{BlockSpan, DEFAULT_CHUNK_TOKENS, Embeddings, LmHead, to_host};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
 
 /// Runs hidden states through every block of the model, keeping per-session state.
@@ -44,6 +44,8 @@ pub struct LocalBlocks<'a, B: Backend> {
     deep: Option<Vec<Tensor<B, 3>>>,
     /// A LoRA adapter's updates for each span.
     lora: Option<Vec<LoraSpan<B>>>,
+    /// Positions per chunk of a long step (a prompt).
+    chunk_tokens: usize,
 }
 
 impl<'a, B: Backend> LocalBlocks<'a, B> {
@@ -64,6 +66,7 @@ impl<'a, B: Backend> LocalBlocks<'a, B> {
                 caches: Vec::new(),
                 deep: None,
                 lora: None,
+                chunk_tokens: DEFAULT_CHUNK_TOKENS,
             }),
             _ => Err(ModelError::Invalid(format!(
                 "spans cover blocks 0..{next}, not the whole model"
@@ -73,6 +76,13 @@ impl<'a, B: Backend> LocalBlocks<'a, B> {
 }
 
 impl<B: Backend> LocalBlocks<'_, B> {
+    /// Runs steps longer than `chunk_tokens` positions in chunks (default
+    /// [`DEFAULT_CHUNK_TOKENS`]; see [`BlockSpan::forward_chunked`]).
+    pub fn with_chunk_tokens(mut self, chunk_tokens: usize) -> Self {
+        self.chunk_tokens = chunk_tokens.max(1);
+        self
+    }
+
     /// Adds deep prompts before every block.
     ///
     /// # Shapes
@@ -107,8 +117,12 @@ impl<B: Backend> LocalBlocks<'_, B> {
 impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
     type Error = GenerateError;
 
-    fn start(&mut self, pad: Vec<usize>, _max_length: usize) -> Result<(), GenerateError> {
-        self.caches = self.spans.iter().map(|s| s.new_cache(pad.clone())).collect();
+    fn start(&mut self, pad: Vec<usize>, max_length: usize) -> Result<(), GenerateError> {
+        self.caches = self
+            .spans
+            .iter()
+            .map(|s| s.new_session_cache(pad.clone(), max_length))
+            .collect();
         Ok(())
     }
 
@@ -116,13 +130,13 @@ impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
         let mut h = hidden;
         for (i, (span, cache)) in self.spans.iter().zip(self.caches.iter_mut()).enumerate() {
             let deep = self.deep.as_ref().map(|d| &d[i]);
-            h = span.forward_blocks_prompted(
+            h = span.forward_chunked(
                 h,
                 cache,
                 span.range(),
                 deep,
                 self.lora.as_ref().and_then(|l| l.get(i)),
-                |_, _| {},
+                self.chunk_tokens,
             )?;
         }
         Ok(h)

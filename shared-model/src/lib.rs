@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod fingerprint;
 pub mod generate;

@@ -6,7 +6,7 @@ use std::ops::Range;
 use burn::backend::Autodiff;
 use burn::prelude::*;
 
-use crate::cache::{LayerCache, SpanCache};
+use crate::cache::SpanCache;
 use crate::checkpoint::{self, LM_HEAD};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
@@ -14,7 +14,7 @@ use crate::layers::block::Block;
 use crate::layers::linear::{Linear, to_device};
 use crate::layers::lora::LoraSpan;
 use crate::layers::norm::Norm;
-use crate::layers::positions::{SeqLayout, StepContext};
+use crate::layers::positions::{AttentionTiling, SeqLayout, StepContext};
 use crate::weights::{HostTensor, TensorReader, WeightError, WeightSource};
 
 /// Token embeddings, plus BLOOM's embedding LayerNorm.
@@ -92,6 +92,11 @@ impl<B: Backend> Embeddings<B> {
     }
 }
 
+/// Positions per chunk of [`BlockSpan::forward_chunked`] where no other is asked for: large
+/// enough that the products stay efficient (a GPU's prefill is tuned on 2048), small enough
+/// that a chunk's activations are a fraction of a long prompt's.
+pub const DEFAULT_CHUNK_TOKENS: usize = 1024;
+
 /// Blocks `[start, end)` of a model.
 #[derive(Debug, Clone)]
 pub struct BlockSpan<B: Backend> {
@@ -99,6 +104,7 @@ pub struct BlockSpan<B: Backend> {
     range: Range<usize>,
     blocks: Vec<Block<B>>,
     device: B::Device,
+    tiling: AttentionTiling,
 }
 
 impl<B: Backend> BlockSpan<B> {
@@ -133,6 +139,7 @@ impl<B: Backend> BlockSpan<B> {
             range,
             blocks,
             device: device.clone(),
+            tiling: AttentionTiling::default(),
         })
     }
 
@@ -162,12 +169,30 @@ impl<B: Backend> BlockSpan<B> {
                 .map(|b| b.autodiff(&self.device))
                 .collect::<Result<_, _>>()?,
             device: self.device.clone(),
+            tiling: self.tiling,
         })
     }
 
-    /// A fresh KV cache for a session over this span.
+    /// A fresh, unbounded KV cache for a session over this span.
     pub fn new_cache(&self, pad: Vec<usize>) -> SpanCache<B> {
         SpanCache::new(self.blocks.len(), pad)
+    }
+
+    /// A fresh KV cache for a session of at most `max_len` positions a row, padding included
+    /// (see [`SpanCache::with_max_len`]).
+    pub fn new_session_cache(&self, pad: Vec<usize>, max_len: usize) -> SpanCache<B> {
+        SpanCache::with_max_len(self.blocks.len(), pad, max_len)
+    }
+
+    /// The same span with another attention tiling (see [`AttentionTiling`]); tests lower it
+    /// to run the tiled path on short sequences.
+    pub fn with_attention_tiling(mut self, tiling: AttentionTiling) -> Self {
+        self.tiling = tiling;
+        self
+    }
+
+    pub fn attention_tiling(&self) -> AttentionTiling {
+        self.tiling
     }
 
     /// Runs the new tokens through every block, extending the session's cache.
@@ -201,24 +226,16 @@ impl<B: Backend> BlockSpan<B> {
         self.forward_blocks_prompted(x, cache, blocks, None, None, inspect)
     }
 
-    /// [`Self::forward_blocks`] with deep prompts (Petals' `deep_ptune`): before block
-    /// `blocks.start + i`, `prompts[i]` is added to the hidden states of the row's first
-    /// `prefix_len` positions after its left padding (absolute positions
-    /// `pad[row] .. pad[row] + prefix_len`), whichever of them this step carries.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, new, hidden]`
-    /// - `prompts`: `[blocks.len(), prefix_len, hidden]`
-    /// - returns `[batch, new, hidden]`
-    pub fn forward_blocks_prompted(
+    /// Everything a step is checked for before any work: the blocks, the adapter's range, the
+    /// input's and the prompts' shapes, the model's context and the cache's room.
+    fn check_step(
         &self,
-        x: Tensor<B, 3>,
-        cache: &mut SpanCache<B>,
-        blocks: Range<usize>,
+        dims: [usize; 3],
+        cache: &SpanCache<B>,
+        blocks: &Range<usize>,
         prompts: Option<&Tensor<B, 3>>,
         lora: Option<&LoraSpan<B>>,
-        mut inspect: impl FnMut(usize, &Tensor<B, 3>),
-    ) -> Result<Tensor<B, 3>, ModelError> {
+    ) -> Result<(), ModelError> {
         if let Some(l) = lora
             && (l.range().start > blocks.start || l.range().end < blocks.end)
         {
@@ -234,11 +251,11 @@ impl<B: Backend> BlockSpan<B> {
                 layers: self.config.num_layers,
             });
         }
-        let [batch, new, hidden] = x.dims();
+        let [batch, new, hidden] = dims;
         if batch != cache.batch() || hidden != self.config.hidden_size || new == 0 || cache.layers.len() != blocks.len()
         {
             return Err(ModelError::Shape {
-                actual: vec![batch, new, hidden],
+                actual: dims.to_vec(),
                 expected: format!("[{}, >0, {}]", cache.batch(), self.config.hidden_size),
             });
         }
@@ -250,11 +267,7 @@ impl<B: Backend> BlockSpan<B> {
                 context,
             });
         }
-        let layout = SeqLayout {
-            pad: cache.pad.clone(),
-            past: cache.len,
-            new,
-        };
+        cache.check_room(new)?;
         if let Some(p) = prompts {
             let [n, _, ph] = p.dims();
             if n != blocks.len() || ph != hidden {
@@ -264,7 +277,39 @@ impl<B: Backend> BlockSpan<B> {
                 });
             }
         }
-        let ctx = StepContext::new(&self.config, &layout, &x.device());
+        Ok(())
+    }
+
+    /// [`Self::forward_blocks`] with deep prompts (Petals' `deep_ptune`): before block
+    /// `blocks.start + i`, `prompts[i]` is added to the hidden states of the row's first
+    /// `prefix_len` positions after its left padding (absolute positions
+    /// `pad[row] .. pad[row] + prefix_len`), whichever of them this step carries.
+    ///
+    /// The step runs in one piece (its activations are `new` tokens long; see
+    /// [`Self::forward_chunked`] for long prompts); attention is tiled past
+    /// [`AttentionTiling::min_keys`] keys.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`
+    /// - `prompts`: `[blocks.len(), prefix_len, hidden]`
+    /// - returns `[batch, new, hidden]`
+    pub fn forward_blocks_prompted(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut SpanCache<B>,
+        blocks: Range<usize>,
+        prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
+        mut inspect: impl FnMut(usize, &Tensor<B, 3>),
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.check_step(x.dims(), cache, &blocks, prompts, lora)?;
+        let [_, new, hidden] = x.dims();
+        let layout = SeqLayout {
+            pad: cache.pad.clone(),
+            past: cache.len,
+            new,
+        };
+        let ctx = StepContext::with_tiling(&self.config, &layout, self.tiling, &x.device());
         let mut h = x;
         let local = blocks.start - self.range.start..blocks.end - self.range.start;
         for (i, (block, layer_cache)) in self.blocks[local].iter().zip(cache.layers.iter_mut()).enumerate() {
@@ -276,11 +321,52 @@ impl<B: Backend> BlockSpan<B> {
                 }
             }
             let block_lora = lora.and_then(|l| l.block(blocks.start + i));
-            h = block.forward_lora(h, &ctx, layer_cache, block_lora);
+            h = block.forward_lora(h, &ctx, layer_cache, block_lora)?;
             inspect(blocks.start + i, &h);
         }
         cache.len += new;
         Ok(h)
+    }
+
+    /// [`Self::forward_blocks_prompted`] in chunks of at most `chunk_tokens` positions along the
+    /// sequence, each extending the same cache: a long prompt's scratch (activations,
+    /// attention tiles, masks) is bounded by the chunk, not the prompt. The result equals a
+    /// one-shot step's at every position after a row's left padding (a padding position's
+    /// output depends on what it was computed with and is never read). Deep prompts and LoRA
+    /// apply per position, so chunk boundaries do not matter to them.
+    ///
+    /// Everything is checked before the first chunk, so an error leaves the cache untouched;
+    /// an error inside a chunk (none is expected after the checks) leaves it advanced by the
+    /// chunks done.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, new, hidden]`; `prompts`: `[blocks.len(), prefix_len, hidden]`
+    /// - returns `[batch, new, hidden]`
+    pub fn forward_chunked(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut SpanCache<B>,
+        blocks: Range<usize>,
+        prompts: Option<&Tensor<B, 3>>,
+        lora: Option<&LoraSpan<B>>,
+        chunk_tokens: usize,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let chunk = chunk_tokens.max(1);
+        let [batch, new, hidden] = x.dims();
+        if new <= chunk {
+            return self.forward_blocks_prompted(x, cache, blocks, prompts, lora, |_, _| {});
+        }
+        self.check_step(x.dims(), cache, &blocks, prompts, lora)?;
+        // Written in place chunk by chunk: a list of chunks concatenated at the end would hold
+        // the output twice.
+        let mut out = Tensor::<B, 3>::zeros([batch, new, hidden], (&x.device(), x.dtype()));
+        for start in (0..new).step_by(chunk) {
+            let len = chunk.min(new - start);
+            let part = x.clone().narrow(1, start, len);
+            let y = self.forward_blocks_prompted(part, cache, blocks.clone(), prompts, lora, |_, _| {})?;
+            out = out.slice_assign([0..batch, start..start + len, 0..hidden], y);
+        }
+        Ok(out)
     }
 
     /// A stateless forward over whole sequences (training, verification): nothing is cached.
@@ -304,6 +390,12 @@ impl<B: Backend> BlockSpan<B> {
 
     /// [`Self::forward_full_blocks`] with deep prompts (see [`Self::forward_blocks_prompted`]).
     ///
+    /// Runs in chunks of [`DEFAULT_CHUNK_TOKENS`] through a KV cache of exactly `seq`
+    /// positions that lives for the call only (so scratch is bounded by the chunk, see
+    /// [`crate::cost::stateless_forward_bytes`]). On an autodiff backend it runs in one piece
+    /// instead: the graph keeps every block's activations for the backward pass whatever the
+    /// chunking, and a cache written in place would add a copy of its keys to the graph.
+    ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; `prompts`: `[blocks.len(), prefix_len, hidden]`
     /// - returns `[batch, seq, hidden]`
@@ -315,12 +407,13 @@ impl<B: Backend> BlockSpan<B> {
         prompts: Option<&Tensor<B, 3>>,
         lora: Option<&LoraSpan<B>>,
     ) -> Result<Tensor<B, 3>, ModelError> {
-        let mut cache = SpanCache {
-            layers: (0..blocks.len()).map(|_| LayerCache::scratch()).collect(),
-            pad,
-            len: 0,
-        };
-        self.forward_blocks_prompted(x, &mut cache, blocks, prompts, lora, |_, _| {})
+        if B::ad_enabled(&self.device) {
+            let mut cache = SpanCache::scratch(blocks.len(), pad);
+            return self.forward_blocks_prompted(x, &mut cache, blocks, prompts, lora, |_, _| {});
+        }
+        let seq = x.dims()[1];
+        let mut cache = SpanCache::preallocated(blocks.len(), pad, seq);
+        self.forward_chunked(x, &mut cache, blocks, prompts, lora, DEFAULT_CHUNK_TOKENS)
     }
 }
 

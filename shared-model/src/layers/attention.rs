@@ -1,11 +1,12 @@
 use burn::backend::Autodiff;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::activation::softmax;
 
 use super::linear::{Linear, LinearWeights};
 use super::lora::{BlockLora, add_delta};
 use super::positions::{StepContext, apply_rope};
-use crate::cache::LayerCache;
+use crate::cache::{CacheError, LayerCache};
 use crate::config::AttentionConfig;
 use crate::weights::WeightError;
 
@@ -18,6 +19,11 @@ pub struct AttentionWeights {
 
 /// Multi-head attention with grouped KV heads (MHA, GQA and MQA are the same code with
 /// different `num_kv_heads`), rotary or ALiBi positions, and an external KV cache.
+///
+/// A step with many keys (see [`super::positions::AttentionTiling`]) visits them in tiles with
+/// an online softmax (flash attention's recurrence: a running maximum and sum per query, the
+/// accumulated output rescaled as the maximum grows), so its scratch is `batch x heads x
+/// queries x tile`, never `queries x keys`; the mask and ALiBi are built per tile too.
 #[derive(Debug, Clone)]
 pub struct Attention<B: Backend> {
     config: AttentionConfig,
@@ -47,7 +53,12 @@ impl<B: Backend> Attention<B> {
     /// - `x`: `[batch, new, hidden]`
     /// - cache holds `[batch, kv_heads, past, head_dim]` keys and values and grows by `new`
     /// - returns `[batch, new, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &StepContext<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &StepContext<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Result<Tensor<B, 3>, CacheError> {
         self.forward_lora(x, ctx, cache, None)
     }
 
@@ -58,7 +69,7 @@ impl<B: Backend> Attention<B> {
         ctx: &StepContext<B>,
         cache: &mut LayerCache<B>,
         lora: Option<&BlockLora<B>>,
-    ) -> Tensor<B, 3> {
+    ) -> Result<Tensor<B, 3>, CacheError> {
         let AttentionConfig {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -84,12 +95,17 @@ impl<B: Backend> Attention<B> {
                 }
             }
         };
-        let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2));
+        let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2))?;
+        let out_lora = lora.and_then(|l| l.out.as_ref());
+        if let Some(tile) = ctx.tile() {
+            let y = tiled_attention(q, k, v, ctx, tile);
+            return Ok(add_delta(self.out.forward(y.clone()), y, out_lora));
+        }
         if ctx.mask.is_none()
             && ctx.alibi.is_none()
             && let Some(y) = crate::kernels::decode_attention(&q, &k, &v)
         {
-            return self.out.forward(y);
+            return Ok(self.out.forward(y));
         }
         let s = k.dims()[2];
 
@@ -126,6 +142,92 @@ impl<B: Backend> Attention<B> {
             .reshape([b, nkv, group, t, hd])
             .permute([0, 3, 1, 2, 4])
             .reshape([b, t, nh * hd]);
-        add_delta(self.out.forward(y.clone()), y, lora.and_then(|l| l.out.as_ref()))
+        Ok(add_delta(self.out.forward(y.clone()), y, out_lora))
     }
+}
+
+/// Attention over the key tiles of [`StepContext::key_tiles`] with an online softmax. The
+/// running statistics and the accumulator are f32 whatever the model's float type: they sum
+/// over every tile.
+///
+/// # Shapes
+/// - `q`: `[batch, new, heads, head_dim]`; `k`, `v`: `[batch, kv_heads, keys, head_dim]`
+/// - returns `[batch, new, heads * head_dim]`
+fn tiled_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    ctx: &StepContext<B>,
+    tile: usize,
+) -> Tensor<B, 3> {
+    let [b, t, nh, hd] = q.dims();
+    let nkv = k.dims()[1];
+    let group = nh / nkv;
+    let rows = group * t;
+    let native: FloatDType = q.dtype().into();
+    let device = q.device();
+    // Scaled once here rather than on every tile's scores.
+    let q = q
+        .reshape([b, t, nkv, group, hd])
+        .permute([0, 2, 3, 1, 4])
+        .reshape([b, nkv, rows, hd])
+        .mul_scalar(1.0 / (hd as f64).sqrt());
+    let mut state: Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> = None;
+    for keys in ctx.key_tiles() {
+        debug_assert!(keys.len() <= tile, "key tiles of {tile}");
+        let len = keys.len();
+        let kt = k.clone().narrow(2, keys.start, len).swap_dims(2, 3);
+        let vt = v.clone().narrow(2, keys.start, len);
+        let mut scores = crate::kernels::matmul(&q, &kt)
+            .unwrap_or_else(|| q.clone().matmul(kt))
+            .cast(FloatDType::F32);
+        let alibi = ctx.alibi_tile(keys.clone());
+        let mask = ctx.mask_tile(keys, &device);
+        if alibi.is_some() || mask.is_some() {
+            let mut s5 = scores.reshape([b, nkv, group, t, len]);
+            if let Some(alibi) = alibi {
+                s5 = s5 + alibi.cast(FloatDType::F32);
+            }
+            if let Some(mask) = mask {
+                s5 = s5 + mask.cast(FloatDType::F32);
+            }
+            scores = s5.reshape([b, nkv, rows, len]);
+        }
+        let tile_max = scores.clone().max_dim(3);
+        let (max, sum, acc) = match state.take() {
+            None => {
+                let p = (scores - tile_max.clone()).exp();
+                let sum = p.clone().sum_dim(3);
+                (tile_max, sum, probs_times_values(p, vt, native))
+            }
+            Some((max, sum, acc)) => {
+                let new_max = max.clone().max_pair(tile_max);
+                let rescale = (max - new_max.clone()).exp();
+                let p = (scores - new_max.clone()).exp();
+                let sum = sum * rescale.clone() + p.clone().sum_dim(3);
+                (new_max, sum, acc * rescale + probs_times_values(p, vt, native))
+            }
+        };
+        state = Some((max, sum, acc));
+    }
+    let y = match state {
+        Some((_, sum, acc)) => (acc / sum).cast(native),
+        // No key at all: only a step of zero keys, which the cache cannot produce.
+        None => Tensor::zeros([b, nkv, rows, hd], &device),
+    };
+    y.reshape([b, nkv, group, t, hd])
+        .permute([0, 3, 1, 2, 4])
+        .reshape([b, t, nh * hd])
+}
+
+/// One tile's `p v`, in the model's float type for the product, accumulated in f32.
+///
+/// # Shapes
+/// - `p`: `[batch, kv_heads, rows, tile]` (f32); `v`: `[batch, kv_heads, tile, head_dim]`
+/// - returns `[batch, kv_heads, rows, head_dim]` (f32)
+fn probs_times_values<B: Backend>(p: Tensor<B, 4>, v: Tensor<B, 4>, native: FloatDType) -> Tensor<B, 4> {
+    let p = p.cast(native);
+    crate::kernels::matmul(&p, &v)
+        .unwrap_or_else(|| p.matmul(v))
+        .cast(FloatDType::F32)
 }

@@ -6,7 +6,7 @@ use super::lora::BlockLora;
 use super::mlp::{Mlp, MlpWeights};
 use super::norm::{Norm, NormWeights};
 use super::positions::StepContext;
-use crate::cache::LayerCache;
+use crate::cache::{CacheError, LayerCache};
 use crate::config::{BlockLayout, MlpKind, ModelConfig};
 use crate::weights::WeightError;
 
@@ -86,7 +86,12 @@ impl<B: Backend> Block<B> {
     /// # Shapes
     /// - `x`: `[batch, new, hidden]`
     /// - returns `[batch, new, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, ctx: &StepContext<B>, cache: &mut LayerCache<B>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &StepContext<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Result<Tensor<B, 3>, CacheError> {
         self.forward_lora(x, ctx, cache, None)
     }
 
@@ -101,21 +106,21 @@ impl<B: Backend> Block<B> {
         ctx: &StepContext<B>,
         cache: &mut LayerCache<B>,
         lora: Option<&BlockLora<B>>,
-    ) -> Tensor<B, 3> {
+    ) -> Result<Tensor<B, 3>, CacheError> {
         let attn_in = self.attn_norm.forward(x.clone());
         match &self.wiring {
             Wiring::Sequential { mlp_norm } => {
-                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora);
+                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora)?;
                 let (h, mlp_in) = mlp_norm.forward_residual(x, attn);
-                h + self.mlp.forward_lora(mlp_in, lora)
+                Ok(h + self.mlp.forward_lora(mlp_in, lora))
             }
             Wiring::Parallel { mlp_norm } => {
                 let mlp_in = match mlp_norm {
                     Some(norm) => norm.forward(x.clone()),
                     None => attn_in.clone(),
                 };
-                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora);
-                self.mlp.forward_lora(mlp_in, lora) + attn + x
+                let attn = self.attention.forward_lora(attn_in, ctx, cache, lora)?;
+                Ok(self.mlp.forward_lora(mlp_in, lora) + attn + x)
             }
         }
     }

@@ -13,4 +13,4 @@ pub use block::{Block, BlockWeights};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpWeights};
 pub use norm::Norm;
-pub use positions::StepContext;
+pub use positions::{AttentionTiling, StepContext};
