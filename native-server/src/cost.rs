@@ -4,10 +4,20 @@
 //! framed. Weights and the sessions' KV caches are budgeted apart.
 
 use shared_model::ModelConfig;
+use shared_model::cost::{self as model_cost, StepShape};
+use shared_model::layers::positions::AttentionTiling;
 use swarm::wire::WireDtype;
 
 /// Bytes of an f32 on the host (decoded messages, replies before encoding).
 const HOST: u64 = 4;
+
+/// What a session's steps share: deep prompts, padding, an adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionShape {
+    pub prefix_len: usize,
+    pub padded: bool,
+    pub lora: bool,
+}
 
 /// The cost of this server's requests.
 #[derive(Debug, Clone)]
@@ -21,6 +31,8 @@ pub struct CostModel {
     chunk: usize,
     /// Rank of the largest LoRA adapter offered (its per-step deltas), if any.
     lora_rank: Option<usize>,
+    /// When the span tiles attention.
+    tiling: AttentionTiling,
 }
 
 impl CostModel {
@@ -30,6 +42,7 @@ impl CostModel {
         elem_bytes: usize,
         chunk: usize,
         lora_rank: Option<usize>,
+        tiling: AttentionTiling,
     ) -> Self {
         Self {
             config: config.clone(),
@@ -37,6 +50,14 @@ impl CostModel {
             elem: elem_bytes as u64,
             chunk: chunk.max(1),
             lora_rank,
+            tiling,
+        }
+    }
+
+    fn shape(&self, batch: usize, new: usize, past: usize, blocks: usize) -> StepShape {
+        StepShape {
+            tiling: self.tiling,
+            ..StepShape::new(batch, new, past, blocks, self.elem as usize)
         }
     }
 
@@ -51,6 +72,11 @@ impl CostModel {
     /// KV cache bytes of one token (one batch row) over every hosted block.
     pub fn kv_bytes_per_token(&self) -> u64 {
         model_cost::kv_cache_bytes(&self.config, self.hosted_blocks, 1, 1, self.elem as usize).max(1)
+    }
+
+    /// Bytes of deep prompts of `prefix_len` positions over `blocks` blocks on the device.
+    pub fn prompt_bytes(&self, blocks: usize, prefix_len: usize) -> u64 {
+        model_cost::deep_prompt_bytes(&self.config, blocks, prefix_len, self.elem as usize)
     }
 
     /// Cache tokens a session is charged: its `batch x max_length` positions (what its cache
@@ -78,7 +104,8 @@ impl CostModel {
         values.saturating_mul(win + HOST + self.elem + self.elem + HOST + 2 * wout)
     }
 
-    /// A session step of `new` tokens per row after `past`, over `blocks` blocks, chunked.
+    /// A session step of `new` tokens per row after `past`, over `blocks` blocks, chunked,
+    /// into a cache that can hold `max_length` positions.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &self,
@@ -88,28 +115,22 @@ impl CostModel {
         blocks: usize,
         wire_in: WireDtype,
         wire_out: WireDtype,
-        prefix_len: usize,
-        lora: bool,
+        session: &SessionShape,
     ) -> u64 {
         let values = (batch * new) as u64 * self.hidden();
-        let scratch = model_cost::chunked_bytes(
-            &self.config,
-            &model_cost::ChunkedShape {
-                batch,
-                new,
-                past,
-                chunk: self.chunk,
-                blocks,
-                elem_bytes: self.elem as usize,
-                lora_rank: if lora { self.lora_rank } else { None },
-                prefix_len,
-            },
-        );
+        let shape = StepShape {
+            lora_rank: if session.lora { self.lora_rank } else { None },
+            prefix_len: session.prefix_len,
+            padded: session.padded,
+            ..self.shape(batch, new, past, blocks)
+        };
+        let scratch = model_cost::chunked_bytes(&self.config, &shape, self.chunk);
         self.io(values, wire_in, wire_out).saturating_add(scratch)
     }
 
-    /// A stateless forward of `[batch, seq]` over `blocks` blocks (its own temporary cache
-    /// included).
+    /// A stateless forward of `[batch, seq]` over `blocks` blocks: chunks through a KV cache
+    /// of `seq` positions that lives as long as the request.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         batch: usize,
@@ -118,26 +139,25 @@ impl CostModel {
         wire_in: WireDtype,
         wire_out: WireDtype,
         prefix_len: usize,
+        padded: bool,
     ) -> u64 {
         let values = (batch * seq) as u64 * self.hidden();
-        let scratch = model_cost::stateless_forward_bytes(
-            &self.config,
-            &model_cost::ChunkedShape {
-                batch,
-                new: seq,
-                past: 0,
-                chunk: self.chunk,
-                blocks,
-                elem_bytes: self.elem as usize,
-                lora_rank: None,
-                prefix_len,
-            },
-        );
-        self.io(values, wire_in, wire_out).saturating_add(scratch)
+        let shape = StepShape {
+            prefix_len,
+            padded,
+            cache_capacity: Some(seq),
+            ..self.shape(batch, seq, 0, blocks)
+        };
+        let cache = model_cost::kv_cache_bytes(&self.config, blocks, batch, seq, self.elem as usize);
+        let scratch = model_cost::chunked_bytes(&self.config, &shape, self.chunk);
+        self.io(values, wire_in, wire_out)
+            .saturating_add(cache)
+            .saturating_add(scratch)
     }
 
     /// A backward of `[batch, seq]` over `blocks` blocks: the input and output gradient in, the
     /// input (and prompt) gradients out, and autodiff's saved activations.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         batch: usize,
@@ -146,22 +166,16 @@ impl CostModel {
         wire_in: WireDtype,
         wire_out: WireDtype,
         prefix_len: usize,
+        padded: bool,
     ) -> u64 {
         let values = (batch * seq) as u64 * self.hidden();
         let prompts = (blocks * prefix_len) as u64 * self.hidden();
-        let scratch = model_cost::backward_bytes(
-            &self.config,
-            &model_cost::ChunkedShape {
-                batch,
-                new: seq,
-                past: 0,
-                chunk: seq.max(1),
-                blocks,
-                elem_bytes: self.elem as usize,
-                lora_rank: None,
-                prefix_len,
-            },
-        );
+        let shape = StepShape {
+            prefix_len,
+            padded,
+            ..self.shape(batch, seq, 0, blocks)
+        };
+        let scratch = model_cost::backward_bytes(&self.config, &shape);
         self.io(values, wire_in, wire_out)
             .saturating_mul(2)
             .saturating_add(self.io(prompts, wire_in, wire_out))
@@ -172,10 +186,11 @@ impl CostModel {
     pub fn logits(&self, positions: usize, wire_in: WireDtype) -> u64 {
         let p = positions as u64;
         let vocab = self.config.vocab_size as u64;
-        let inputs = p * self.hidden() * (wire_in.size() as u64 + HOST + 2 * self.elem);
-        // Logits on the device (and the final norm's output), on the host, encoded, framed.
-        let outputs = p * vocab * (self.elem + HOST + 4 + 4);
-        inputs.saturating_add(outputs)
+        let inputs = p * self.hidden() * (wire_in.size() as u64 + HOST + self.elem);
+        // The head's scratch (its logits on the host as f32 included), then the logits encoded
+        // and framed.
+        let head = model_cost::head_bytes(&self.config, 1, positions, self.elem as usize);
+        inputs.saturating_add(head).saturating_add(p * vocab * 8)
     }
 
     /// Head service: embeddings of `tokens` ids.
@@ -189,76 +204,8 @@ impl CostModel {
     /// The most tokens `cost(tokens)` allows within `capacity` bytes, up to `cap` (`None` if
     /// not even one).
     pub fn largest(capacity: u64, cap: usize, cost: impl Fn(usize) -> u64) -> Option<u64> {
-        if cost(1) > capacity {
-            return None;
-        }
-        let (mut lo, mut hi) = (1usize, cap.max(1));
-        if cost(hi) <= capacity {
-            return Some(hi as u64);
-        }
-        // cost(lo) fits, cost(hi) does not.
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if cost(mid) <= capacity {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Some(lo as u64)
-    }
-}
-
-/// PROVISIONAL stand-in for `shared_model::cost` (being written beside this): the direct
-/// (untiled) attention path's scratch, which over-counts the tiled path.
-mod model_cost {
-    use shared_model::ModelConfig;
-    use shared_model::config::MlpKind;
-
-    pub struct ChunkedShape {
-        pub batch: usize,
-        pub new: usize,
-        pub past: usize,
-        pub chunk: usize,
-        pub blocks: usize,
-        pub elem_bytes: usize,
-        pub lora_rank: Option<usize>,
-        pub prefix_len: usize,
-    }
-
-    pub fn kv_cache_bytes(config: &ModelConfig, blocks: usize, batch: usize, positions: usize, elem: usize) -> u64 {
-        let a = config.attention;
-        (2 * a.num_kv_heads * a.head_dim * blocks * batch * positions * elem) as u64
-    }
-
-    fn step(config: &ModelConfig, batch: usize, new: usize, keys: usize, elem: usize) -> u64 {
-        let h = config.hidden_size;
-        let inter = match config.mlp {
-            MlpKind::Gated { intermediate, .. } | MlpKind::Plain { intermediate, .. } => intermediate,
-            MlpKind::Moe {
-                intermediate, top_k, ..
-            } => intermediate * top_k,
-        };
-        let a = config.attention;
-        let rows = batch * new;
-        let acts = rows * (6 * h + 3 * config.qkv_width() + 4 * inter) * elem;
-        let scores = 3 * batch * a.num_heads * new * keys * elem + batch * new * keys * 4;
-        (acts + scores) as u64 * 2
-    }
-
-    pub fn chunked_bytes(config: &ModelConfig, s: &ChunkedShape) -> u64 {
-        let chunk = s.chunk.min(s.new).max(1);
-        let worst = step(config, s.batch, chunk, s.past + s.new, s.elem_bytes);
-        let out = (2 * s.batch * s.new * config.hidden_size * s.elem_bytes) as u64;
-        worst + out
-    }
-
-    pub fn stateless_forward_bytes(config: &ModelConfig, s: &ChunkedShape) -> u64 {
-        chunked_bytes(config, s) + kv_cache_bytes(config, s.blocks, s.batch, s.new, s.elem_bytes)
-    }
-
-    pub fn backward_bytes(config: &ModelConfig, s: &ChunkedShape) -> u64 {
-        step(config, s.batch, s.new, s.new, s.elem_bytes) * s.blocks as u64 * 2
+        let n = model_cost::largest_within(capacity, cap.max(1), |n| cost(n.max(1)));
+        (n > 0 && cost(n) <= capacity).then_some(n as u64)
     }
 }
 

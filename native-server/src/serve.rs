@@ -196,7 +196,14 @@ where
 
     let limits = server_limits(&config, files.config.max_position_embeddings);
     let elem = config.dtype.bytes();
-    let cost = CostModel::new(&files.config, end - start, elem, limits.chunk_tokens, lora_rank);
+    let cost = CostModel::new(
+        &files.config,
+        end - start,
+        elem,
+        limits.chunk_tokens,
+        lora_rank,
+        span.attention_tiling(),
+    );
     let ceiling = {
         let blocks = (end - start) as u64;
         let mut weights = blocks * span_choice::block_weight_bytes(&files.config, elem, config.quant) as u64;

@@ -17,7 +17,7 @@ use swarm::wire::{WireDtype, WireTensor};
 
 use crate::admission::{MemoryGrant, Ticket};
 use crate::compute::{self, Step};
-use crate::cost::CostModel;
+use crate::cost::{CostModel, SessionShape};
 use crate::hosted::{bad_request, pads, refuse, to_wire};
 use crate::io::{self, IoError};
 use crate::serve::Context;
@@ -30,6 +30,8 @@ struct Opened<B: Backend> {
     reply_dtype: WireDtype,
     prompts: Option<Arc<Tensor<B, 3>>>,
     prefix_len: usize,
+    /// Some row is left-padded.
+    padded: bool,
     adapter: Option<Arc<LoraSpan<B>>>,
 }
 
@@ -104,7 +106,8 @@ where
     .await
     .map_err(io_refusal)?;
 
-    let mut cache: Option<SpanCache<B>> = Some(SpanCache::new(opened.blocks.len(), pad));
+    // Never more than the session was charged for.
+    let mut cache: Option<SpanCache<B>> = Some(SpanCache::with_max_len(opened.blocks.len(), pad, opened.max_length));
     loop {
         let len = match io::read_len(stream, max, limits.session_timeout).await {
             Ok(len) => len,
@@ -241,6 +244,7 @@ fn open<B: Backend>(ctx: &Context<B>, request: SessionRequest) -> Result<(Opened
             reply_dtype,
             prompts,
             prefix_len,
+            padded: pad.iter().any(|&p| p > 0),
             adapter,
         },
         pad,
@@ -275,6 +279,11 @@ where
         return (Some(cache), Err(e), false);
     }
     let past = cache.len;
+    let shape = SessionShape {
+        prefix_len: opened.prefix_len,
+        padded: opened.padded,
+        lora: opened.adapter.is_some(),
+    };
     let cost = |n: usize| {
         ctx.cost.step(
             opened.batch,
@@ -283,8 +292,7 @@ where
             opened.blocks.len(),
             hidden.dtype,
             opened.reply_dtype,
-            opened.prefix_len,
-            opened.adapter.is_some(),
+            &shape,
         )
     };
     let room = (opened.max_length - past).min(ctx.hosted.limits.max_step_tokens / opened.batch);

@@ -92,9 +92,10 @@ where
             let pad = sequence_pads(&pad, batch, seq)?;
             ctx.hosted.check_context(seq)?;
             let prefix = ctx.hosted.prompts_shape(prompts.as_ref(), &blocks)?;
+            let padded = pad.iter().any(|&p| p > 0);
             let cost = |n: usize| {
                 ctx.cost
-                    .forward(batch, n, blocks.len(), hidden.dtype, reply_dtype, prefix)
+                    .forward(batch, n, blocks.len(), hidden.dtype, reply_dtype, prefix, padded)
             };
             memory
                 .fit(cost(seq), &format!("a forward of {batch} x {seq} tokens"), |capacity| {
@@ -108,7 +109,8 @@ where
                 adapter: None,
             };
             drop(hidden);
-            let cache = SpanCache::new(blocks.len(), pad);
+            // The request's own cache, allocated once for the whole sequence and gone with it.
+            let cache = SpanCache::with_max_len(blocks.len(), pad, seq);
             let computing = std::time::Instant::now();
             let ran = compute::chunked(&ctx.hosted, &ctx.admission, peer, cache, step, ctx.cost.chunk_tokens()).await;
             tracing::debug!(%peer, batch, seq, bytes = memory.bytes(), compute_ms = computing.elapsed().as_secs_f64() * 1e3, "forward");
@@ -133,9 +135,10 @@ where
             let pad = sequence_pads(&pad, batch, seq)?;
             ctx.hosted.check_context(seq)?;
             let prefix = ctx.hosted.prompts_shape(prompts.as_ref(), &blocks)?;
+            let padded = pad.iter().any(|&p| p > 0);
             let cost = |n: usize| {
                 ctx.cost
-                    .backward(batch, n, blocks.len(), hidden.dtype, reply_dtype, prefix)
+                    .backward(batch, n, blocks.len(), hidden.dtype, reply_dtype, prefix, padded)
             };
             memory
                 .fit(
