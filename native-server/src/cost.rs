@@ -116,12 +116,14 @@ impl CostModel {
         wire_in: WireDtype,
         wire_out: WireDtype,
         session: &SessionShape,
+        cache_capacity: Option<usize>,
     ) -> u64 {
         let values = (batch * new) as u64 * self.hidden();
         let shape = StepShape {
             lora_rank: if session.lora { self.lora_rank } else { None },
             prefix_len: session.prefix_len,
             padded: session.padded,
+            cache_capacity,
             ..self.shape(batch, new, past, blocks)
         };
         let scratch = model_cost::chunked_bytes(&self.config, &shape, self.chunk);

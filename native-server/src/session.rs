@@ -284,6 +284,8 @@ where
         padded: opened.padded,
         lora: opened.adapter.is_some(),
     };
+    // What the cache holds room for now: a step that fits pays no regrowth.
+    let capacity = cache.layers.first().map(|l| l.capacity());
     let cost = |n: usize| {
         ctx.cost.step(
             opened.batch,
@@ -293,6 +295,7 @@ where
             hidden.dtype,
             opened.reply_dtype,
             &shape,
+            capacity,
         )
     };
     let room = (opened.max_length - past).min(ctx.hosted.limits.max_step_tokens / opened.batch);
