@@ -3,9 +3,11 @@
 
 pub mod codec;
 pub mod dht;
+pub mod dht_store;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod node;
 pub mod protocol;
 pub mod remote;

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::kad::{self, store::MemoryStore};
+use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -19,7 +19,9 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::codec::FrameCodec;
+use crate::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use crate::limits::{ConnectionPolicy, Connections, LimitsError, NetStats, NetStatsSnapshot};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
     SpanRequest, SpanResponse,
@@ -42,12 +44,16 @@ pub enum NodeError {
     Stream { peer: PeerId, reason: String },
     #[error("the node has shut down")]
     Shutdown,
+    #[error("invalid connection limits: {0}")]
+    Limits(#[from] LimitsError),
 }
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    // First: a connection the limits refuse never reaches the other behaviours.
+    connections: Connections,
     relay_client: relay::client::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
     autonat: autonat::Behaviour,
     dcutr: dcutr::Behaviour,
@@ -75,6 +81,11 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// When AutoNAT finds this node unreachable, listen through the bootstrap relays.
     pub auto_relay: bool,
+    /// Connection caps, eviction and which peers are protected from it. Bootstrap peers are
+    /// always protected and exempt from every cap.
+    pub connections: ConnectionPolicy,
+    /// What this node stores for other peers when it serves the DHT.
+    pub dht_store: DhtStoreLimits,
 }
 
 impl NodeConfig {
@@ -88,6 +99,8 @@ impl NodeConfig {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(120),
             auto_relay: false,
+            connections: ConnectionPolicy::default(),
+            dht_store: DhtStoreLimits::default(),
         }
     }
 }
@@ -194,6 +207,7 @@ pub struct Client {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
+    stats: NetStats,
 }
 
 /// Builds the swarm and returns its handle, the inbound request stream and the event loop
@@ -203,6 +217,25 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     let record_ttl = config.record_ttl;
     let request_timeout = config.request_timeout;
     let dht_server = config.dht_server;
+    let stats = NetStats::default();
+    let connections = Connections::new(
+        &config.connections,
+        config.bootstrap.iter().filter_map(peer_of),
+        stats.connections.clone(),
+    )?;
+    tracing::debug!(
+        max_connections = config.connections.max_connections,
+        max_per_peer = config.connections.max_per_peer,
+        hard_cap = config.connections.hard_cap(),
+        memory_ceiling_bytes = ?connections.memory_ceiling_bytes(),
+        "connection limits"
+    );
+    let store = CappedStore::new(
+        config.keypair.public().to_peer_id(),
+        config.dht_store.clone(),
+        stats.dht.clone(),
+    );
+    let idle_timeout = config.connections.idle_timeout;
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone());
     // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay in
@@ -243,8 +276,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 .set_provider_record_ttl(Some(record_ttl))
                 .set_publication_interval(None)
                 .set_provider_publication_interval(None)
-                .set_query_timeout(Duration::from_secs(20));
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+                .set_query_timeout(Duration::from_secs(20))
+                // Other peers' records reach the store only through its ledger (dht_store).
+                .set_record_filtering(kad::StoreInserts::FilterBoth)
+                .set_max_packet_size(KAD_MAX_PACKET_BYTES);
+            let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
             kad.set_mode(Some(if dht_server {
                 kad::Mode::Server
             } else {
@@ -253,6 +289,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
             let max = limits.max_frame_bytes;
             Ok(Behaviour {
+                connections,
                 relay_client,
                 kad,
                 identify: identify::Behaviour::new(
@@ -283,7 +320,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             })
         })
         .map_err(|e| transport_err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build();
 
     for addr in &config.bootstrap {
@@ -340,6 +377,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             peer_id,
             commands,
             control,
+            stats,
         },
         inbound_rx,
         event_loop,
@@ -621,6 +659,9 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_query(id, result, step.last);
             }
+            BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
+                dht_store::admit(&mut self.swarm.behaviour_mut().kad, request);
+            }
             BehaviourEvent::Span(event) => {
                 let inbound = &self.inbound;
                 on_request_response(event, &mut self.pending_span, |peer, request, channel| {
@@ -701,6 +742,11 @@ impl EventLoop {
 impl Client {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// What the connection limits and the DHT store refused, evicted and hold so far.
+    pub fn net_stats(&self) -> NetStatsSnapshot {
+        self.stats.snapshot()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NodeError> {
