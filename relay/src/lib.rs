@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, Write};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -320,6 +321,7 @@ fn build_swarm(
         stats.dht.clone(),
     );
     let idle_timeout = policy.idle_timeout;
+    let dht_providers_per_key = config.dht_store.max_providers_per_key;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -360,6 +362,13 @@ fn build_swarm(
             kad_config
                 .set_record_filtering(kad::StoreInserts::FilterBoth)
                 .set_max_packet_size(KAD_MAX_PACKET_BYTES);
+            // Kad answers a provider lookup with at most `replication_factor` providers (20 by
+            // default), always the same, oldest ones: a client would never see the other
+            // servers of a popular model. The relay answers with every provider it keeps. This
+            // factor also sizes the relay's own queries, and it starts almost none.
+            if let Some(k) = NonZeroUsize::new(dht_providers_per_key.max(kad::K_VALUE.get())) {
+                kad_config.set_replication_factor(k);
+            }
             let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
             // Without a confirmed external address kad would stay in client mode, and the
             // bootstrap node of the DHT must always answer.
@@ -602,7 +611,8 @@ struct RelayProtection {
 }
 
 impl RelayProtection {
-    fn on_relay_event(&mut self, event: &relay::Event) {
+    /// `connected`: whether the event's peer still has a connection to the relay.
+    fn on_relay_event(&mut self, event: &relay::Event, connected: impl Fn(&PeerId) -> bool) {
         use relay::Event as E;
         match event {
             E::ReservationReqAccepted { src_peer_id, .. } => {
@@ -610,7 +620,12 @@ impl RelayProtection {
                     .entry(*src_peer_id)
                     .or_insert_with(|| self.peers.protect(*src_peer_id));
             }
-            E::ReservationTimedOut { src_peer_id } | E::ReservationClosed { src_peer_id } => {
+            E::ReservationTimedOut { src_peer_id } => {
+                self.reservations.remove(src_peer_id);
+            }
+            // libp2p-relay reports this for every closed connection of a peer, reservation or
+            // not: only the peer's last connection ends its reservation.
+            E::ReservationClosed { src_peer_id } if !connected(src_peer_id) => {
                 self.reservations.remove(src_peer_id);
             }
             E::CircuitReqAccepted {
@@ -654,7 +669,7 @@ fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, protection: &mut RelayProtec
             }
         }
         BehaviourEvent::Relay(event) => {
-            protection.on_relay_event(&event);
+            protection.on_relay_event(&event, |peer| swarm.is_connected(peer));
             on_relay_event(event);
         }
         BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
@@ -683,7 +698,9 @@ fn on_relay_event(event: relay::Event) {
             tracing::info!(peer = %src_peer_id, "reservation timed out");
         }
         E::ReservationClosed { src_peer_id } => {
-            tracing::info!(peer = %src_peer_id, "reservation closed");
+            // Also reported for connections that never held a reservation (every closed
+            // connection), so not at info: a connection flood would flood the log.
+            tracing::debug!(peer = %src_peer_id, "reservation closed");
         }
         E::CircuitReqAccepted {
             src_peer_id,

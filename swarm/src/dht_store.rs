@@ -30,10 +30,11 @@ use libp2p::kad::{self, ProviderRecord, Record, RecordKey};
 
 use crate::rt::Instant;
 
-/// Largest Kademlia message a node sends or reads. libp2p's default (16 KiB) cannot carry the
-/// answer to a provider lookup of more than ~100 servers, and a responder whose answer does
-/// not fit sends nothing at all; this carries [`DhtStoreLimits::max_providers_per_key`]
-/// providers with their addresses. Buffers grow with what a peer actually sends, not to this.
+/// Largest Kademlia message a node reads. Only the reader checks it: with libp2p's default
+/// (16 KiB) the answer to a provider lookup of ~150 servers with their addresses is refused
+/// whole and the lookup finds nothing at all (tests/tests/limits.rs shows it). This carries
+/// [`DhtStoreLimits::max_providers_per_key`] providers at 8 addresses each. Buffers grow with
+/// what a peer actually sends, not to this.
 pub const KAD_MAX_PACKET_BYTES: usize = 256 * 1024;
 
 /// What the store holds at most, and for whom.
@@ -49,9 +50,11 @@ pub struct DhtStoreLimits {
     /// Value records in all.
     pub max_records: usize,
     /// Providers kept for one key. Every Corolla server provides `corolla/servers` and
-    /// `corolla/model/<fingerprint>`, so this is how many servers a lookup can find: libp2p's
-    /// default of 20 would hide all but 20 servers of a popular model. 512 still fits one kad
-    /// answer ([`KAD_MAX_PACKET_BYTES`]) at 8 addresses each.
+    /// `corolla/model/<fingerprint>`, so this bounds how many servers a lookup can find:
+    /// libp2p's default of 20 would hide all but 20 servers of a popular model. 512 still fits
+    /// one kad answer ([`KAD_MAX_PACKET_BYTES`]) at 8 addresses each. Kad answers with at most
+    /// its replication factor of them (20 unless raised, as the relay does), so on an
+    /// ordinary DHT server this only bounds what is stored.
     pub max_providers_per_key: usize,
     /// Distinct keys with providers.
     pub max_provider_keys: usize,

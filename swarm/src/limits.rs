@@ -169,7 +169,9 @@ pub struct ConnectionPolicy {
     /// only; ignored in the browser.
     pub memory_ceiling: Option<MemoryCeiling>,
     /// A connection younger than this is never evicted, so a newcomer has time to open its
-    /// session (and become protected) even while an attacker churns connections.
+    /// session (and become protected) even while an attacker churns connections. The price:
+    /// an attacker who opens more than `max_connections / min_evictable_age` connections a
+    /// second keeps every slot young, and newcomers are refused until it slows down.
     pub min_evictable_age: Duration,
     /// A connection with no open stream is closed after this long. Session streams keep a
     /// connection open however long they last (libp2p counts open streams), so this only
@@ -188,7 +190,7 @@ impl Default for ConnectionPolicy {
             max_pending_incoming: 64,
             max_pending_outgoing: 128,
             memory_ceiling: None,
-            min_evictable_age: Duration::from_secs(2),
+            min_evictable_age: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             protect: Protect::none(),
         }

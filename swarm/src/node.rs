@@ -364,6 +364,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         inbound: inbound_tx,
         pending_circuits: circuits,
         fallback_circuits: relays,
+        bootstrap: config
+            .bootstrap
+            .iter()
+            .filter_map(|a| Some((peer_of(a)?, strip_peer(a))))
+            .collect(),
         pending_dials: HashMap::new(),
         pending_queries: HashMap::new(),
         pending_span: HashMap::new(),
@@ -447,6 +452,10 @@ pub struct EventLoop {
     pending_circuits: Vec<Multiaddr>,
     /// Circuits to listen on if AutoNAT says we are behind a NAT.
     fallback_circuits: Vec<Multiaddr>,
+    /// Bootstrap peers and their addresses, put back into the DHT routing table on every
+    /// connection: kad drops a peer whose dial failed (a relay refusing connections under a
+    /// flood), and would otherwise relearn it only after identify, racing the first lookup.
+    bootstrap: Vec<(PeerId, Multiaddr)>,
     pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
     pending_queries: HashMap<kad::QueryId, QueryReply>,
     pending_span: HashMap<OutboundRequestId, Reply<SpanResponse>>,
@@ -567,6 +576,9 @@ impl EventLoop {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                for (peer, addr) in self.bootstrap.iter().filter(|(p, _)| *p == peer_id) {
+                    self.swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+                }
                 if let Some(replies) = self.pending_dials.remove(&peer_id) {
                     for r in replies {
                         let _ = r.send(Ok(()));
