@@ -244,7 +244,7 @@ async fn connection_flood_from_many_identities_does_not_lock_out_a_new_peer() {
     let refused = max_logged(&relay.log(), "refused").unwrap_or(0);
     let established = counts.established.load(Ordering::Relaxed);
     let failed = counts.failed.load(Ordering::Relaxed);
-    println!(
+    eprintln!(
         "connection flood: {total} dials from {ATTACKERS} identities in {flood_time:.1?}: \
          {established} handshakes completed, {failed} failed, {} closed by the relay; relay: peak \
          {peak} established (cap {MAX_CONNECTIONS}), {evicted} evicted, {refused} refused; \
@@ -361,7 +361,7 @@ async fn record_flood_is_capped_per_publisher() {
         Duration::from_secs(5),
     )
     .await;
-    println!(
+    eprintln!(
         "record flood: {FLOOD} puts ({acknowledged} acknowledged) in {flood_time:.1?}; relay holds \
          {stored} records, refused {refused}; {flood_found} of {} sampled flood keys found",
         FLOOD / 25
@@ -467,7 +467,7 @@ async fn providers_of_one_key_are_found_up_to_the_cap() {
     for t in tasks {
         let _ = t.await;
     }
-    println!(
+    eprintln!(
         "{PROVIDERS} providers of one key (8 addresses each): the relay keeps {held}, refused {refused}; \
          a lookup finds {}",
         found.len()
