@@ -70,6 +70,11 @@ async fn swarm(args: &DemoArgs, model: &Path, num_layers: usize, servers: usize,
             max_circuit_bytes: 1 << 30,
             max_reservations: 64,
         },
+        // The demo's relay shares its process with the servers and their weights: no memory
+        // ceiling of its own.
+        connections: swarm::limits::ConnectionPolicy::default(),
+        dht_store: swarm::dht_store::DhtStoreLimits::default(),
+        stats_interval: Duration::from_secs(60),
         record_ttl: Duration::from_secs(120),
         http_listen: Some(SocketAddr::new(ip, args.http_port)),
         web_root: Some(args.web_root.clone()),

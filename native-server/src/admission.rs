@@ -458,6 +458,10 @@ impl Admission {
             pending_streams: pending,
             queued: memory_waiting + compute_waiting,
             running: compute_held,
+            connections: 0,
+            peak_connections: 0,
+            connections_refused: 0,
+            connections_evicted: 0,
         }
     }
 }

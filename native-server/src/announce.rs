@@ -9,7 +9,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use swarm::dht;
 use swarm::node::{Client, InboundEvent};
-use swarm::protocol::{PROTOCOL_VERSION, ServerInfo};
+use swarm::protocol::{PROTOCOL_VERSION, ServerInfo, ServerLoad};
 use tokio::sync::mpsc;
 
 use crate::admission::Admission;
@@ -33,7 +33,14 @@ impl Announcer {
     /// The current info: addresses, free cache and load now, expiring one TTL from now.
     pub async fn info(&self) -> ServerInfo {
         let (addrs, relayed) = announce_addrs(&self.client, self.client.peer_id(), self.relay_only).await;
-        let load = self.admission.load();
+        let net = self.client.net_stats().connections;
+        let load = ServerLoad {
+            connections: net.established,
+            peak_connections: net.peak_established,
+            connections_refused: net.refused,
+            connections_evicted: net.evicted,
+            ..self.admission.load()
+        };
         ServerInfo {
             free_cache_tokens: load.free_cache_tokens,
             relayed,

@@ -2,7 +2,7 @@
 //! protocol's handler under [`Admission`], and announce in the background until shutdown.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -15,6 +15,7 @@ use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, Embeddings, LmHead, to_host};
 use swarm::dht;
+use swarm::limits::{MemoryCeiling, Protect};
 use swarm::node::{self, NodeConfig};
 use swarm::protocol::{HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, SPAN_PROTOCOL, ServerInfo};
 
@@ -69,43 +70,74 @@ pub struct Context<B: Backend> {
     pub head: Option<Arc<HeadParts<B>>>,
 }
 
-/// Where the span sits: `--blocks`, or the weakest window of the swarm for `--num-blocks` (or
-/// as many blocks as the GPU holds).
-async fn choose_blocks<B: Backend>(
+/// How many blocks to serve: `--blocks`, `--num-blocks`, or as many as the GPU holds.
+fn block_count<B: Backend>(files: &ModelFiles, config: &ServerConfig, device: &B::Device) -> Result<usize> {
+    let num_layers = files.config.num_layers;
+    let n = match (config.blocks, config.num_blocks) {
+        (Some((a, b)), _) => {
+            if b > num_layers {
+                bail!("--blocks {a}:{b} is outside the model's {num_layers} blocks");
+            }
+            b - a
+        }
+        (None, Some(n)) => n,
+        (None, None) => fill_memory::<B>(&files.config, config, device)?,
+    };
+    Ok(n.min(num_layers))
+}
+
+/// Where the span of `count` blocks sits: `--blocks`, or the weakest window of the swarm.
+async fn choose_blocks(
     files: &ModelFiles,
     config: &ServerConfig,
     client: &node::Client,
     model_fp: &str,
-    device: &B::Device,
-) -> Result<(usize, usize)> {
-    let num_layers = files.config.num_layers;
-    let num_blocks = match (config.blocks, config.num_blocks) {
-        (None, None) => Some(fill_memory::<B>(&files.config, config, device)?),
-        (_, n) => n,
-    };
-    let (start, end) = match (config.blocks, num_blocks) {
-        (Some((a, b)), _) => (a, b),
-        (None, Some(n)) => {
-            // Let the DHT settle before reading it: the bootstrap connection is fresh.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let servers = dht::discover(client, model_fp, Duration::from_secs(5))
-                .await
-                .unwrap_or_default();
-            let start = span_choice::choose_start(&span_choice::block_throughputs(num_layers, &servers), n);
-            tracing::info!(
-                start,
-                end = start + n.min(num_layers),
-                known_servers = servers.len(),
-                "chose blocks"
-            );
-            (start, (start + n).min(num_layers))
-        }
-        (None, None) => bail!("give --blocks or --num-blocks"),
-    };
-    if end > num_layers {
-        bail!("--blocks {start}:{end} is outside the model's {num_layers} blocks");
+    count: usize,
+) -> (usize, usize) {
+    if let Some(blocks) = config.blocks {
+        return blocks;
     }
-    Ok((start, end))
+    let num_layers = files.config.num_layers;
+    // Let the DHT settle before reading it: the bootstrap connection is fresh.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let servers = dht::discover(client, model_fp, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    let start = span_choice::choose_start(&span_choice::block_throughputs(num_layers, &servers), count);
+    tracing::info!(
+        start,
+        end = start + count,
+        known_servers = servers.len(),
+        "chose blocks"
+    );
+    (start, (start + count).min(num_layers))
+}
+
+/// The memory ceiling, from the flags and the model before anything is loaded.
+fn ceiling(files: &ModelFiles, config: &ServerConfig, limits: &ServerLimits, blocks: usize, bundle: u64) -> Ceiling {
+    let model = &files.config;
+    let elem = config.dtype.bytes();
+    let mut weights = blocks as u64 * span_choice::block_weight_bytes(model, elem, config.quant) as u64;
+    if config.serve_head {
+        weights += 2 * (model.vocab_size * model.hidden_size * elem) as u64;
+    }
+    // LoRA adapters: their files, read as f32 on the host and uploaded.
+    let adapters: u64 = config
+        .adapters
+        .iter()
+        .map(|dir| std::fs::metadata(dir.join("adapter_model.safetensors")).map_or(0, |m| m.len()))
+        .sum();
+    let kv = limits
+        .cache_tokens
+        .saturating_mul(shared_model::cost::kv_cache_bytes(model, blocks, 1, 1, elem));
+    Ceiling::new(
+        limits,
+        config.max_connections,
+        config.backend == BackendKind::Cpu,
+        weights + 4 * adapters,
+        kv,
+        bundle,
+    )
 }
 
 /// The server's limits: the flags, with per-peer defaults that need the model's context.
@@ -153,6 +185,17 @@ where
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
 
+    let count = block_count::<B>(&files, &config, &device)?;
+    // Built before the node starts: its bytes are part of the memory ceiling.
+    let bundle = match config.http_listen {
+        Some(addr) => {
+            Some(crate::bundle::serve(&files, &model_name, &model_fp, addr, config.http_url.as_deref()).await?)
+        }
+        None => None,
+    };
+    let limits = server_limits(&config, files.config.max_position_embeddings);
+    let ceiling = ceiling(&files, &config, &limits, count, bundle.as_ref().map_or(0, |b| b.bytes));
+
     let keypair = match &config.identity {
         Some(path) => swarm::identity::load_or_create(path)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
@@ -161,17 +204,27 @@ where
         .listen
         .iter()
         .all(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
+    // Peers that hold a session or a request here keep their connections when a flood fills
+    // the connection limit (the admission is set once the span is loaded).
+    let admission_cell: Arc<OnceLock<Arc<Admission>>> = Arc::default();
     let mut node_config = NodeConfig::new(keypair);
     node_config.listen = config.listen.clone();
     node_config.bootstrap = config.initial_peers.clone();
     node_config.dht_server = !relay_only;
     node_config.record_ttl = config.announce_ttl;
     node_config.auto_relay = !relay_only;
+    node_config.connections.max_connections = config.max_connections;
+    node_config.connections.max_per_peer = config.max_connections_per_peer.min(config.max_connections);
+    node_config.connections.memory_ceiling = Some(MemoryCeiling::Bytes(ceiling.total() as usize));
+    node_config.connections.protect = {
+        let cell = admission_cell.clone();
+        Protect::new(move |peer| cell.get().is_some_and(|a| a.holds(peer)))
+    };
     let (client, inbound, event_loop) = node::start(node_config)?;
     let event_loop = tokio::spawn(event_loop.run());
     let peer_id = client.peer_id();
 
-    let (start, end) = choose_blocks::<B>(&files, &config, &client, &model_fp, &device).await?;
+    let (start, end) = choose_blocks(&files, &config, &client, &model_fp, count).await;
     let span = BlockSpan::<B>::load(&files.config, files.weights.as_ref(), start..end, &device)
         .context("cannot load the blocks")?;
     let head = if config.serve_head {
@@ -184,17 +237,10 @@ where
     } else {
         None
     };
-    let bundle = match config.http_listen {
-        Some(addr) => {
-            Some(crate::bundle::serve(&files, &model_name, &model_fp, addr, config.http_url.as_deref()).await?)
-        }
-        None => None,
-    };
-    let (adapters, adapter_bytes, lora_rank) = load_adapters::<B>(&config, &files, start..end, &device)?;
+    let (adapters, lora_rank) = load_adapters::<B>(&config, &files, start..end, &device)?;
     let throughput = measure_throughput(&span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, quant = ?config.quant, "serving");
 
-    let limits = server_limits(&config, files.config.max_position_embeddings);
     let elem = config.dtype.bytes();
     let cost = CostModel::new(
         &files.config,
@@ -204,22 +250,6 @@ where
         lora_rank,
         span.attention_tiling(),
     );
-    let ceiling = {
-        let blocks = (end - start) as u64;
-        let mut weights = blocks * span_choice::block_weight_bytes(&files.config, elem, config.quant) as u64;
-        if head.is_some() {
-            weights += 2 * (files.config.vocab_size * files.config.hidden_size * elem) as u64;
-        }
-        let kv = limits.cache_tokens.saturating_mul(cost.kv_bytes_per_token());
-        Ceiling::new(
-            &limits,
-            config.max_connections,
-            config.backend == BackendKind::Cpu,
-            weights + adapter_bytes,
-            kv,
-            bundle.as_ref().map_or(0, |b| b.bytes),
-        )
-    };
     ceiling.log();
     tracing::info!(
         max_sessions = limits.max_sessions,
@@ -232,6 +262,7 @@ where
         "budgets"
     );
     let admission = Admission::new(limits);
+    let _ = admission_cell.set(admission.clone());
     let template = ServerInfo {
         peer_id: peer_id.to_string(),
         model: model_fp.clone(),
@@ -291,16 +322,16 @@ where
     Ok(())
 }
 
-/// The LoRA adapters of `--adapters`, their host bytes and the largest fused rank.
+/// The LoRA adapters of `--adapters` and the largest fused rank.
 #[allow(clippy::type_complexity)]
 fn load_adapters<B: Backend>(
     config: &ServerConfig,
     files: &ModelFiles,
     blocks: std::ops::Range<usize>,
     device: &B::Device,
-) -> Result<(Vec<(String, Arc<LoraSpan<B>>)>, u64, Option<usize>)> {
+) -> Result<(Vec<(String, Arc<LoraSpan<B>>)>, Option<usize>)> {
     let mut adapters: Vec<(String, Arc<LoraSpan<B>>)> = Vec::new();
-    let (mut bytes, mut rank) = (0u64, None::<usize>);
+    let mut rank = None::<usize>;
     for path in &config.adapters {
         let adapter = LoraAdapter::load(path, &files.config, blocks.clone())
             .with_context(|| format!("cannot load adapter {}", path.display()))?;
@@ -313,13 +344,12 @@ fn load_adapters<B: Backend>(
             .flat_map(|b| [&b.qkv, &b.out, &b.gate_up, &b.down])
             .flatten()
         {
-            bytes += 4 * (pair.a.data.len() + pair.b.data.len()) as u64;
             rank = Some(rank.unwrap_or(0).max(pair.a.shape[0]));
         }
         tracing::info!(name = %adapter.name, "loaded LoRA adapter");
         adapters.push((adapter.name.clone(), Arc::new(adapter.to_device(device))));
     }
-    Ok((adapters, bytes, rank))
+    Ok((adapters, rank))
 }
 
 /// Which protocol a stream speaks.

@@ -3,9 +3,10 @@
 //! Besides TCP and QUIC it listens on WebRTC-direct, the one transport a browser can dial
 //! without a CA-signed TLS certificate: browsers find it by its `/certhash/` address.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, Write};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,13 +14,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, noise, ping, relay, tcp, yamux};
 use libp2p_webrtc::tokio::Certificate;
+use swarm::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use swarm::http;
 use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use swarm::limits::{ConnectionPolicy, Connections, MemoryCeiling, NetStats, ProtectedPeers, Protection};
 
 /// Command line of the `relay` binary.
 #[derive(Debug, clap::Parser)]
@@ -66,6 +68,32 @@ pub struct Cli {
     /// How long DHT provider records stored here live without being re-announced.
     #[arg(long, default_value_t = 900)]
     pub record_ttl_secs: u64,
+    /// Established connections beyond which a new one evicts the oldest idle connection
+    /// (peers holding a reservation or a circuit are never evicted).
+    #[arg(long, default_value_t = 2048)]
+    pub max_connections: u32,
+    /// Established connections one peer id may hold.
+    #[arg(long, default_value_t = 8)]
+    pub max_connections_per_peer: u32,
+    /// Incoming connections still in their handshake.
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_connections: u32,
+    /// New connections are refused while the relay's resident memory is above this
+    /// [default: half the machine's memory].
+    #[arg(long, value_name = "BYTES")]
+    pub max_memory_bytes: Option<usize>,
+    /// DHT records and provider records stored for one peer.
+    #[arg(long, default_value_t = 64)]
+    pub max_records_per_peer: usize,
+    /// Bytes of DHT records and provider records stored in all.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_dht_bytes: usize,
+    /// Providers stored per DHT key: how many servers of one model a lookup can find.
+    #[arg(long, default_value_t = 512)]
+    pub max_providers_per_key: usize,
+    /// Log the connection and DHT counters this often (when they changed).
+    #[arg(long, default_value_t = 60)]
+    pub stats_interval_secs: u64,
     /// Serve HTTP on this address (e.g. 0.0.0.0:8080): the browsers' bootstrap addresses at
     /// /corolla/v1/bootstrap.json, and the chat page if --web-root is given.
     #[arg(long, value_name = "ADDR")]
@@ -83,6 +111,9 @@ pub struct RelayConfig {
     pub identity: Option<PathBuf>,
     pub addr_file: Option<PathBuf>,
     pub limits: RelayLimits,
+    pub connections: ConnectionPolicy,
+    pub dht_store: DhtStoreLimits,
+    pub stats_interval: Duration,
     pub record_ttl: Duration,
     pub http_listen: Option<std::net::SocketAddr>,
     pub web_root: Option<PathBuf>,
@@ -134,6 +165,37 @@ impl TryFrom<Cli> for RelayConfig {
         if cli.max_circuit_bytes == 0 {
             bail!("--max-circuit-bytes must be at least 1");
         }
+        let connections = ConnectionPolicy {
+            max_connections: cli.max_connections,
+            max_per_peer: cli.max_connections_per_peer,
+            max_pending_incoming: cli.max_pending_connections,
+            max_pending_outgoing: cli.max_pending_connections,
+            memory_ceiling: Some(match cli.max_memory_bytes {
+                Some(bytes) => MemoryCeiling::Bytes(bytes),
+                None => MemoryCeiling::FractionOfRam(0.5),
+            }),
+            ..ConnectionPolicy::default()
+        };
+        connections.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "--max-connections, --max-connections-per-peer, --max-pending-connections, --max-memory-bytes: {e}"
+            )
+        })?;
+        if cli.max_records_per_peer == 0 || cli.max_dht_bytes == 0 || cli.max_providers_per_key == 0 {
+            bail!("--max-records-per-peer, --max-dht-bytes and --max-providers-per-key must be at least 1");
+        }
+        if cli.stats_interval_secs == 0 {
+            bail!("--stats-interval-secs must be at least 1");
+        }
+        let dht_store = DhtStoreLimits {
+            max_records_per_peer: cli.max_records_per_peer,
+            max_total_bytes: cli.max_dht_bytes,
+            max_providers_per_key: cli.max_providers_per_key,
+            // The relay is every swarm's bootstrap node: room for many servers' records.
+            max_records: 65_536,
+            max_provider_keys: 65_536,
+            ..DhtStoreLimits::default()
+        };
         Ok(Self {
             listen,
             external_addrs,
@@ -146,6 +208,9 @@ impl TryFrom<Cli> for RelayConfig {
                 max_circuit_bytes: cli.max_circuit_bytes,
                 max_reservations: cli.max_reservations,
             },
+            connections,
+            dht_store,
+            stats_interval: Duration::from_secs(cli.stats_interval_secs),
             record_ttl: Duration::from_secs(cli.record_ttl_secs.max(1)),
             http_listen: cli.http_listen,
             web_root: cli.web_root,
@@ -163,8 +228,10 @@ fn parse_addr(flag: &str, s: &str) -> anyhow::Result<Multiaddr> {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    // First: a connection the limits refuse never reaches the other behaviours.
+    connections: Connections,
     relay: relay::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
     autonat: autonat::Behaviour,
     ping: ping::Behaviour,
@@ -225,9 +292,36 @@ pub fn load_or_create_certificate(path: &Path) -> Result<Certificate, Certificat
     }
 }
 
-fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig) -> anyhow::Result<Swarm<Behaviour>> {
+fn build_swarm(
+    keypair: Keypair,
+    certificate: Certificate,
+    config: &RelayConfig,
+    stats: &NetStats,
+    protected: &ProtectedPeers,
+) -> anyhow::Result<Swarm<Behaviour>> {
     let limits = config.limits.clone();
     let record_ttl = config.record_ttl;
+    let policy = ConnectionPolicy {
+        protect: protected.predicate(),
+        ..config.connections.clone()
+    };
+    let connections = Connections::new(&policy, [], stats.connections.clone())?;
+    tracing::info!(
+        max_connections = policy.max_connections,
+        max_per_peer = policy.max_per_peer,
+        hard_cap = policy.hard_cap(),
+        memory_ceiling_bytes = ?connections.memory_ceiling_bytes(),
+        max_records_per_peer = config.dht_store.max_records_per_peer,
+        max_dht_bytes = config.dht_store.max_total_bytes,
+        "connection and DHT limits"
+    );
+    let store = CappedStore::new(
+        keypair.public().to_peer_id(),
+        config.dht_store.clone(),
+        stats.dht.clone(),
+    );
+    let idle_timeout = policy.idle_timeout;
+    let dht_providers_per_key = config.dht_store.max_providers_per_key;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
@@ -264,16 +358,17 @@ fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig)
             // to it (each new one still triggers kad's automatic bootstrap). Periodic self-lookups
             // would only warn "no known peers" every 5 minutes while it is alone.
             kad_config.set_periodic_bootstrap_interval(None);
-            let store = MemoryStore::with_config(
-                peer_id,
-                MemoryStoreConfig {
-                    max_records: 65_536,
-                    // Every server of a model provides the same key; libp2p's default of 20
-                    // would hide all but 20 servers of a popular model.
-                    max_providers_per_key: 4096,
-                    ..Default::default()
-                },
-            );
+            // Other peers' records reach the store only through its ledger (dht_store).
+            kad_config
+                .set_record_filtering(kad::StoreInserts::FilterBoth)
+                .set_max_packet_size(KAD_MAX_PACKET_BYTES);
+            // Kad answers a provider lookup with at most `replication_factor` providers (20 by
+            // default), always the same, oldest ones: a client would never see the other
+            // servers of a popular model. The relay answers with every provider it keeps. This
+            // factor also sizes the relay's own queries, and it starts almost none.
+            if let Some(k) = NonZeroUsize::new(dht_providers_per_key.max(kad::K_VALUE.get())) {
+                kad_config.set_replication_factor(k);
+            }
             let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
             // Without a confirmed external address kad would stay in client mode, and the
             // bootstrap node of the DHT must always answer.
@@ -297,6 +392,7 @@ fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig)
             );
 
             Behaviour {
+                connections,
                 relay: relay::Behaviour::new(peer_id, relay_config),
                 kad,
                 identify,
@@ -305,7 +401,7 @@ fn build_swarm(keypair: Keypair, certificate: Certificate, config: &RelayConfig)
             }
         })
         .context("cannot build the relay behaviour")?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build();
     Ok(swarm)
 }
@@ -329,7 +425,9 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
             (Keypair::generate_ed25519(), generate_certificate()?)
         }
     };
-    let mut swarm = build_swarm(keypair, certificate, &config)?;
+    let stats = NetStats::default();
+    let mut protection = RelayProtection::default();
+    let mut swarm = build_swarm(keypair, certificate, &config, &stats, &protection.peers)?;
     let local_peer_id = *swarm.local_peer_id();
     tracing::info!(peer_id = %local_peer_id, "relay starting");
 
@@ -353,9 +451,20 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
     let mut listen_addrs: BTreeSet<Multiaddr> = BTreeSet::new();
     let shutdown = std::pin::pin!(shutdown);
     let mut shutdown = shutdown;
+    let mut stats_tick = tokio::time::interval(config.stats_interval);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_stats = stats.snapshot();
     loop {
         let event = tokio::select! {
             () = &mut shutdown => break,
+            _ = stats_tick.tick() => {
+                let now = stats.snapshot();
+                if now != last_stats {
+                    log_stats(&now);
+                    last_stats = now;
+                }
+                continue;
+            }
             event = swarm.select_next_some() => event,
         };
         match event {
@@ -416,10 +525,11 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
             } => {
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
-            SwarmEvent::Behaviour(event) => on_behaviour_event(&mut swarm, event),
+            SwarmEvent::Behaviour(event) => on_behaviour_event(&mut swarm, &mut protection, event),
             _ => {}
         }
     }
+    log_stats(&stats.snapshot());
     tracing::info!("relay shutting down");
     if let Some(task) = http {
         task.abort();
@@ -477,7 +587,76 @@ async fn start_http(
     Ok(tokio::spawn(http::serve(listener, handler)))
 }
 
-fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, event: BehaviourEvent) {
+fn log_stats(s: &swarm::limits::NetStatsSnapshot) {
+    tracing::info!(
+        established = s.connections.established,
+        peak_established = s.connections.peak_established,
+        refused = s.connections.refused,
+        evicted = s.connections.evicted,
+        dht_records = s.dht.records,
+        dht_providers = s.dht.providers,
+        dht_bytes = s.dht.bytes,
+        dht_refused = s.dht.refused,
+        "limits"
+    );
+}
+
+/// Peers the relay never evicts: those holding a reservation (servers behind NAT, reachable
+/// only through it) and both ends of every open circuit.
+#[derive(Default)]
+struct RelayProtection {
+    peers: ProtectedPeers,
+    reservations: HashMap<PeerId, Protection>,
+    circuits: HashMap<(PeerId, PeerId), Vec<[Protection; 2]>>,
+}
+
+impl RelayProtection {
+    /// `connected`: whether the event's peer still has a connection to the relay.
+    fn on_relay_event(&mut self, event: &relay::Event, connected: impl Fn(&PeerId) -> bool) {
+        use relay::Event as E;
+        match event {
+            E::ReservationReqAccepted { src_peer_id, .. } => {
+                self.reservations
+                    .entry(*src_peer_id)
+                    .or_insert_with(|| self.peers.protect(*src_peer_id));
+            }
+            E::ReservationTimedOut { src_peer_id } => {
+                self.reservations.remove(src_peer_id);
+            }
+            // libp2p-relay reports this for every closed connection of a peer, reservation or
+            // not: only the peer's last connection ends its reservation.
+            E::ReservationClosed { src_peer_id } if !connected(src_peer_id) => {
+                self.reservations.remove(src_peer_id);
+            }
+            E::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                let pair = [self.peers.protect(*src_peer_id), self.peers.protect(*dst_peer_id)];
+                self.circuits
+                    .entry((*src_peer_id, *dst_peer_id))
+                    .or_default()
+                    .push(pair);
+            }
+            E::CircuitClosed {
+                src_peer_id,
+                dst_peer_id,
+                ..
+            } => {
+                let key = (*src_peer_id, *dst_peer_id);
+                if let Some(open) = self.circuits.get_mut(&key) {
+                    open.pop();
+                    if open.is_empty() {
+                        self.circuits.remove(&key);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, protection: &mut RelayProtection, event: BehaviourEvent) {
     match event {
         BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
             tracing::debug!(%peer_id, agent = %info.agent_version, addrs = ?info.listen_addrs, "identified peer");
@@ -489,7 +668,13 @@ fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, event: BehaviourEvent) {
                 }
             }
         }
-        BehaviourEvent::Relay(event) => on_relay_event(event),
+        BehaviourEvent::Relay(event) => {
+            protection.on_relay_event(&event, |peer| swarm.is_connected(peer));
+            on_relay_event(event);
+        }
+        BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
+            dht_store::admit(&mut swarm.behaviour_mut().kad, request);
+        }
         BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, is_new_peer, .. }) => {
             tracing::debug!(%peer, is_new_peer, "kad routing table updated");
         }
@@ -513,7 +698,9 @@ fn on_relay_event(event: relay::Event) {
             tracing::info!(peer = %src_peer_id, "reservation timed out");
         }
         E::ReservationClosed { src_peer_id } => {
-            tracing::info!(peer = %src_peer_id, "reservation closed");
+            // Also reported for connections that never held a reservation (every closed
+            // connection), so not at info: a connection flood would flood the log.
+            tracing::debug!(peer = %src_peer_id, "reservation closed");
         }
         E::CircuitReqAccepted {
             src_peer_id,
@@ -609,6 +796,34 @@ mod tests {
         assert_eq!(c.limits.max_circuit_duration, Duration::from_secs(3600));
         assert_eq!(c.limits.max_circuit_bytes, 1 << 30);
         assert!(c.identity.is_none() && c.addr_file.is_none());
+        assert_eq!(c.connections.max_connections, 2048);
+        assert_eq!(c.connections.max_per_peer, 8);
+        assert_eq!(c.connections.memory_ceiling, Some(MemoryCeiling::FractionOfRam(0.5)));
+        assert_eq!(c.dht_store.max_records_per_peer, 64);
+        assert_eq!(c.dht_store.max_total_bytes, 64 << 20);
+        assert_eq!(c.dht_store.max_providers_per_key, 512);
+    }
+
+    #[test]
+    fn connection_and_dht_flags() {
+        let c = config(&[
+            "--max-connections",
+            "100",
+            "--max-connections-per-peer",
+            "2",
+            "--max-memory-bytes",
+            "1000000",
+            "--max-records-per-peer",
+            "5",
+            "--max-dht-bytes",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(c.connections.max_connections, 100);
+        assert_eq!(c.connections.max_per_peer, 2);
+        assert_eq!(c.connections.memory_ceiling, Some(MemoryCeiling::Bytes(1_000_000)));
+        assert_eq!(c.dht_store.max_records_per_peer, 5);
+        assert_eq!(c.dht_store.max_total_bytes, 4096);
     }
 
     #[test]
@@ -630,6 +845,12 @@ mod tests {
         assert!(config(&["--max-circuit-duration-secs", "0"]).is_err());
         assert!(config(&["--max-circuit-duration-secs", "99999999999"]).is_err());
         assert!(config(&["--max-circuits", "0"]).is_err());
+        assert!(config(&["--max-connections", "0"]).is_err());
+        let e = config(&["--max-connections", "4", "--max-connections-per-peer", "8"]).unwrap_err();
+        assert!(format!("{e:#}").contains("--max-connections"), "{e:#}");
+        assert!(config(&["--max-memory-bytes", "0"]).is_err());
+        assert!(config(&["--max-records-per-peer", "0"]).is_err());
+        assert!(config(&["--max-dht-bytes", "0"]).is_err());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! the tensor wire format, DHT records, and the swarm event loop with its client handle.
 
 pub mod dht;
+pub mod dht_store;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod node;
 pub mod protocol;
 pub mod remote;

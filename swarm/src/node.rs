@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use libp2p::kad::{self, store::MemoryStore};
+use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -18,7 +18,9 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use crate::limits::{ConnectionPolicy, Connections, LimitsError, NetStats, NetStatsSnapshot};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
     SpanRequest, SpanResponse,
@@ -41,12 +43,16 @@ pub enum NodeError {
     Stream { peer: PeerId, reason: String },
     #[error("the node has shut down")]
     Shutdown,
+    #[error("invalid connection limits: {0}")]
+    Limits(#[from] LimitsError),
 }
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    // First: a connection the limits refuse never reaches the other behaviours.
+    connections: Connections,
     relay_client: relay::client::Behaviour,
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
     autonat: autonat::Behaviour,
     dcutr: dcutr::Behaviour,
@@ -72,6 +78,11 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// When AutoNAT finds this node unreachable, listen through the bootstrap relays.
     pub auto_relay: bool,
+    /// Connection caps, eviction and which peers are protected from it. Bootstrap peers are
+    /// always protected and exempt from every cap.
+    pub connections: ConnectionPolicy,
+    /// What this node stores for other peers when it serves the DHT.
+    pub dht_store: DhtStoreLimits,
 }
 
 impl NodeConfig {
@@ -85,6 +96,8 @@ impl NodeConfig {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(120),
             auto_relay: false,
+            connections: ConnectionPolicy::default(),
+            dht_store: DhtStoreLimits::default(),
         }
     }
 }
@@ -165,6 +178,7 @@ pub struct Client {
     commands: mpsc::Sender<Command>,
     control: libp2p_stream::Control,
     limits: Limits,
+    stats: NetStats,
 }
 
 /// Builds the swarm and returns its handle, the inbound request stream and the event loop
@@ -174,6 +188,25 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     let record_ttl = config.record_ttl;
     let request_timeout = config.request_timeout;
     let dht_server = config.dht_server;
+    let stats = NetStats::default();
+    let connections = Connections::new(
+        &config.connections,
+        config.bootstrap.iter().filter_map(peer_of),
+        stats.connections.clone(),
+    )?;
+    tracing::debug!(
+        max_connections = config.connections.max_connections,
+        max_per_peer = config.connections.max_per_peer,
+        hard_cap = config.connections.hard_cap(),
+        memory_ceiling_bytes = ?connections.memory_ceiling_bytes(),
+        "connection limits"
+    );
+    let store = CappedStore::new(
+        config.keypair.public().to_peer_id(),
+        config.dht_store.clone(),
+        stats.dht.clone(),
+    );
+    let idle_timeout = config.connections.idle_timeout;
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone());
     // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay in
@@ -186,16 +219,12 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             .map_err(|e| NodeError::Transport(format!("cannot generate a WebRTC certificate: {e}")))?;
         builder
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)
             .map_err(|e| transport_err(&e))?
             .with_quic()
             .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))
             .map_err(|e| transport_err(&e))?
-            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .with_relay_client(noise::Config::new, yamux_config)
             .map_err(|e| transport_err(&e))?
     };
     #[cfg(target_arch = "wasm32")]
@@ -203,7 +232,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         .with_wasm_bindgen()
         .with_other_transport(|key| libp2p::webrtc_websys::Transport::new(libp2p::webrtc_websys::Config::new(key)))
         .map_err(|e| transport_err(&e))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_relay_client(noise::Config::new, yamux_config)
         .map_err(|e| transport_err(&e))?;
     let mut swarm = builder
         .with_behaviour(|key, relay_client| {
@@ -214,8 +243,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
                 .set_provider_record_ttl(Some(record_ttl))
                 .set_publication_interval(None)
                 .set_provider_publication_interval(None)
-                .set_query_timeout(Duration::from_secs(20));
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+                .set_query_timeout(Duration::from_secs(20))
+                // Other peers' records reach the store only through its ledger (dht_store).
+                .set_record_filtering(kad::StoreInserts::FilterBoth)
+                .set_max_packet_size(KAD_MAX_PACKET_BYTES);
+            let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
             kad.set_mode(Some(if dht_server {
                 kad::Mode::Server
             } else {
@@ -223,6 +255,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             }));
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
             Ok(Behaviour {
+                connections,
                 relay_client,
                 kad,
                 identify: identify::Behaviour::new(
@@ -243,7 +276,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             })
         })
         .map_err(|e| transport_err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
         .build();
 
     for addr in &config.bootstrap {
@@ -287,6 +320,11 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         inbound: inbound_tx,
         pending_circuits: circuits,
         fallback_circuits: relays,
+        bootstrap: config
+            .bootstrap
+            .iter()
+            .filter_map(|a| Some((peer_of(a)?, strip_peer(a))))
+            .collect(),
         pending_dials: HashMap::new(),
         pending_queries: HashMap::new(),
         pending_info: HashMap::new(),
@@ -299,10 +337,22 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             commands,
             control,
             limits,
+            stats,
         },
         inbound_rx,
         event_loop,
     ))
+}
+
+/// Streams one connection may have open at once. A client needs a few (a session and a
+/// request or two per server); each stream may buffer Yamux's 256 KiB window of unread data,
+/// so this bounds what one connection can make a server hold.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 128;
+
+fn yamux_config() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
+    config
 }
 
 /// Peer id at the end of an address, if any.
@@ -368,6 +418,10 @@ pub struct EventLoop {
     pending_circuits: Vec<Multiaddr>,
     /// Circuits to listen on if AutoNAT says we are behind a NAT.
     fallback_circuits: Vec<Multiaddr>,
+    /// Bootstrap peers and their addresses, put back into the DHT routing table on every
+    /// connection: kad drops a peer whose dial failed (a relay refusing connections under a
+    /// flood), and would otherwise relearn it only after identify, racing the first lookup.
+    bootstrap: Vec<(PeerId, Multiaddr)>,
     pending_dials: HashMap<PeerId, Vec<Reply<()>>>,
     pending_queries: HashMap<kad::QueryId, QueryReply>,
     pending_info: HashMap<OutboundRequestId, Reply<ServerInfo>>,
@@ -472,6 +526,9 @@ impl EventLoop {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                for (peer, addr) in self.bootstrap.iter().filter(|(p, _)| *p == peer_id) {
+                    self.swarm.behaviour_mut().kad.add_address(peer, addr.clone());
+                }
                 if let Some(replies) = self.pending_dials.remove(&peer_id) {
                     for r in replies {
                         let _ = r.send(Ok(()));
@@ -564,6 +621,9 @@ impl EventLoop {
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { id, result, step, .. }) => {
                 self.on_query(id, result, step.last);
             }
+            BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
+                dht_store::admit(&mut self.swarm.behaviour_mut().kad, request);
+            }
             BehaviourEvent::Info(event) => {
                 let inbound = &self.inbound;
                 on_request_response(event, &mut self.pending_info, |peer, _, channel| {
@@ -628,6 +688,11 @@ impl EventLoop {
 impl Client {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// What the connection limits and the DHT store refused, evicted and hold so far.
+    pub fn net_stats(&self) -> NetStatsSnapshot {
+        self.stats.snapshot()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, NodeError> {

@@ -292,4 +292,14 @@ pub struct ServerLoad {
     /// Requests waiting for memory or compute, and running.
     pub queued: u32,
     pub running: u32,
+    /// Connections open now, the most at once, and those refused or evicted by the limits
+    /// since start.
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default)]
+    pub peak_connections: u64,
+    #[serde(default)]
+    pub connections_refused: u64,
+    #[serde(default)]
+    pub connections_evicted: u64,
 }

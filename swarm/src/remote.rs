@@ -197,15 +197,22 @@ impl RemoteChain {
         HopSession::open(&self.client, peer, hop.start, hop.end, spec).await
     }
 
-    /// [`Self::open`], asking a busy server again a few times before it counts as failed.
+    /// [`Self::open`], asking a busy server again a few times, and dialing again a server
+    /// that refused the connection (a server under a connection flood refuses some dials), before
+    /// it counts as failed.
     async fn open_patiently(&self, hop: &Hop, spec: &SessionSpec) -> Result<HopSession, SessionError> {
-        let mut busy = 0;
+        let (mut busy, mut unreachable) = (0, 0);
         loop {
             match self.open(hop, spec).await {
                 Err(e) if matches!(refusal(&e), Refusal::Busy) && busy < BUSY_RETRIES => {
                     busy += 1;
                     tracing::debug!(peer = %hop.peer, attempt = busy, error = %e, "server busy; asking again");
                     crate::rt::sleep(Duration::from_millis(250) * 2u32.pow(busy)).await;
+                }
+                Err(e @ SessionError::Node(_)) if unreachable < DIAL_RETRIES => {
+                    unreachable += 1;
+                    tracing::debug!(peer = %hop.peer, attempt = unreachable, error = %e, "server unreachable; dialing again");
+                    crate::rt::sleep(Duration::from_millis(150) * 2u32.pow(unreachable)).await;
                 }
                 other => return other,
             }
@@ -371,6 +378,9 @@ impl RemoteChain {
 
 /// How many times a busy server is asked again before it counts as failed.
 const BUSY_RETRIES: u32 = 4;
+/// How many times a server that refused a connection (or a stream) is dialed again when a
+/// session opens.
+const DIAL_RETRIES: u32 = 4;
 
 /// A hop failed part-way through a piece.
 struct PieceFailure {
