@@ -110,7 +110,11 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`. BOS/EOS ids are not part of that file; set them
     /// with [`Tokenizer::with_special_ids`] from the model config.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+        let json = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let inner = parse_json(&json).map_err(|source| TokenizerError::Load {
             path: path.to_path_buf(),
             source,
         })?;
@@ -124,7 +128,7 @@ impl Tokenizer {
 
     /// Parses a `tokenizer.json` held in memory (what [`Tokenizer::to_json`] writes).
     pub fn from_json(json: &str) -> Result<Tokenizer, TokenizerError> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(TokenizerError::Build)?;
+        let inner = parse_json(json).map_err(TokenizerError::Build)?;
         Ok(Tokenizer {
             inner,
             bos_id: None,
@@ -289,6 +293,14 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// Parses `tokenizer.json` text. The text is checked as JSON first: tokenizers 0.23 panics
+/// (`expect("Helper")` in its decoder's `Deserialize`) when the `decoder` value is not valid
+/// JSON, and a client reads this text from a server's bundle.
+fn parse_json(json: &str) -> Result<tokenizers::Tokenizer, tokenizers::Error> {
+    let value: serde_json::Value = serde_json::from_str(json)?;
+    Ok(serde_json::from_value(value)?)
 }
 
 /// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value.
