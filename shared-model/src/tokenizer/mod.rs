@@ -169,6 +169,11 @@ impl Tokenizer {
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // No word cache: tokenizers 0.23 keeps it in a thread-local map keyed per BPE
+            // instance and never frees it, so every tokenizer built (or cloned) leaked up to
+            // 10,000 cached words per thread (found by fuzzing: a process building tokenizers
+            // grew without bound). Merging a word again costs microseconds.
+            .cache_capacity(0)
             // Llama 3's tokenizer takes whole-word vocabulary hits before merging, as
             // llama.cpp and the original tokenizer.json do.
             .ignore_merges(matches!(pre, "llama-bpe" | "llama3"))
@@ -297,10 +302,16 @@ impl Tokenizer {
 
 /// Parses `tokenizer.json` text. The text is checked as JSON first: tokenizers 0.23 panics
 /// (`expect("Helper")` in its decoder's `Deserialize`) when the `decoder` value is not valid
-/// JSON, and a client reads this text from a server's bundle.
+/// JSON, and a client reads this text from a server's bundle. The model's word cache is turned
+/// off, as in [`Tokenizer::from_gguf`]: tokenizers 0.23 never frees it. (With capacity 0 an
+/// instance still leaves one empty map entry per thread that encodes with it.)
 fn parse_json(json: &str) -> Result<tokenizers::Tokenizer, tokenizers::Error> {
     let value: serde_json::Value = serde_json::from_str(json)?;
-    Ok(serde_json::from_value(value)?)
+    let mut inner: tokenizers::Tokenizer = serde_json::from_value(value)?;
+    let mut model = inner.get_model().clone();
+    model.resize_cache(0);
+    inner.with_model(model);
+    Ok(inner)
 }
 
 /// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value.
