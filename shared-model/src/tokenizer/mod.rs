@@ -89,6 +89,9 @@ const QWEN2_SPLIT: &str =
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner`'s vocabulary size with added tokens, which tokenizers recounts on every call
+    /// (a hash-map walk) while `decode` needs it for every streamed token.
+    vocab_size: usize,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     chat_template: Option<String>,
@@ -119,6 +122,7 @@ impl Tokenizer {
             source,
         })?;
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: None,
             eos_id: None,
@@ -130,6 +134,7 @@ impl Tokenizer {
     pub fn from_json(json: &str) -> Result<Tokenizer, TokenizerError> {
         let inner = parse_json(json).map_err(TokenizerError::Build)?;
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: None,
             eos_id: None,
@@ -212,6 +217,7 @@ impl Tokenizer {
         }
 
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: file.opt_u32("tokenizer.ggml.bos_token_id")?,
             eos_id: file.opt_u32("tokenizer.ggml.eos_token_id")?,
@@ -245,7 +251,7 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

@@ -157,6 +157,7 @@ fn byte_tokenizer() -> Tokenizer {
         .add_special_tokens([AddedToken::from("<|im_end|>", true)])
         .expect("special");
     Tokenizer {
+        vocab_size: inner.get_vocab_size(true),
         inner,
         bos_id: None,
         eos_id: Some(5),
