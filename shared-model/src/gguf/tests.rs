@@ -385,6 +385,11 @@ fn bad_structure_is_rejected() {
         format_err(Builder::new().tensor_f32("t", &[1 << 32, 1 << 32, 2], &[0.0]).build()),
         FormatError::ElementOverflow { .. }
     ));
+    // No elements, yet the other dims overflow when multiplied in reverse (found by fuzzing).
+    assert!(matches!(
+        format_err(Builder::new().tensor_f32("t", &[0, 1 << 63, 4], &[]).build()),
+        FormatError::ElementOverflow { .. }
+    ));
     // Data past the end of the file.
     assert!(matches!(
         format_err(Builder::new().tensor_f32("t", &[1000], &[0.0]).build()),
