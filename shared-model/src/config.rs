@@ -385,12 +385,23 @@ fn family_of(hf: &HfConfig) -> Result<Family, ConfigError> {
     }
 }
 
+/// Largest value of any size in a config (vocabulary, hidden size, heads, layers, experts):
+/// far above every real model (vocabularies reach ~256k, hidden sizes ~16k), and small enough
+/// that products of sizes (`vocab x hidden x 4` bytes, the fused q/k/v width, `4 x hidden`)
+/// cannot overflow. Configs come from servers too (a client bundle's `config`).
+pub const MAX_SIZE: usize = 1 << 20;
+
+/// A size: present, positive and at most [`MAX_SIZE`].
 fn positive(key: &'static str, value: Option<usize>) -> Result<usize, ConfigError> {
     match value {
         None => Err(ConfigError::Missing(key)),
         Some(0) => Err(ConfigError::Invalid {
             key,
             reason: "must be positive".into(),
+        }),
+        Some(v) if v > MAX_SIZE => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{v} exceeds the largest supported size, {MAX_SIZE}"),
         }),
         Some(v) => Ok(v),
     }
@@ -424,13 +435,7 @@ fn token_ids(key: &'static str, value: Option<&Value>) -> Result<Vec<u32>, Confi
 
 fn heads(hf: &HfConfig, hidden: usize) -> Result<(usize, usize, usize), ConfigError> {
     let num_heads = positive("num_attention_heads", hf.num_attention_heads.or(hf.n_head))?;
-    let num_kv_heads = hf.num_key_value_heads.unwrap_or(num_heads);
-    if num_kv_heads == 0 {
-        return Err(ConfigError::Invalid {
-            key: "num_key_value_heads",
-            reason: "must be positive".into(),
-        });
-    }
+    let num_kv_heads = positive("num_key_value_heads", Some(hf.num_key_value_heads.unwrap_or(num_heads)))?;
     let head_dim = match hf.head_dim {
         Some(0) | None => {
             if hidden % num_heads != 0 {
@@ -441,7 +446,7 @@ fn heads(hf: &HfConfig, hidden: usize) -> Result<(usize, usize, usize), ConfigEr
             }
             hidden / num_heads
         }
-        Some(d) => d,
+        Some(d) => positive("head_dim", Some(d))?,
     };
     Ok((num_heads, num_kv_heads, head_dim))
 }
@@ -636,7 +641,10 @@ fn falcon(hf: &HfConfig, vocab_size: usize) -> Result<ModelConfig, ConfigError> 
         },
         layout: layout_kind,
         mlp: MlpKind::Plain {
-            intermediate: hf.ffn_hidden_size.unwrap_or(4 * hidden),
+            intermediate: match hf.ffn_hidden_size {
+                Some(size) => positive("ffn_hidden_size", Some(size))?,
+                None => 4 * hidden,
+            },
             act,
             bias,
         },
@@ -830,5 +838,60 @@ mod tests {
             assert_eq!(c.family.name(), family);
             assert_eq!(c.num_layers, 4);
         }
+    }
+
+    /// Found by the `config` fuzz target: `hidden_size` near `usize::MAX` overflowed `4 *
+    /// hidden` (BLOOM, Falcon) before any check; every size is now bounded where it is read.
+    #[test]
+    fn hostile_sizes_are_refused_before_any_arithmetic() {
+        let huge = u64::MAX.to_string();
+        for (text, key) in [
+            (
+                format!(r#"{{"model_type":"bloom","hidden_size":{huge},"n_head":1,"n_layer":1,"vocab_size":1}}"#),
+                "hidden_size",
+            ),
+            (
+                format!(r#"{{"model_type":"falcon","hidden_size":{huge},"n_head":1,"n_layer":1,"vocab_size":1}}"#),
+                "hidden_size",
+            ),
+            (
+                format!(
+                    r#"{{"model_type":"falcon","hidden_size":8,"n_head":1,"n_layer":1,"vocab_size":1,"ffn_hidden_size":{huge}}}"#
+                ),
+                "ffn_hidden_size",
+            ),
+            (
+                LLAMA_V5.replace(r#""head_dim":16"#, &format!(r#""head_dim":{huge}"#)),
+                "head_dim",
+            ),
+            (
+                LLAMA_V5.replace(
+                    r#""num_key_value_heads":2"#,
+                    &format!(r#""num_key_value_heads":{huge}"#),
+                ),
+                "num_key_value_heads",
+            ),
+            (
+                LLAMA_V5.replace(r#""vocab_size":384"#, &format!(r#""vocab_size":{}"#, MAX_SIZE + 1)),
+                "vocab_size",
+            ),
+        ] {
+            match ModelConfig::from_json_str(&text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        // The largest sizes accepted keep every derived size in range.
+        let max = MAX_SIZE.to_string();
+        let text = LLAMA_V5
+            .replace(r#""hidden_size":64"#, &format!(r#""hidden_size":{max}"#))
+            .replace(r#""vocab_size":384"#, &format!(r#""vocab_size":{max}"#))
+            .replace(r#""head_dim":16"#, &format!(r#""head_dim":{max}"#))
+            .replace(r#""num_attention_heads":4"#, &format!(r#""num_attention_heads":{max}"#))
+            .replace(r#""num_key_value_heads":2"#, &format!(r#""num_key_value_heads":{max}"#));
+        let c = ModelConfig::from_json_str(&text).expect("largest sizes");
+        let a = c.attention;
+        assert!((a.num_heads + 2 * a.num_kv_heads).checked_mul(a.head_dim).is_some());
+        assert!((c.vocab_size as u64).checked_mul(c.hidden_size as u64 * 8).is_some());
     }
 }

@@ -112,14 +112,74 @@ async fn live_infos(
             .ok()?;
         records
             .iter()
-            .filter_map(|bytes| wire::from_cbor::<ServerInfo>(bytes).ok())
-            .filter(|info| {
-                info.peer_id == peer.to_string()
-                    && model.is_none_or(|m| info.model == m)
-                    && info.protocol == PROTOCOL_VERSION
-                    && info.expires_at_ms > now
-            })
+            .filter_map(|bytes| live_info(bytes, &peer, model, now))
             .max_by_key(|info| info.expires_at_ms)
     });
     Ok(join_all(lookups).await.into_iter().flatten().collect())
+}
+
+/// A DHT record read back as the [`ServerInfo`] of `peer`: `None` unless it decodes, names
+/// that peer (a record cannot speak for another server), is of `model` when one is asked for,
+/// speaks our protocol version and has not expired at `now_ms`.
+pub fn live_info(bytes: &[u8], peer: &PeerId, model: Option<&str>, now_ms: u64) -> Option<ServerInfo> {
+    let info = wire::from_cbor::<ServerInfo>(bytes).ok()?;
+    let live = info.peer_id == peer.to_string()
+        && model.is_none_or(|m| info.model == m)
+        && info.protocol == PROTOCOL_VERSION
+        && info.expires_at_ms > now_ms;
+    live.then_some(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()
+    }
+
+    fn info(peer: &PeerId) -> ServerInfo {
+        ServerInfo {
+            peer_id: peer.to_string(),
+            model: "m".into(),
+            model_name: "M".into(),
+            start: 0,
+            end: 4,
+            throughput: 10.0,
+            free_cache_tokens: 1024,
+            version: "0.1.0".into(),
+            protocol: PROTOCOL_VERSION,
+            public_name: None,
+            relayed: false,
+            addrs: Vec::new(),
+            expires_at_ms: 2000,
+            client_url: None,
+            serves_head: false,
+            adapters: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn live_info_takes_only_live_records_of_the_peer() {
+        let peer = random_peer();
+        let record = |i: &ServerInfo| wire::to_cbor(i).expect("encode");
+        let good = info(&peer);
+        assert_eq!(live_info(&record(&good), &peer, Some("m"), 1000), Some(good.clone()));
+        assert_eq!(live_info(&record(&good), &peer, None, 1000), Some(good.clone()));
+        assert_eq!(live_info(&record(&good), &peer, Some("other"), 1000), None);
+        assert_eq!(live_info(&record(&good), &peer, None, 2000), None, "expired");
+        assert_eq!(
+            live_info(&record(&good), &random_peer(), None, 1000),
+            None,
+            "another peer's"
+        );
+        let old = ServerInfo {
+            protocol: PROTOCOL_VERSION - 1,
+            ..good.clone()
+        };
+        assert_eq!(live_info(&record(&old), &peer, None, 1000), None, "another protocol");
+        let mut bytes = record(&good);
+        bytes.truncate(bytes.len() - 1);
+        assert_eq!(live_info(&bytes, &peer, None, 1000), None, "truncated");
+    }
 }

@@ -512,15 +512,19 @@ impl Header {
 }
 
 fn check_tensor(t: &GgufTensorInfo, alignment: u64, data_len: u64) -> Result<(), FormatError> {
-    let n = t
-        .dims
+    // The nonzero dims' product must fit, not only the whole product: an empty tensor of dims
+    // [0, 2^63, 4] has 0 elements, yet a product taken in another order (the shape is
+    // reversed) overflows (found by fuzzing).
+    t.dims
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .filter(|&n| usize::try_from(n).is_ok())
         .ok_or_else(|| FormatError::ElementOverflow {
             tensor: t.name.clone(),
             dims: t.dims.clone(),
         })?;
+    let n = t.n_elements();
     if !t.offset.is_multiple_of(alignment) {
         return Err(FormatError::Misaligned {
             tensor: t.name.clone(),

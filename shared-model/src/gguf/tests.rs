@@ -385,6 +385,11 @@ fn bad_structure_is_rejected() {
         format_err(Builder::new().tensor_f32("t", &[1 << 32, 1 << 32, 2], &[0.0]).build()),
         FormatError::ElementOverflow { .. }
     ));
+    // No elements, yet the other dims overflow when multiplied in reverse (found by fuzzing).
+    assert!(matches!(
+        format_err(Builder::new().tensor_f32("t", &[0, 1 << 63, 4], &[]).build()),
+        FormatError::ElementOverflow { .. }
+    ));
     // Data past the end of the file.
     assert!(matches!(
         format_err(Builder::new().tensor_f32("t", &[1000], &[0.0]).build()),
@@ -510,6 +515,30 @@ fn llama_names_config_and_unpermute() {
     assert_eq!(cfg["tie_word_embeddings"], true);
     assert_eq!(cfg["eos_token_id"], 2);
     assert!(cfg["rope_scaling"].is_null());
+}
+
+/// Found by the `gguf` fuzz target: an empty q projection with `head_count` 2^32 - 1 (zero
+/// rows divide by any head count) spent minutes looping over heads that hold no rows. An
+/// optimised build happens to delete that empty loop, so this fails only unoptimised (`cargo
+/// test` without `--release`); the input also stays in `fuzz/corpus/gguf`, which CI replays
+/// in the instrumented build, where the loop is kept.
+#[test]
+fn empty_q_with_billions_of_heads_reads_at_once() {
+    let b = Builder::new()
+        .str("general.architecture", "llama")
+        .u32("llama.block_count", 1)
+        .u32("llama.attention.head_count", u32::MAX)
+        .tensor_f32("blk.0.attn_q.weight", &[4, 0], &[]);
+    let m = GgufModel::new(parse(b.build()).expect("valid")).expect("llama");
+    let start = std::time::Instant::now();
+    let q = m.read("model.layers.0.self_attn.q_proj.weight").expect("q");
+    assert_eq!(q.shape, vec![0, 4]);
+    assert!(q.data.is_empty());
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

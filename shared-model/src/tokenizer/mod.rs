@@ -89,6 +89,9 @@ const QWEN2_SPLIT: &str =
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner`'s vocabulary size with added tokens, which tokenizers recounts on every call
+    /// (a hash-map walk) while `decode` needs it for every streamed token.
+    vocab_size: usize,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     chat_template: Option<String>,
@@ -110,11 +113,16 @@ impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`. BOS/EOS ids are not part of that file; set them
     /// with [`Tokenizer::with_special_ids`] from the model config.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+        let json = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let inner = parse_json(&json).map_err(|source| TokenizerError::Load {
             path: path.to_path_buf(),
             source,
         })?;
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: None,
             eos_id: None,
@@ -124,8 +132,9 @@ impl Tokenizer {
 
     /// Parses a `tokenizer.json` held in memory (what [`Tokenizer::to_json`] writes).
     pub fn from_json(json: &str) -> Result<Tokenizer, TokenizerError> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(TokenizerError::Build)?;
+        let inner = parse_json(json).map_err(TokenizerError::Build)?;
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: None,
             eos_id: None,
@@ -165,6 +174,11 @@ impl Tokenizer {
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            // No word cache: tokenizers 0.23 keeps it in a thread-local map keyed per BPE
+            // instance and never frees it, so every tokenizer built (or cloned) leaked up to
+            // 10,000 cached words per thread (found by fuzzing: a process building tokenizers
+            // grew without bound). Merging a word again costs microseconds.
+            .cache_capacity(0)
             // Llama 3's tokenizer takes whole-word vocabulary hits before merging, as
             // llama.cpp and the original tokenizer.json do.
             .ignore_merges(matches!(pre, "llama-bpe" | "llama3"))
@@ -203,6 +217,7 @@ impl Tokenizer {
         }
 
         Ok(Tokenizer {
+            vocab_size: inner.get_vocab_size(true),
             inner,
             bos_id: file.opt_u32("tokenizer.ggml.bos_token_id")?,
             eos_id: file.opt_u32("tokenizer.ggml.eos_token_id")?,
@@ -236,7 +251,7 @@ impl Tokenizer {
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -289,6 +304,20 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// Parses `tokenizer.json` text. The text is checked as JSON first: tokenizers 0.23 panics
+/// (`expect("Helper")` in its decoder's `Deserialize`) when the `decoder` value is not valid
+/// JSON, and a client reads this text from a server's bundle. The model's word cache is turned
+/// off, as in [`Tokenizer::from_gguf`]: tokenizers 0.23 never frees it. (With capacity 0 an
+/// instance still leaves one empty map entry per thread that encodes with it.)
+fn parse_json(json: &str) -> Result<tokenizers::Tokenizer, tokenizers::Error> {
+    let value: serde_json::Value = serde_json::from_str(json)?;
+    let mut inner: tokenizers::Tokenizer = serde_json::from_value(value)?;
+    let mut model = inner.get_model().clone();
+    model.resize_cache(0);
+    inner.with_model(model);
+    Ok(inner)
 }
 
 /// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value.

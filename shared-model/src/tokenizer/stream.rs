@@ -2,15 +2,18 @@
 
 use super::{Tokenizer, TokenizerError};
 
-const MAX_PENDING: usize = 4;
-
 /// Turns ids arriving one at a time into text, emitting only complete characters.
 ///
 /// Decoding token by token is wrong twice over: byte-level tokens can split a UTF-8 character
 /// (so a lone token decodes to U+FFFD), and some decoders change a token's text depending on
 /// what precedes it. So each step decodes the pending ids together with the last emitted ones
-/// (as context), emits the text beyond that context, and holds it back while it still ends in
+/// (as context), emits the text beyond that context, and holds it back while it ends in
 /// U+FFFD.
+///
+/// A trailing U+FFFD is held however many ids it takes: from the text alone a character still
+/// missing bytes cannot be told from a real U+FFFD (models emit those too), and emitting one
+/// that later completes would show a U+FFFD that is not in the text. The wait ends with the
+/// first character after it, or at [`TextStream::finish`].
 #[derive(Debug)]
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
@@ -34,15 +37,16 @@ impl<'a> TextStream<'a> {
     pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
         let (context, full) = self.decode_window()?;
-        // A character is at most four bytes, so once that many ids are pending a trailing
-        // U+FFFD is a real one (the model produced invalid UTF-8), not a split character.
-        if full.ends_with('\u{FFFD}') && self.ids.len() - self.emitted < MAX_PENDING {
+        if full.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        // If the decoder rewrote the context, wait: the next id moves the window on.
         let new = match full.strip_prefix(context.as_str()) {
-            Some(new) if !new.is_empty() => new.to_string(),
-            _ => return Ok(String::new()),
+            Some("") => return Ok(String::new()),
+            Some(new) => new.to_string(),
+            // The decoder rewrote the context's text: what was emitted stays, and the stream
+            // goes on from the first character that differs, rather than waiting for a prefix
+            // that may never come back.
+            None => after_common_prefix(&context, &full).to_string(),
         };
         // Only the ids just emitted stay as context, so the window stays short however long
         // the stream runs.
@@ -58,7 +62,7 @@ impl<'a> TextStream<'a> {
         self.emitted = 0;
         Ok(match full.strip_prefix(context.as_str()) {
             Some(new) => new.to_string(),
-            None => full,
+            None => after_common_prefix(&context, &full).to_string(),
         })
     }
 
@@ -70,4 +74,15 @@ impl<'a> TextStream<'a> {
         let full = self.tokenizer.decode(&self.ids, self.skip_special)?;
         Ok((context, full))
     }
+}
+
+/// The part of `full` after the longest prefix it shares with `context`, cut at a character.
+fn after_common_prefix<'f>(context: &str, full: &'f str) -> &'f str {
+    let common = context
+        .char_indices()
+        .zip(full.chars())
+        .find(|((_, a), b)| a != b)
+        .map_or(context.len().min(full.len()), |((i, _), _)| i);
+    // `common` is a character boundary of `context`, and the bytes before it are equal in both.
+    full.get(common..).unwrap_or(full)
 }

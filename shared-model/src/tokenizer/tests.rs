@@ -157,6 +157,7 @@ fn byte_tokenizer() -> Tokenizer {
         .add_special_tokens([AddedToken::from("<|im_end|>", true)])
         .expect("special");
     Tokenizer {
+        vocab_size: inner.get_vocab_size(true),
         inner,
         bos_id: None,
         eos_id: Some(5),
@@ -222,4 +223,44 @@ fn pre_tokenizers_by_name() {
         assert!(pre_tokenizer(pre).is_ok(), "{pre}");
     }
     assert!(matches!(pre_tokenizer("mystery"), Err(TokenizerError::UnsupportedPreTokenizer(p)) if p == "mystery"));
+}
+
+/// Streams `ids` and returns everything the stream emitted.
+fn streamed(tok: &Tokenizer, ids: &[u32]) -> String {
+    let mut stream = tok.stream(false);
+    let mut out = String::new();
+    for &id in ids {
+        out.push_str(&stream.push(id).expect("push"));
+    }
+    out.push_str(&stream.finish().expect("finish"));
+    out
+}
+
+/// Found by the `chat` fuzz target: text holding real U+FFFD characters (which models emit)
+/// followed by a multi-byte character streamed as more U+FFFD than it holds, and stalled.
+#[test]
+fn text_stream_with_real_replacement_characters_matches_decode() {
+    let tok = byte_tokenizer();
+    for text in [
+        "d\u{FFFD}\u{FFFD}\u{FFFD}\u{169} x",
+        "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}😀 中文",
+        "a\u{FFFD}€",
+        "\u{FFFD}",
+    ] {
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!(streamed(&tok, &ids), text, "{text:?}");
+    }
+}
+
+/// Found by the `safetensors` fuzz target (a client bundle's tokenizer): a `decoder` that is
+/// not valid JSON made tokenizers panic instead of returning an error.
+#[test]
+fn malformed_tokenizer_json_is_an_error_not_a_panic() {
+    let json = byte_tokenizer().to_json().expect("to_json");
+    let at = json.find("\"decoder\"").expect("has a decoder");
+    let (head, tail) = json.split_at(at);
+    let broken = format!("{head}{}", tail.replacen("true", "tru", 1));
+    assert!(matches!(Tokenizer::from_json(&broken), Err(TokenizerError::Build(_))));
+    assert!(Tokenizer::from_json(&json).is_ok());
+    assert!(matches!(Tokenizer::from_json("{"), Err(TokenizerError::Build(_))));
 }
