@@ -22,7 +22,6 @@ use shared_model::quant::QuantKind;
 use shared_model::synthetic::{QuantizeOnLoad, RandomWeights};
 use shared_model::tokenizer::{ChatTemplate, Tokenizer};
 use shared_model::weights::HostTensor;
-use swarm::codec::FrameCodec;
 use swarm::protocol::{
     HeadRequest, HeadResponse, InfoRequest, PROTOCOL_VERSION, ServerInfo, SessionRequest, SessionResponse, SpanRequest,
     SpanResponse,
@@ -203,7 +202,7 @@ fn wire_seeds(root: &Path) -> Result<()> {
     )?;
     type_seeds::<InfoRequest>(&mut out, 7, vec![Value::Null])?;
 
-    // Request-response codecs: one message, then the end of the stream.
+    // Request streams: one message, then the end of the stream; the info codec.
     let span: Vec<SpanRequest> = messages(vec![json!({"Forward": {"model": MODEL, "start": 0, "end": 2,
         "pad": [0], "hidden": t(WireDtype::F16, &[1, 2, 8]), "reply_dtype": "F32"}})])?;
     out.put_with(8, &frames(&span)?)?;
@@ -211,10 +210,9 @@ fn wire_seeds(root: &Path) -> Result<()> {
         "token_ids": [1, 2, 3], "reply_dtype": "F32"}})])?;
     out.put_with(9, &frames(&head)?)?;
     let protocol = StreamProtocol::new("/fuzz/1");
-    let mut codec = FrameCodec::<SpanRequest, SpanResponse>::new(usize::MAX);
     let mut buf = Vec::new();
     let resp: SpanResponse = serde_json::from_value(json!({"Tensor": t(WireDtype::F32, &[1, 2, 8])}))?;
-    block_on(codec.write_response(&protocol, &mut buf, resp))?;
+    block_on(wire::write_frame(&mut buf, &resp, usize::MAX))?;
     out.put_with(8, &buf)?;
     let mut info_codec = libp2p::request_response::cbor::codec::Codec::<InfoRequest, ServerInfo>::default();
     let mut buf = Vec::new();

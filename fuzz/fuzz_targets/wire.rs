@@ -1,5 +1,5 @@
 //! Everything a peer sends over a stream: length-prefixed CBOR frames of every message type in
-//! `swarm::protocol`, the span/head request-response codec, libp2p's CBOR codec (the info
+//! `swarm::protocol`, the span and head request streams, libp2p's CBOR codec (the info
 //! protocol), and the tensors inside (checked and decoded as a server does).
 //!
 //! Input: one selector byte, then the stream. The selector's low nibble picks what is read,
@@ -38,8 +38,8 @@ fuzz_target!(|data: &[u8]| {
         5 => read_frames::<HeadResponse>(stream, chunk, max),
         6 => read_frames::<ServerInfo>(stream, chunk, max),
         7 => read_frames::<InfoRequest>(stream, chunk, max),
-        8 => codecs::frame_codec::<SpanRequest, SpanResponse>(stream, chunk, max),
-        9 => codecs::frame_codec::<HeadRequest, HeadResponse>(stream, chunk, max),
+        8 => codecs::request_stream::<SpanRequest, SpanResponse>(stream, chunk, max),
+        9 => codecs::request_stream::<HeadRequest, HeadResponse>(stream, chunk, max),
         10 => codecs::cbor_codec::<InfoRequest, ServerInfo>(stream, chunk),
         11 => {
             if let Ok(t) = wire::from_cbor::<WireTensor>(stream) {

@@ -138,28 +138,40 @@ pub fn check_tensor(t: &WireTensor) {
     }
 }
 
-/// Reads `bytes` as request-response messages through the span/head codec and libp2p's CBOR
-/// codec (the info protocol), as a server or client reads them from a peer.
 pub mod json;
 
+/// Reads `bytes` as one-request streams (the span and head protocols, `swarm::request`) and
+/// through libp2p's CBOR codec (the info protocol), as a server or client reads them from a peer.
 pub mod codecs {
     use super::*;
     use libp2p::StreamProtocol;
     use libp2p::request_response::Codec;
-    use swarm::codec::FrameCodec;
 
     const PROTOCOL: StreamProtocol = StreamProtocol::new("/fuzz/1");
 
-    pub fn frame_codec<Req, Resp>(bytes: &[u8], chunk: usize, max_frame_bytes: usize)
+    /// A server's reading of a request stream (length prefix, body, end of stream: the steps
+    /// `native-server` takes with admission between the first two), and a client's reading of
+    /// the answer (`swarm::request::call`).
+    pub fn request_stream<Req, Resp>(bytes: &[u8], chunk: usize, max_frame_bytes: usize)
     where
-        Req: Serialize + DeserializeOwned + Send + Sync,
-        Resp: Serialize + DeserializeOwned + Send + Sync,
+        Req: Serialize + DeserializeOwned,
+        Resp: Serialize + DeserializeOwned,
     {
-        let mut codec = FrameCodec::<Req, Resp>::new(max_frame_bytes);
-        if let Ok(req) = block_on(codec.read_request(&PROTOCOL, &mut Chunked::new(bytes, chunk))) {
+        let mut r = Chunked::new(bytes, chunk);
+        let request = block_on(async {
+            let len = wire::read_frame_len(&mut r, max_frame_bytes).await?;
+            assert!(len <= max_frame_bytes, "admitted {len} > {max_frame_bytes}");
+            let request: Req = wire::read_frame_body(&mut r, len).await?;
+            wire::read_end(&mut r).await?;
+            Ok::<_, WireError>(request)
+        });
+        if let Ok(req) = request {
             check_message(&req);
         }
-        if let Ok(resp) = block_on(codec.read_response(&PROTOCOL, &mut Chunked::new(bytes, chunk))) {
+        if let Ok(resp) = block_on(wire::read_frame::<_, Resp>(
+            &mut Chunked::new(bytes, chunk),
+            max_frame_bytes,
+        )) {
             check_message(&resp);
         }
     }

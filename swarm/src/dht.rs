@@ -156,6 +156,7 @@ mod tests {
             client_url: None,
             serves_head: false,
             adapters: Vec::new(),
+            load: None,
         }
     }
 

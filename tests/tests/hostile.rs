@@ -288,9 +288,7 @@ async fn hold_connections(addr: Multiaddr, server: PeerId, n: usize, established
     ) else {
         return;
     };
-    let Ok(builder) = builder.with_behaviour(|_| dummy::Behaviour) else {
-        return;
-    };
+    let Ok(builder) = builder.with_behaviour(|_| dummy::Behaviour);
     let mut swarm = builder
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
         .build();

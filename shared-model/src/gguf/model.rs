@@ -79,6 +79,16 @@ impl GgufModel {
             }
             let mapped = map_name(name, block_count, expert_count)
                 .ok_or_else(|| GgufError::UnknownTensorName(name.to_string()))?;
+            // No weight is empty, and an empty tensor's other dims are unbounded by the file's
+            // size: a q/k or quantized read loops over (and allocates for) every declared row
+            // (found by fuzzing: dims [0, 2^32] ran for minutes and past 2 GiB).
+            if info.n_elements() == 0 {
+                return Err(GgufError::TensorShape {
+                    tensor: name.to_string(),
+                    dims: info.dims.clone(),
+                    expected: "at least one element".into(),
+                });
+            }
             if mapped.kind == Kind::Experts && info.dims.len() != 3 {
                 return Err(GgufError::TensorShape {
                     tensor: name.to_string(),
@@ -422,9 +432,9 @@ pub(crate) fn unpermute_rows(data: &[f32], rows: usize, n_head: usize) -> Vec<f3
     let cols = data.len() / rows.max(1);
     let head_dim = rows / n_head;
     let half = head_dim / 2;
-    // No rows per head, nothing to move. Looping over the heads anyway took minutes when a
-    // file declared 4 billion heads for an empty tensor (found by the gguf fuzz target).
-    if half == 0 {
+    // No rows per head, nothing to move (`GgufModel::new` refuses empty tensors, whose heads
+    // and rows were unbounded; this stays cheap whatever the caller passes).
+    if half == 0 || cols == 0 {
         return data.to_vec();
     }
     let mut out = vec![0.0; data.len()];
