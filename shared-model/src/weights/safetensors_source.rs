@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
@@ -79,8 +80,7 @@ impl SafetensorsSource {
             let file = file
                 .as_str()
                 .ok_or_else(|| bad(format!("shard of `{name}` is not a string")))?;
-            // A shard name is a plain file name; anything else could escape the model folder.
-            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            if !is_shard_name(file) {
                 return Err(bad(format!("shard name `{file}` is not a file name")));
             }
             index.insert(name.clone(), dir.join(file));
@@ -116,6 +116,18 @@ impl SafetensorsSource {
         tracing::debug!(shard = %path.display(), "opened shard");
         Ok(mmap)
     }
+}
+
+/// A shard name is one plain file name: anything else could reach outside the model folder.
+/// The empty name joins to the folder itself, whose parent is outside it (found by fuzzing);
+/// `:` makes a Windows drive-relative path or an alternate data stream.
+fn is_shard_name(name: &str) -> bool {
+    let mut components = Path::new(name).components();
+    let single = matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(c)), None) if c == OsStr::new(name)
+    );
+    single && !name.starts_with('.') && !name.contains(['/', '\\', ':', '\0'])
 }
 
 fn map(path: &Path) -> Result<Mmap, WeightError> {
@@ -173,5 +185,38 @@ impl WeightSource for SafetensorsSource {
             }
         };
         Ok(HostTensor::new(shape, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_stay_in_the_model_folder() {
+        for good in ["model-00001-of-00002.safetensors", "model.safetensors", "a b"] {
+            assert!(is_shard_name(good), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "../x", "a/b", "a\\b", "/abs", ".hidden", "C:x", "C:", "a\0b", "x/",
+        ] {
+            assert!(!is_shard_name(bad), "{bad:?}");
+        }
+    }
+
+    /// Found by the `safetensors` fuzz target: an empty shard name made the folder itself a
+    /// shard, and every file it named lay outside the folder.
+    #[test]
+    fn an_index_naming_no_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("corolla-shard-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch folder");
+        let index = dir.join("model.safetensors.index.json");
+        for name in ["", "..", "sub/x.safetensors", "C:x.safetensors"] {
+            let json = serde_json::json!({"weight_map": {"w": name}});
+            std::fs::write(&index, json.to_string()).expect("write the index");
+            let err = SafetensorsSource::open_index(&index).err();
+            assert!(matches!(err, Some(WeightError::BadIndex { .. })), "{name:?}: {err:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
