@@ -318,7 +318,7 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let a = &self.attention;
-        if a.num_heads % a.num_kv_heads != 0 {
+        if !a.num_heads.is_multiple_of(a.num_kv_heads) {
             return Err(ConfigError::Invalid {
                 key: "num_key_value_heads",
                 reason: format!(
@@ -438,7 +438,7 @@ fn heads(hf: &HfConfig, hidden: usize) -> Result<(usize, usize, usize), ConfigEr
     let num_kv_heads = positive("num_key_value_heads", Some(hf.num_key_value_heads.unwrap_or(num_heads)))?;
     let head_dim = match hf.head_dim {
         Some(0) | None => {
-            if hidden % num_heads != 0 {
+            if !hidden.is_multiple_of(num_heads) {
                 return Err(ConfigError::Invalid {
                     key: "num_attention_heads",
                     reason: format!("hidden size {hidden} is not divisible by {num_heads} heads"),

@@ -63,7 +63,7 @@ impl QuantMatrix {
         let expected = (cols / BLOCK)
             .checked_mul(kind.block_bytes())
             .and_then(|r| r.checked_mul(rows));
-        if cols % BLOCK != 0 || expected != Some(data.len()) {
+        if !cols.is_multiple_of(BLOCK) || expected != Some(data.len()) {
             return Err(WeightError::Shape {
                 name: name.to_string(),
                 expected: vec![rows, cols],

@@ -596,7 +596,7 @@ impl EventLoop {
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 // Peers that speak our DHT protocol go into the routing table.
-                if info.protocols.iter().any(|p| *p == KAD_PROTOCOL) {
+                if info.protocols.contains(&KAD_PROTOCOL) {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
