@@ -266,6 +266,7 @@ impl RemoteChain {
                 Some((peer, e)) => {
                     last = e.to_string();
                     if let Ok(peer) = peer.parse() {
+                        tracing::warn!(%peer, error = %e, "server failed while the session was being set up");
                         self.ban(&peer);
                     }
                     for hop in hops {
@@ -451,6 +452,7 @@ fn refusal(e: &SessionError) -> Refusal {
             ErrorKind::Busy => Refusal::Busy,
             _ => Refusal::Other,
         },
+        SessionError::Dropped { .. } => Refusal::Busy,
         _ => Refusal::Other,
     }
 }

@@ -24,6 +24,10 @@ pub enum SessionError {
     Timeout { peer: PeerId, timeout: Duration },
     #[error("server {peer} answered out of order")]
     Protocol { peer: PeerId },
+    /// The stream ended before the server answered `Open`: a server flooded with streams
+    /// drops some unread. Asked again like a busy server.
+    #[error("server {peer} closed the stream before answering (overloaded?): {source}")]
+    Dropped { peer: PeerId, source: WireError },
     #[error("{gap} of model {model}")]
     NoRoute { gap: Gap, model: String },
     #[error("every server for blocks {start}..{end} failed; last error: {last}")]
@@ -96,7 +100,11 @@ impl HopSession {
                 .map(|d| WireTensor::encode(&shared_model::tuning::deep_rows(d, start..end), WireDtype::F32)),
             adapter: spec.adapter.clone(),
         };
-        match session.exchange(&open).await? {
+        let opened = session.exchange(&open).await.map_err(|e| match e {
+            SessionError::Wire(source) if source.is_dropped_stream() => SessionError::Dropped { peer, source },
+            other => other,
+        })?;
+        match opened {
             SessionResponse::Opened { .. } => Ok(session),
             _ => Err(SessionError::Protocol { peer }),
         }

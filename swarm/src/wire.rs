@@ -107,6 +107,24 @@ pub enum WireError {
     Io(#[from] std::io::Error),
 }
 
+impl WireError {
+    /// The peer ended or reset the stream without a word: what a server under a stream flood
+    /// does to streams it has no room for (libp2p drops inbound streams its accept queue cannot
+    /// take, and a server drops those over its pending-stream caps). Worth asking again, unlike
+    /// a malformed or refused answer.
+    pub fn is_dropped_stream(&self) -> bool {
+        use std::io::ErrorKind as K;
+        match self {
+            WireError::Closed => true,
+            WireError::Io(e) => matches!(
+                e.kind(),
+                K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::WriteZero
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl WireTensor {
     /// Encodes `t` as `dtype`. f16/bf16 round to nearest (ties to even); finite values beyond
     /// their range saturate to the largest finite value rather than becoming infinite (which
