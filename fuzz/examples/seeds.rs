@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use futures::executor::block_on;
 use libp2p::StreamProtocol;
+use libp2p::identity::Keypair;
 use libp2p::request_response::Codec;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,6 +27,7 @@ use swarm::protocol::{
     HeadRequest, HeadResponse, InfoRequest, PROTOCOL_VERSION, ServerInfo, SessionRequest, SessionResponse, SpanRequest,
     SpanResponse,
 };
+use swarm::record;
 use swarm::wire::{self, WireDtype, WireTensor};
 
 /// Must match `fuzz_targets/dht_record.rs`.
@@ -260,6 +262,21 @@ fn dht_seeds(root: &Path) -> Result<()> {
     }
     let v1: ServerInfo = serde_json::from_value(v1)?;
     out.put(&wire::to_cbor(&v1)?)?;
+    // Signed envelopes: by the target's key (live, expired, too far ahead), and by another key.
+    let key = Keypair::ed25519_from_bytes([7; 32])?;
+    let signer = key.public().to_peer_id().to_string();
+    for expires in [NOW_MS + 300_000, NOW_MS - 1, u64::MAX] {
+        let info: ServerInfo = serde_json::from_value(server_info(&signer, MODEL, PROTOCOL_VERSION, expires))?;
+        out.put(&record::sign(&key, &info)?)?;
+    }
+    let other = Keypair::ed25519_from_bytes([8; 32])?;
+    let info: ServerInfo = serde_json::from_value(server_info(
+        &other.public().to_peer_id().to_string(),
+        MODEL,
+        PROTOCOL_VERSION,
+        NOW_MS + 1,
+    ))?;
+    out.put(&record::sign(&other, &info)?)?;
     println!("dht_record: {} seeds", out.count);
     Ok(())
 }

@@ -20,6 +20,8 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the server says about itself, and how to reach it.
 pub struct Announcer {
     pub client: Client,
+    /// The node's identity key, which signs every record.
+    pub keypair: libp2p::identity::Keypair,
     /// The info without addresses, load and expiry (filled in per announcement).
     pub template: ServerInfo,
     pub ttl: Duration,
@@ -64,7 +66,7 @@ impl Announcer {
                 tick.reset_after(Duration::from_millis(500));
                 continue;
             }
-            match tokio::time::timeout(ANNOUNCE_TIMEOUT, dht::announce(&self.client, &info)).await {
+            match tokio::time::timeout(ANNOUNCE_TIMEOUT, dht::announce(&self.client, &self.keypair, &info)).await {
                 Ok(Ok(())) => {
                     if !announced_once {
                         tracing::info!(addrs = ?info.addrs, "announced in the DHT");

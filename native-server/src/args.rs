@@ -238,8 +238,12 @@ impl ServerArgs {
         if self.num_blocks == Some(0) {
             bail!("--num-blocks must be at least 1");
         }
-        if self.max_sessions == 0 || self.cache_tokens == 0 || self.announce_ttl < 3 {
-            bail!("--max-sessions and --cache-tokens must be positive, --announce-ttl at least 3 seconds");
+        if self.max_sessions == 0 || self.cache_tokens == 0 {
+            bail!("--max-sessions and --cache-tokens must be positive");
+        }
+        let max_ttl = swarm::record::MAX_ANNOUNCE_TTL.as_secs();
+        if !(3..=max_ttl).contains(&self.announce_ttl) {
+            bail!("--announce-ttl must be 3 to {max_ttl} seconds (clients refuse records that live longer)");
         }
         let positive = [
             (

@@ -100,7 +100,7 @@ async fn choose_blocks(
     let num_layers = files.config.num_layers;
     // Let the DHT settle before reading it: the bootstrap connection is fresh.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let servers = dht::discover(client, model_fp, Duration::from_secs(5))
+    let servers = dht::discover(client, model_fp, Some(num_layers as u32), Duration::from_secs(5))
         .await
         .unwrap_or_default();
     let start = span_choice::choose_start(&span_choice::block_throughputs(num_layers, &servers), count);
@@ -111,6 +111,27 @@ async fn choose_blocks(
         "chose blocks"
     );
     (start, (start + count).min(num_layers))
+}
+
+/// Refuses to start with a record that readers would refuse (a name or an adapter list over
+/// their bounds), rather than serve unseen.
+fn check_own_record(keypair: &libp2p::identity::Keypair, template: &ServerInfo, ttl: Duration) -> Result<()> {
+    let now_ms = dht::now_ms();
+    let info = ServerInfo {
+        expires_at_ms: now_ms + ttl.as_millis() as u64,
+        ..template.clone()
+    };
+    let peer = keypair.public().to_peer_id();
+    let expect = swarm::record::Expect {
+        peer: &peer,
+        model: Some(&info.model),
+        num_blocks: None,
+        now_ms,
+    };
+    swarm::record::sign(keypair, &info)
+        .and_then(|bytes| swarm::record::verify(&bytes, &expect))
+        .context("this server's DHT record would be refused by every client")?;
+    Ok(())
 }
 
 /// The memory ceiling, from the flags and the model before anything is loaded.
@@ -207,7 +228,7 @@ where
     // Peers that hold a session or a request here keep their connections when a flood fills
     // the connection limit (the admission is set once the span is loaded).
     let admission_cell: Arc<OnceLock<Arc<Admission>>> = Arc::default();
-    let mut node_config = NodeConfig::new(keypair);
+    let mut node_config = NodeConfig::new(keypair.clone());
     node_config.listen = config.listen.clone();
     node_config.bootstrap = config.initial_peers.clone();
     node_config.dht_server = !relay_only;
@@ -269,7 +290,8 @@ where
         model_name: model_name.clone(),
         start: start as u32,
         end: end as u32,
-        throughput,
+        // A prior for clients, who measure for themselves; readers refuse more than this.
+        throughput: throughput.min(swarm::record::MAX_THROUGHPUT),
         free_cache_tokens: 0,
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: PROTOCOL_VERSION,
@@ -282,6 +304,7 @@ where
         adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
         load: None,
     };
+    check_own_record(&keypair, &template, config.announce_ttl)?;
     let ctx = Arc::new(Context {
         hosted: Arc::new(Hosted {
             span,
@@ -304,6 +327,7 @@ where
     ];
     let announcer = Arc::new(Announcer {
         client: client.clone(),
+        keypair: keypair.clone(),
         template,
         ttl: config.announce_ttl,
         relay_only,

@@ -2,20 +2,23 @@
 //!
 //! A server is a *provider* of `corolla/model/<fingerprint>` (so clients can enumerate the
 //! servers of a model) and publishes its [`ServerInfo`] as the record
-//! `corolla/server/<fingerprint>/<peer id>`. Both expire unless re-announced; clients also
-//! drop infos whose `expires_at_ms` has passed.
+//! `corolla/server/<fingerprint>/<peer id>`. Both expire unless re-announced. Records are
+//! signed by the server's identity key ([`crate::record`]); readers believe only those that
+//! verify, and count and log (at debug) the ones they ignore.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::rt::{self, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use libp2p::PeerId;
+use libp2p::identity::Keypair;
 use libp2p::kad::RecordKey;
 
 use crate::node::{Client, NodeError};
-use crate::protocol::{PROTOCOL_VERSION, ServerInfo};
-use crate::wire;
+use crate::protocol::ServerInfo;
+use crate::record::{self, Expect};
 
 pub fn model_key(fingerprint: &str) -> RecordKey {
     RecordKey::new(&format!("corolla/model/{fingerprint}"))
@@ -41,9 +44,10 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Publishes (or refreshes) this server's presence.
-pub async fn announce(client: &Client, info: &ServerInfo) -> Result<(), NodeError> {
-    let value = wire::to_cbor(info).map_err(|e| NodeError::Dht(e.to_string()))?;
+/// Publishes (or refreshes) this server's presence, signed with `keypair` (the node's
+/// identity).
+pub async fn announce(client: &Client, keypair: &Keypair, info: &ServerInfo) -> Result<(), NodeError> {
+    let value = record::sign(keypair, info).map_err(|e| NodeError::Dht(e.to_string()))?;
     client
         .put_record(server_key(&info.model, &client.peer_id()), value.clone())
         .await?;
@@ -69,7 +73,7 @@ pub struct ModelListing {
 
 /// Every model that live servers announce, by fingerprint.
 pub async fn list_models(client: &Client, timeout: Duration) -> Result<Vec<ModelListing>, NodeError> {
-    let infos = live_infos(client, all_servers_key(), peer_key, None, timeout).await?;
+    let infos = live_infos(client, all_servers_key(), peer_key, None, None, timeout).await?;
     let mut models: Vec<ModelListing> = Vec::new();
     for info in infos {
         match models.iter_mut().find(|m| m.fingerprint == info.model) {
@@ -85,11 +89,32 @@ pub async fn list_models(client: &Client, timeout: Duration) -> Result<Vec<Model
     Ok(models)
 }
 
-/// Every live server of the model, newest record per peer.
-pub async fn discover(client: &Client, fingerprint: &str, timeout: Duration) -> Result<Vec<ServerInfo>, NodeError> {
+/// Every live server of the model, newest verified record per peer. With `num_blocks` (the
+/// model's, when the caller knows its config), spans outside the model are refused too.
+pub async fn discover(
+    client: &Client,
+    fingerprint: &str,
+    num_blocks: Option<u32>,
+    timeout: Duration,
+) -> Result<Vec<ServerInfo>, NodeError> {
     let record = |peer: &PeerId| server_key(fingerprint, peer);
-    live_infos(client, model_key(fingerprint), record, Some(fingerprint), timeout).await
+    live_infos(
+        client,
+        model_key(fingerprint),
+        record,
+        Some(fingerprint),
+        num_blocks,
+        timeout,
+    )
+    .await
 }
+
+/// How many DHT records this process has ignored because they did not verify.
+pub fn refused_records() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+static REFUSED: AtomicU64 = AtomicU64::new(0);
 
 /// The newest live [`ServerInfo`] of each provider of `providers`, read from the record
 /// `record(peer)`; with `model`, only infos of that model.
@@ -98,6 +123,7 @@ async fn live_infos(
     providers: RecordKey,
     record: impl Fn(&PeerId) -> RecordKey,
     model: Option<&str>,
+    num_blocks: Option<u32>,
     timeout: Duration,
 ) -> Result<Vec<ServerInfo>, NodeError> {
     let providers = rt::timeout(timeout, client.get_providers(providers))
@@ -112,31 +138,39 @@ async fn live_infos(
             .ok()?;
         records
             .iter()
-            .filter_map(|bytes| live_info(bytes, &peer, model, now))
+            .filter_map(|bytes| {
+                let expect = Expect {
+                    peer: &peer,
+                    model,
+                    num_blocks,
+                    now_ms: now,
+                };
+                live_info(bytes, &expect)
+            })
             .max_by_key(|info| info.expires_at_ms)
     });
     Ok(join_all(lookups).await.into_iter().flatten().collect())
 }
 
-/// A DHT record read back as the [`ServerInfo`] of `peer`: `None` unless it decodes, names
-/// that peer (a record cannot speak for another server), is of `model` when one is asked for,
-/// speaks our protocol version and has not expired at `now_ms`.
-pub fn live_info(bytes: &[u8], peer: &PeerId, model: Option<&str>, now_ms: u64) -> Option<ServerInfo> {
-    let info = wire::from_cbor::<ServerInfo>(bytes).ok()?;
-    let live = info.peer_id == peer.to_string()
-        && model.is_none_or(|m| info.model == m)
-        && info.protocol == PROTOCOL_VERSION
-        && info.expires_at_ms > now_ms;
-    live.then_some(info)
+/// A DHT record read back as a [`ServerInfo`]: `None` (counted, and logged at debug with the
+/// reason) unless it verifies as [`record::verify`] says.
+pub fn live_info(bytes: &[u8], expect: &Expect<'_>) -> Option<ServerInfo> {
+    match record::verify(bytes, expect) {
+        Ok(info) => Some(info),
+        // An expired record is ordinary (a server that left); anything else is a lie or a bug.
+        Err(record::RecordError::Expired { .. }) => None,
+        Err(e) => {
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %expect.peer, error = %e, "DHT record refused");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn random_peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()
-    }
+    use crate::protocol::PROTOCOL_VERSION;
 
     fn info(peer: &PeerId) -> ServerInfo {
         ServerInfo {
@@ -161,26 +195,27 @@ mod tests {
     }
 
     #[test]
-    fn live_info_takes_only_live_records_of_the_peer() {
-        let peer = random_peer();
-        let record = |i: &ServerInfo| wire::to_cbor(i).expect("encode");
+    fn live_info_takes_only_verified_live_records_and_counts_the_rest() {
+        let key = Keypair::generate_ed25519();
+        let peer = key.public().to_peer_id();
         let good = info(&peer);
-        assert_eq!(live_info(&record(&good), &peer, Some("m"), 1000), Some(good.clone()));
-        assert_eq!(live_info(&record(&good), &peer, None, 1000), Some(good.clone()));
-        assert_eq!(live_info(&record(&good), &peer, Some("other"), 1000), None);
-        assert_eq!(live_info(&record(&good), &peer, None, 2000), None, "expired");
-        assert_eq!(
-            live_info(&record(&good), &random_peer(), None, 1000),
-            None,
-            "another peer's"
-        );
-        let old = ServerInfo {
-            protocol: PROTOCOL_VERSION - 1,
-            ..good.clone()
+        let bytes = record::sign(&key, &good).expect("sign");
+        let at = |now_ms| Expect {
+            peer: &peer,
+            model: Some("m"),
+            num_blocks: Some(4),
+            now_ms,
         };
-        assert_eq!(live_info(&record(&old), &peer, None, 1000), None, "another protocol");
-        let mut bytes = record(&good);
-        bytes.truncate(bytes.len() - 1);
-        assert_eq!(live_info(&bytes, &peer, None, 1000), None, "truncated");
+        assert_eq!(live_info(&bytes, &at(1000)), Some(good.clone()));
+        let before = refused_records();
+        assert_eq!(live_info(&bytes, &at(2000)), None, "expired");
+        assert_eq!(refused_records(), before, "an expired record is not a lie");
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let elsewhere = Expect {
+            peer: &other,
+            ..at(1000)
+        };
+        assert_eq!(live_info(&bytes, &elsewhere), None, "another peer's");
+        assert!(refused_records() > before, "counted");
     }
 }

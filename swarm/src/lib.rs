@@ -9,6 +9,7 @@ pub mod identity;
 pub mod limits;
 pub mod node;
 pub mod protocol;
+pub mod record;
 pub mod remote;
 pub mod request;
 pub mod routing;

@@ -33,7 +33,9 @@ pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3")
 /// 3: span and head requests on their own streams, [`ErrorKind::TooLarge`] with
 /// [`LimitExceeded`] (what was refused and the largest request that would pass), and a
 /// server's [`ServerLoad`] in its info.
-pub const PROTOCOL_VERSION: u32 = 3;
+///
+/// 4: DHT records are signed envelopes ([`crate::record`]); readers refuse unsigned ones.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

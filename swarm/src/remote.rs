@@ -125,7 +125,13 @@ impl RemoteChain {
     }
 
     async fn refresh(&mut self) -> Result<(), SessionError> {
-        self.servers = dht::discover(&self.client, &self.config.model, self.config.discovery_timeout).await?;
+        self.servers = dht::discover(
+            &self.client,
+            &self.config.model,
+            u32::try_from(self.config.num_layers).ok(),
+            self.config.discovery_timeout,
+        )
+        .await?;
         tracing::debug!(servers = self.servers.len(), "discovered servers");
         Ok(())
     }

@@ -99,7 +99,7 @@ pub async fn list_models(client: &Client, patience: Duration) -> Result<Vec<Mode
 
 /// The servers of a model, and the bundle URL one of them offers.
 pub async fn find_bundle(client: &Client, model: &str) -> Result<(Vec<ServerInfo>, String), ClientError> {
-    let servers = dht::discover(client, model, Duration::from_secs(10)).await?;
+    let servers = dht::discover(client, model, None, Duration::from_secs(10)).await?;
     let url = servers
         .iter()
         .find_map(|s| s.client_url.clone())

@@ -1,0 +1,229 @@
+//! Trust across real processes on 127.0.0.1: what a client believes of the DHT.
+//!
+//! Hostile DHT nodes serve forged server records (another peer's id, far-future expiry,
+//! `end < start`, a span outside the model, a claimed throughput of 10^9, a record signed by
+//! the wrong key, the old unsigned format). Readers must ignore every one: `server
+//! --num-blocks` places itself as if they did not exist, and the client's tokens are golden
+//! without touching any forger.
+
+use std::process::Command;
+use std::time::Duration;
+
+use corolla_tests::{Proc, STARTUP, Swarm, bin, fixture, wait_for_file_lines};
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use shared_model::fingerprint::fingerprint;
+use shared_model::loader::ModelFiles;
+use swarm::dht;
+use swarm::node::{self, Client, NodeConfig};
+use swarm::protocol::{PROTOCOL_VERSION, ServerInfo};
+use swarm::{record, wire};
+
+fn golden() -> (Vec<u32>, Vec<u32>) {
+    let text = std::fs::read_to_string(fixture("llama").join("golden.json")).expect("golden.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let prompt_len = json["prompt_len"].as_u64().expect("prompt_len") as usize;
+    let row: Vec<u32> = json["greedy"][0]
+        .as_array()
+        .expect("greedy rows")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A DHT server of its own, joined to the swarm through the relay.
+async fn dht_node(relay: &str) -> (Client, Keypair) {
+    let key = Keypair::generate_ed25519();
+    let mut config = NodeConfig::new(key.clone());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    config.bootstrap = vec![relay.parse::<Multiaddr>().expect("relay addr")];
+    config.dht_server = true;
+    let (client, _inbound, event_loop) = node::start(config).expect("node");
+    tokio::spawn(event_loop.run());
+    (client, key)
+}
+
+/// What an honest server of `model` on `[start, end)` would announce as `peer`.
+fn info(peer: &str, model: &str, start: u32, end: u32) -> ServerInfo {
+    ServerInfo {
+        peer_id: peer.to_string(),
+        model: model.to_string(),
+        model_name: "forged".into(),
+        start,
+        end,
+        throughput: 1e4,
+        free_cache_tokens: 1 << 20,
+        version: "0.1.0".into(),
+        protocol: PROTOCOL_VERSION,
+        public_name: None,
+        relayed: false,
+        // Nothing listens there: a client that believed the record would fail to reach it.
+        addrs: vec![format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}")],
+        expires_at_ms: dht::now_ms() + 600_000,
+        client_url: None,
+        serves_head: false,
+        adapters: Vec::new(),
+        load: None,
+    }
+}
+
+/// One forger: provides the model, and stores `records` (key, value) in its own DHT store,
+/// where lookups find them.
+async fn forge(
+    relay: &str,
+    model: &str,
+    records: impl FnOnce(&Keypair) -> Vec<(libp2p::kad::RecordKey, Vec<u8>)>,
+) -> Client {
+    let (client, key) = dht_node(relay).await;
+    // Honest nodes refuse to store another peer's key for it; its own store keeps them.
+    for (k, v) in records(&key) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), client.put_record(k, v)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.start_providing(dht::model_key(model))).await;
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_records_are_ignored_by_clients_and_servers() {
+    let model_dir = fixture("llama");
+    let files = ModelFiles::open(&model_dir).expect("model");
+    let fp = fingerprint(&files.config, files.weights.as_ref()).expect("fingerprint");
+    let mut swarm = Swarm::start("forged");
+    let honest = swarm.server(&model_dir, "0:2", &[]);
+    let victim: libp2p::PeerId = honest.parse().expect("peer id");
+    let relay = swarm.relay_addr.clone();
+
+    let sign = |key: &Keypair, info: &ServerInfo| record::sign(key, info).expect("sign");
+    let own = |key: &Keypair| key.public().to_peer_id();
+    let m = fp.clone();
+    let mut forgers = Vec::new();
+    // A record of its own that claims 10^9 tokens/s for the blocks nobody serves yet; and, under
+    // the honest server's key, a record it signed itself.
+    forgers.push(
+        forge(&relay, &fp, |key| {
+            let me = own(key);
+            let fast = ServerInfo {
+                throughput: 1e9,
+                ..info(&me.to_string(), &m, 2, 4)
+            };
+            let mine = info(&me.to_string(), &m, 0, 4);
+            vec![
+                (dht::server_key(&m, &me), sign(key, &fast)),
+                (dht::server_key(&m, &victim), sign(key, &mine)),
+            ]
+        })
+        .await,
+    );
+    // end < start; and the old unsigned format under the honest server's key, never expiring.
+    forgers.push(
+        forge(&relay, &fp, |key| {
+            let me = own(key);
+            let unsigned = ServerInfo {
+                expires_at_ms: u64::MAX,
+                ..info(&honest, &m, 0, 4)
+            };
+            vec![
+                (dht::server_key(&m, &me), sign(key, &info(&me.to_string(), &m, 4, 2))),
+                (dht::server_key(&m, &victim), wire::to_cbor(&unsigned).expect("cbor")),
+            ]
+        })
+        .await,
+    );
+    // Blocks outside the model (it has 4).
+    forgers.push(
+        forge(&relay, &fp, |key| {
+            let me = own(key);
+            vec![(dht::server_key(&m, &me), sign(key, &info(&me.to_string(), &m, 2, 9)))]
+        })
+        .await,
+    );
+    // An expiry in the far future (it would outlive every honest record).
+    forgers.push(
+        forge(&relay, &fp, |key| {
+            let me = own(key);
+            let forever = ServerInfo {
+                expires_at_ms: u64::MAX,
+                ..info(&me.to_string(), &m, 2, 4)
+            };
+            vec![(dht::server_key(&m, &me), sign(key, &forever))]
+        })
+        .await,
+    );
+
+    // A new server places itself: the forged records would put it on 0..2 (blocks 2..4 look
+    // served at 10^9 tokens/s), and then nobody would serve 2..4.
+    let addr_file = swarm.dir.join("auto.addrs");
+    let auto = Proc::spawn(
+        "server-auto",
+        Command::new(bin("server"))
+            .env("COROLLA_LOG", "info,swarm::dht=debug")
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--num-blocks", "2", "--initial-peers", &relay])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            .arg(&addr_file),
+    );
+    wait_for_file_lines(&addr_file, 1, STARTUP);
+    let log = auto.log();
+    let chose = log
+        .lines()
+        .find(|l| l.contains("chose blocks"))
+        .expect("placement logged");
+    assert!(chose.contains("start=2") && chose.contains("end=4"), "{chose}");
+    assert!(
+        log.contains("DHT record refused"),
+        "the new server never saw a forged record:\n{log}"
+    );
+    swarm.servers.push((auto, String::new()));
+
+    let (prompt, golden) = golden();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("corolla"))
+            .env("COROLLA_LOG", "info,swarm::dht=debug")
+            .arg("generate")
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--token-ids", &csv(&prompt)])
+            .args(["--max-new-tokens", &golden.len().to_string(), "--ignore-eos", "--json"])
+            .args(["--initial-peers", &relay])
+            .output()
+            .expect("corolla runs")
+    })
+    .await
+    .expect("client thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "corolla failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let tokens: Vec<u32> = json["token_ids"]
+        .as_array()
+        .expect("token ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    let (_, golden) = self::golden();
+    assert_eq!(tokens, golden);
+    // Every kind of forgery reached the client and was refused for what it is.
+    for reason in [
+        "not plausible",
+        "is not inside a model",
+        "later than any announcement may live",
+        "signed by",
+        "malformed record",
+    ] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("DHT record refused") && l.contains(reason)),
+            "no record refused as \"{reason}\":\n{stderr}"
+        );
+    }
+    // No forger was ever tried.
+    assert!(!stderr.contains("banned server"), "{stderr}");
+    assert!(!stderr.contains("re-routing"), "{stderr}");
+    drop(forgers);
+}
