@@ -20,6 +20,9 @@ for tool in node npm; do
 done
 
 cargo build --release --locked --workspace --bins
+# The lying server of the trust tests (tests/tests/trust.rs): the same binary with the
+# test-only `fault-injection` flags, never part of a normal build.
+cargo build --release --locked -p corolla-server --features fault-injection --bin server-faulty
 scripts/build-web.sh
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 if [ -z "${COROLLA_SMOLLM2_GGUF:-}" ]; then

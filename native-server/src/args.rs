@@ -174,6 +174,9 @@ pub struct ServerArgs {
     /// each is named after its folder, and clients pick one per session.
     #[arg(long, num_args = 1..)]
     pub adapters: Vec<PathBuf>,
+    #[cfg(feature = "fault-injection")]
+    #[command(flatten)]
+    pub faults: crate::faults::FaultArgs,
 }
 
 /// A validated server configuration.
@@ -213,10 +216,16 @@ pub struct ServerConfig {
     pub http_url: Option<String>,
     pub serve_head: bool,
     pub adapters: Vec<PathBuf>,
+    /// Test-only lies (feature `fault-injection`); none otherwise.
+    pub faults: crate::faults::Faults,
 }
 
 impl ServerArgs {
     pub fn validate(self) -> Result<ServerConfig> {
+        #[cfg(feature = "fault-injection")]
+        let faults = self.faults.validate()?;
+        #[cfg(not(feature = "fault-injection"))]
+        let faults = crate::faults::Faults::default();
         let blocks = match &self.blocks {
             Some(text) => {
                 let (a, b) = text.split_once(':').context("--blocks must look like START:END")?;
@@ -324,6 +333,7 @@ impl ServerArgs {
             http_url: self.http_url.map(|u| u.trim_end_matches('/').to_string()),
             serve_head: self.serve_head,
             adapters: self.adapters,
+            faults,
         })
     }
 }

@@ -68,6 +68,8 @@ pub struct Context<B: Backend> {
     pub cost: CostModel,
     /// With `--serve-head`.
     pub head: Option<Arc<HeadParts<B>>>,
+    /// Test-only lies (feature `fault-injection`); none otherwise.
+    pub faults: crate::faults::Faults,
 }
 
 /// How many blocks to serve: `--blocks`, `--num-blocks`, or as many as the GPU holds.
@@ -291,7 +293,7 @@ where
         start: start as u32,
         end: end as u32,
         // A prior for clients, who measure for themselves; readers refuse more than this.
-        throughput: throughput.min(swarm::record::MAX_THROUGHPUT),
+        throughput: config.faults.announced(throughput.min(swarm::record::MAX_THROUGHPUT)),
         free_cache_tokens: 0,
         version: env!("CARGO_PKG_VERSION").to_string(),
         protocol: PROTOCOL_VERSION,
@@ -316,6 +318,7 @@ where
         admission: admission.clone(),
         cost,
         head,
+        faults: config.faults.clone(),
     });
     // Everything is loaded: the checkpoint's mapped pages need not stay resident.
     drop(files);

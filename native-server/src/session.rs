@@ -169,7 +169,13 @@ where
         };
         cache = Some(back);
         let response = match response {
-            Ok(out) => SessionResponse::Output { step, hidden: out },
+            Ok(out) => {
+                ctx.faults.delay_step().await;
+                SessionResponse::Output {
+                    step,
+                    hidden: ctx.faults.output(out),
+                }
+            }
             Err(e) if fatal => return Err(e),
             Err(e) => SessionResponse::Error(e),
         };

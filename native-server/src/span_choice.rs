@@ -89,12 +89,14 @@ pub fn blocks_for_memory(
     ((fit as usize).clamp(1, config.num_layers), reserve)
 }
 
-/// Per-block served throughput (tokens/s summed over the servers hosting each block).
+/// Per-block served throughput (tokens/s summed over the servers hosting each block), each
+/// server's claim believed only up to the cap clients use
+/// ([`swarm::remote::speed::capped_throughputs`]): one liar cannot make blocks look served.
 pub fn block_throughputs(num_layers: usize, servers: &[ServerInfo]) -> Vec<f64> {
     let mut t = vec![0.0; num_layers];
-    for s in servers {
+    for (s, throughput) in servers.iter().zip(swarm::remote::speed::capped_throughputs(servers)) {
         for b in (s.start as usize)..(s.end as usize).min(num_layers) {
-            t[b] += s.throughput;
+            t[b] += throughput;
         }
     }
     t

@@ -114,7 +114,7 @@ where
             let computing = std::time::Instant::now();
             let ran = compute::chunked(&ctx.hosted, &ctx.admission, peer, cache, step, ctx.cost.chunk_tokens()).await;
             tracing::debug!(%peer, batch, seq, bytes = memory.bytes(), compute_ms = computing.elapsed().as_secs_f64() * 1e3, "forward");
-            SpanResponse::Tensor(to_wire(ran.output?, reply_dtype))
+            SpanResponse::Tensor(ctx.faults.output(to_wire(ran.output?, reply_dtype)))
         }
         SpanRequest::Backward {
             model,

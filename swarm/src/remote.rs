@@ -63,6 +63,8 @@ pub const DEFAULT_CHUNK_TOKENS: usize = 1024;
 
 struct ActiveHop {
     session: HopSession,
+    /// The round trip to its server when the hop opened (taken out of its step times).
+    rtt: Duration,
     /// Every input this hop has seen, one `[batch, new, hidden]` piece per message (what a
     /// replacement server needs replayed, piece by piece).
     history: Vec<HostTensor>,
@@ -82,9 +84,14 @@ pub struct RemoteChain {
     /// The last training forward: each hop's server, blocks and input (see [`train`]).
     train: Vec<train::TrainHop>,
     train_deep: Option<HostTensor>,
+    /// Step times measured of each server used (routing costs, demotion).
+    speeds: SpeedBook,
 }
 
+pub mod speed;
 mod train;
+
+use speed::SpeedBook;
 
 impl RemoteChain {
     pub fn new(client: Client, config: RemoteConfig) -> Self {
@@ -97,6 +104,7 @@ impl RemoteChain {
             spec: None,
             train: Vec::new(),
             train_deep: None,
+            speeds: SpeedBook::default(),
         }
     }
 
@@ -132,7 +140,10 @@ impl RemoteChain {
             self.config.discovery_timeout,
         )
         .await?;
-        tracing::debug!(servers = self.servers.len(), "discovered servers");
+        tracing::debug!(
+            servers = ?self.servers.iter().map(|s| (&s.peer_id, s.start, s.end, s.throughput)).collect::<Vec<_>>(),
+            "discovered servers"
+        );
         Ok(())
     }
 
@@ -146,8 +157,22 @@ impl RemoteChain {
 
     async fn candidates(&self) -> Vec<Candidate> {
         let now = Instant::now();
-        let mut out = Vec::new();
+        let cap = speed::prior_cap(&self.servers);
+        let mut rtts = Vec::with_capacity(self.servers.len());
         for s in &self.servers {
+            let rtt = match s.peer_id.parse::<PeerId>() {
+                Ok(peer) => self.client.rtt(peer).await,
+                Err(_) => None,
+            };
+            rtts.push(rtt);
+        }
+        // A server not pinged yet is assumed as near as the typical one that was: an unknown
+        // round trip must not decide a route by itself.
+        let mut known: Vec<Duration> = rtts.iter().flatten().copied().collect();
+        known.sort();
+        let typical = known.get(known.len() / 2).copied().unwrap_or(Duration::from_millis(50));
+        let mut out = Vec::new();
+        for (s, rtt) in self.servers.iter().zip(rtts) {
             if self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now) {
                 continue;
             }
@@ -156,16 +181,15 @@ impl RemoteChain {
             {
                 continue;
             }
-            let Ok(peer) = s.peer_id.parse::<PeerId>() else {
+            if s.peer_id.parse::<PeerId>().is_err() {
                 continue;
-            };
-            let rtt = self.client.rtt(peer).await.unwrap_or(Duration::from_millis(50));
-            let span = (s.end - s.start).max(1) as f64;
+            }
+            let rtt = rtt.unwrap_or(typical);
             out.push(Candidate {
                 peer: s.peer_id.clone(),
                 start: s.start as usize,
                 end: s.end as usize,
-                block_cost: 1.0 / (s.throughput.max(1e-3) * span),
+                block_cost: self.speeds.block_cost(s, cap),
                 rtt,
             });
         }
@@ -245,14 +269,20 @@ impl RemoteChain {
             for hop in &route {
                 let attempt = async {
                     let session = self.open_patiently(hop, &spec).await?;
+                    let rtt = self.client.rtt(session.peer).await.unwrap_or(Duration::ZERO);
                     let mut active = ActiveHop {
                         session,
+                        rtt,
                         history: Vec::new(),
                         chunk: self.chunk_limit(),
                     };
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in &pieces {
-                        outputs.extend(hop_pieces(&mut active, piece).await.map_err(|f| f.error)?);
+                        outputs.extend(
+                            hop_pieces(&mut active, piece, &self.speeds)
+                                .await
+                                .map_err(|f| f.error)?,
+                        );
                     }
                     Ok::<_, SessionError>((active, outputs))
                 };
@@ -339,7 +369,7 @@ impl RemoteChain {
                 outputs.push(piece);
                 continue;
             }
-            match hop_pieces(&mut self.hops[i], &piece).await {
+            match hop_pieces(&mut self.hops[i], &piece, &self.speeds).await {
                 Ok(outs) => {
                     // Its outputs go on to the next hop before anything else.
                     for out in outs.into_iter().rev() {
@@ -377,9 +407,58 @@ impl RemoteChain {
                 }
             }
         }
-        concat_all(&outputs).ok_or(SessionError::Protocol {
+        let output = concat_all(&outputs).ok_or(SessionError::Protocol {
             peer: self.client.peer_id(),
-        })
+        })?;
+        self.move_off_slow_servers().await;
+        Ok(output)
+    }
+
+    /// Moves the blocks of each hop whose server measured much slower than it claims
+    /// ([`SpeedBook::slower_than_claimed`]) to a route without it, if there is one: the hop's
+    /// history is replayed there as in a failover, so the tokens do not change. The server is
+    /// not banned: routing now prices it at what it measured.
+    async fn move_off_slow_servers(&mut self) {
+        let mut i = 0;
+        while i < self.hops.len() {
+            let (peer, start, end) = {
+                let s = &self.hops[i].session;
+                (s.peer, s.start, s.end)
+            };
+            let name = peer.to_string();
+            let slow = self
+                .servers
+                .iter()
+                .find(|s| s.peer_id == name)
+                .is_some_and(|s| self.speeds.slower_than_claimed(s));
+            let elsewhere = slow
+                && self
+                    .plan(start, end)
+                    .await
+                    .is_ok_and(|route| route.iter().all(|h| h.peer != name));
+            if !elsewhere {
+                i += 1;
+                continue;
+            }
+            tracing::warn!(%peer, start, end, "server much slower than it claims: moving its blocks");
+            let history = std::mem::take(&mut self.hops[i].history);
+            match self.connect(start, end, &history).await {
+                Ok(replacement) => {
+                    let k = replacement.len();
+                    let removed: Vec<ActiveHop> = self.hops.splice(i..=i, replacement).collect();
+                    for hop in removed {
+                        let _ = crate::rt::timeout(Duration::from_secs(1), hop.session.close()).await;
+                    }
+                    tracing::info!(route = ?self.route(), "session re-routed off a slow server");
+                    i += k;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "could not move off a slow server; staying");
+                    self.hops[i].history = history;
+                    i += 1;
+                }
+            }
+        }
     }
 }
 
@@ -401,13 +480,23 @@ struct PieceFailure {
 /// Sends `piece` through one hop, in smaller pieces if the server says the piece is too large
 /// (and how large it may be), asking again a few times if it is busy; records each piece the
 /// hop took in its history. Returns the outputs, in order.
-async fn hop_pieces(hop: &mut ActiveHop, piece: &HostTensor) -> Result<Vec<HostTensor>, PieceFailure> {
+async fn hop_pieces(
+    hop: &mut ActiveHop,
+    piece: &HostTensor,
+    speeds: &SpeedBook,
+) -> Result<Vec<HostTensor>, PieceFailure> {
     let mut pending: std::collections::VecDeque<HostTensor> = split_tokens(piece, hop.chunk).into();
     let mut outputs = Vec::new();
     let mut busy = 0;
     while let Some(p) = pending.pop_front() {
+        let sent = Instant::now();
         match hop.session.step(&p).await {
             Ok(out) => {
+                // Decode steps (one token a row) are what routing compares.
+                if p.shape[1] == 1 {
+                    let blocks = hop.session.end - hop.session.start;
+                    speeds.record(&hop.session.peer.to_string(), blocks, sent.elapsed(), hop.rtt);
+                }
                 busy = 0;
                 hop.history.push(p);
                 outputs.push(out);

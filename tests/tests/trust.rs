@@ -227,3 +227,96 @@ async fn forged_records_are_ignored_by_clients_and_servers() {
     assert!(!stderr.contains("re-routing"), "{stderr}");
     drop(forgers);
 }
+
+/// A server that claims the most throughput a record may carry but answers every step 300 ms
+/// late wins the first route (its claim is only capped), and is dropped from it within a few
+/// tokens, once the client has measured it; the tokens stay golden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_slower_than_it_claims_is_dropped_from_the_route() {
+    let model_dir = fixture("llama");
+    let mut swarm = Swarm::start("slow-liar");
+    let relay = swarm.relay_addr.clone();
+    // An honest server whose modest claim (100 tokens/s, which it beats) makes claims, not
+    // loopback round-trip noise, decide the first route.
+    let honest_file = swarm.dir.join("honest.addrs");
+    let honest = Proc::spawn(
+        "server-honest",
+        Command::new(bin("server-faulty"))
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--blocks", "0:4", "--initial-peers", &relay])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            .arg(&honest_file)
+            .args(["--claim-throughput", "100"]),
+    );
+    wait_for_file_lines(&honest_file, 1, STARTUP);
+    swarm.servers.push((honest, String::new()));
+    let addr_file = swarm.dir.join("liar.addrs");
+    let liar_bin = bin("server-faulty");
+    let liar = Proc::spawn(
+        "server-liar",
+        Command::new(liar_bin)
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--blocks", "0:4", "--initial-peers", &relay])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            .arg(&addr_file)
+            .args(["--claim-throughput", &record::MAX_THROUGHPUT.to_string()])
+            .args(["--delay-steps-ms", "300"]),
+    );
+    let liar_peer = wait_for_file_lines(&addr_file, 1, STARTUP)[0]
+        .rsplit("/p2p/")
+        .next()
+        .expect("address ends in /p2p/<id>")
+        .to_string();
+    swarm.servers.push((liar, liar_peer.clone()));
+
+    let (prompt, golden) = golden();
+    let n = golden.len();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("corolla"))
+            .env("COROLLA_LOG", "info,swarm::remote=debug")
+            .arg("generate")
+            .arg("--model")
+            .arg(&model_dir)
+            .args(["--token-ids", &csv(&prompt)])
+            .args(["--max-new-tokens", &n.to_string(), "--ignore-eos", "--json"])
+            .args(["--initial-peers", &relay])
+            .output()
+            .expect("corolla runs")
+    })
+    .await
+    .expect("client thread");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "corolla failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let tokens: Vec<u32> = json["token_ids"]
+        .as_array()
+        .expect("token ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    assert_eq!(tokens, golden, "{stderr}");
+    let route = stderr
+        .lines()
+        .find(|l| l.contains("session route"))
+        .expect("route logged");
+    assert!(
+        route.contains(&liar_peer),
+        "the liar's claim should win the first route: {route}\n{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("much slower than it claims") && l.contains(&liar_peer)),
+        "the liar was never demoted:\n{stderr}"
+    );
+    let slow = json["timing"]["token_ms"]
+        .as_array()
+        .expect("token times")
+        .iter()
+        .filter(|t| t.as_f64().expect("ms") > 250.0)
+        .count();
+    assert!(slow <= 4, "{slow} tokens took over 250 ms: {}", json["timing"]);
+    assert!(!stderr.contains("banned server"), "demoted, not banned: {stderr}");
+}
