@@ -187,6 +187,13 @@ pub struct GenerateArgs {
     /// Route for the lowest latency (chat) or spread by servers' throughput (batch work).
     #[arg(long, value_enum, default_value_t = RoutingArg::Latency)]
     pub routing: RoutingArg,
+    /// Share (0 to 1) of servers' answers re-run on another server of the same blocks and
+    /// compared; a server two others contradict is banned and its work redone (0: off).
+    #[arg(long, default_value_t = swarm::remote::DEFAULT_VERIFY_RATE, value_parser = parse_rate)]
+    pub verify: f64,
+    /// Seed of the spot checks' sample (default: the clock).
+    #[arg(long)]
+    pub verify_seed: Option<u64>,
     /// Prompts trained by `corolla train` (deep prompts are added by the servers).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -270,4 +277,12 @@ pub struct FetchArgs {
     /// Where fetched models are kept (default: $COROLLA_CACHE, else ~/.cache/corolla).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+}
+
+/// A share from 0 to 1.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{text:?} is not a share from 0 to 1")),
+    }
 }

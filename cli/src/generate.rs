@@ -141,6 +141,9 @@ struct JsonOutput<'a> {
     token_ids: &'a [u32],
     text: &'a str,
     timing: Timing,
+    /// Spot checks of the servers' outputs (remote runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verify: Option<swarm::remote::verify::VerifyReport>,
 }
 
 /// When the tokens came, measured from the start of generation (weights already loaded,
@@ -212,6 +215,7 @@ impl OnBackend for Job<'_> {
             self.args,
             &self.prompt_ids,
             &self.params,
+            None,
             |params, on_token| {
                 Ok(generate_with_prefix(
                     &model.embeddings,
@@ -233,6 +237,7 @@ pub fn emit(
     args: &GenerateArgs,
     prompt_ids: &[u32],
     params: &GenerateParams,
+    verify: Option<std::sync::Arc<std::sync::Mutex<swarm::remote::verify::VerifyReport>>>,
     generate: impl FnOnce(
         &GenerateParams,
         &mut dyn FnMut(shared_model::generate::TokenEvent) -> ControlFlow<()>,
@@ -280,6 +285,7 @@ pub fn emit(
                 token_ids: &token_ids,
                 text: &text,
                 timing: Timing::new(start, &stamps),
+                verify: verify.map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             };
             writeln!(stdout, "{}", serde_json::to_string(&object)?)?;
         } else {

@@ -65,6 +65,8 @@ pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingAr
         adapter: None,
         hidden_size: files.config.hidden_size,
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
+        verify_rate: swarm::remote::DEFAULT_VERIFY_RATE,
+        verify_seed: swarm::dht::now_ms(),
         route_mode: match routing {
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,
@@ -88,10 +90,15 @@ pub fn run(
     let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
     let mut remote_config = remote_config(files, args.wire_dtype, args.routing)?;
     remote_config.adapter = args.adapter.clone();
+    remote_config.verify_rate = args.verify;
+    if let Some(seed) = args.verify_seed {
+        remote_config.verify_seed = seed;
+    }
     remote_config.deep_prompts = prompts.as_ref().and_then(|p| p.deep.clone());
     let prefix = prompts.map(|p| crate::generate::upload_prompt::<Cpu>(&p, &device));
     let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
-    let result = emit(files, args, &prompt_ids, &params, |params, on_token| {
+    let report = blocks.verify_report();
+    let result = emit(files, args, &prompt_ids, &params, Some(report), |params, on_token| {
         Ok(generate_with_prefix(
             &embeddings,
             &head,

@@ -305,6 +305,10 @@ where
         serves_head: head.is_some(),
         adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
         load: None,
+        numerics: match config.quant {
+            Some(q) => format!("{}+{q:?}", config.dtype.name()).to_ascii_lowercase(),
+            None => config.dtype.name().to_string(),
+        },
     };
     check_own_record(&keypair, &template, config.announce_ttl)?;
     let ctx = Arc::new(Context {

@@ -191,6 +191,7 @@ mod tests {
             serves_head: false,
             adapters: Vec::new(),
             load: None,
+            numerics: "f32".into(),
         }
     }
 

@@ -278,6 +278,10 @@ pub struct ServerInfo {
     /// DHT record carries it as of its announcement).
     #[serde(default)]
     pub load: Option<ServerLoad>,
+    /// How the server computes (`f32`, `f16`, `bf16`, with `+q8`/`+q4` when quantized):
+    /// clients compare outputs only between servers that compute alike.
+    #[serde(default)]
+    pub numerics: String,
 }
 
 /// A server's budgets, whole and free.

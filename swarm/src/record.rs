@@ -227,6 +227,7 @@ fn check_sizes(info: &ServerInfo) -> Result<(), RecordError> {
     for addr in &info.addrs {
         field("addrs[]", addr.len(), MAX_ADDR)?;
     }
+    field("numerics", info.numerics.len(), MAX_VERSION)?;
     field("adapters", info.adapters.len(), MAX_ADAPTERS)?;
     for adapter in &info.adapters {
         field("adapters[]", adapter.len(), MAX_NAME)?;
@@ -259,6 +260,7 @@ mod tests {
             serves_head: false,
             adapters: Vec::new(),
             load: None,
+            numerics: "f32".into(),
         }
     }
 

@@ -56,7 +56,14 @@ pub struct RemoteConfig {
     pub hidden_size: usize,
     /// Most tokens (per row) sent in one message: long prompts and replays go in pieces.
     pub chunk_tokens: usize,
+    /// Share of hop answers spot-checked on another server ([`verify`]); 0 turns it off.
+    pub verify_rate: f64,
+    /// Seed of the spot checks' sample.
+    pub verify_seed: u64,
 }
+
+/// The spot-check rate when none is given: one hop answer in twenty.
+pub const DEFAULT_VERIFY_RATE: f64 = 0.05;
 
 /// Pieces of a long prompt or replay, in tokens per row (servers may ask for smaller ones).
 pub const DEFAULT_CHUNK_TOKENS: usize = 1024;
@@ -86,16 +93,20 @@ pub struct RemoteChain {
     train_deep: Option<HostTensor>,
     /// Step times measured of each server used (routing costs, demotion).
     speeds: SpeedBook,
+    verifier: verify::Verifier,
 }
 
 pub mod speed;
 mod train;
+pub mod verify;
 
 use speed::SpeedBook;
 
 impl RemoteChain {
     pub fn new(client: Client, config: RemoteConfig) -> Self {
+        let verifier = verify::Verifier::new(config.verify_rate, config.verify_seed);
         Self {
+            verifier,
             client,
             config,
             servers: Vec::new(),
@@ -106,6 +117,11 @@ impl RemoteChain {
             train_deep: None,
             speeds: SpeedBook::default(),
         }
+    }
+
+    /// What the spot checks found so far (shared: it keeps counting).
+    pub fn verify_report(&self) -> std::sync::Arc<std::sync::Mutex<verify::VerifyReport>> {
+        self.verifier.report()
     }
 
     /// The servers found by the last discovery.
@@ -369,7 +385,23 @@ impl RemoteChain {
                 outputs.push(piece);
                 continue;
             }
-            match hop_pieces(&mut self.hops[i], &piece, &self.speeds).await {
+            let result = match hop_pieces(&mut self.hops[i], &piece, &self.speeds).await {
+                Ok(outs) => match self.spot_check(i, &outs).await {
+                    verify::Verdict::Keep => Ok(outs),
+                    verify::Verdict::HopLied(error) => {
+                        // Its answers are thrown away: what it was given goes to a replacement.
+                        let keep = self.hops[i].history.len().saturating_sub(outs.len());
+                        let rest = self.hops[i].history.split_off(keep);
+                        Err(PieceFailure {
+                            error,
+                            done: Vec::new(),
+                            rest,
+                        })
+                    }
+                },
+                Err(failure) => Err(failure),
+            };
+            match result {
                 Ok(outs) => {
                     // Its outputs go on to the next hop before anything else.
                     for out in outs.into_iter().rev() {
@@ -612,6 +644,11 @@ impl<B: Backend> RemoteBlocks<B> {
     /// The current route, for display: (peer, start, end).
     pub fn route(&self) -> Vec<(PeerId, usize, usize)> {
         self.chain.route()
+    }
+
+    /// What the spot checks found so far (shared: it keeps counting).
+    pub fn verify_report(&self) -> std::sync::Arc<std::sync::Mutex<verify::VerifyReport>> {
+        self.chain.verify_report()
     }
 }
 

@@ -28,6 +28,9 @@ pub enum SessionError {
     /// drops some unread. Asked again like a busy server.
     #[error("server {peer} closed the stream before answering (overloaded?): {source}")]
     Dropped { peer: PeerId, source: WireError },
+    /// A spot check caught the server: two other servers agree on outputs it contradicts.
+    #[error("server {peer} returned outputs that two other servers contradict")]
+    Mismatch { peer: PeerId },
     #[error("{gap} of model {model}")]
     NoRoute { gap: Gap, model: String },
     #[error("every server for blocks {start}..{end} failed; last error: {last}")]

@@ -73,6 +73,8 @@ fn remote_blocks(swarm: &Swarm, files: &ModelFiles) -> (tokio::runtime::Runtime,
         adapter: None,
         hidden_size: cfg.hidden_size,
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
+        verify_rate: 0.0,
+        verify_seed: 0,
     };
     let remote = RemoteBlocks::<CpuAutodiff>::new(runtime.handle().clone(), client, remote_config, Default::default());
     (runtime, remote)

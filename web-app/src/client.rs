@@ -191,6 +191,8 @@ pub fn remote_config(loaded: &Loaded, deep_prompts: Option<HostTensor>) -> Remot
         adapter: None,
         hidden_size: loaded.bundle.config.hidden_size,
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
+        verify_rate: swarm::remote::DEFAULT_VERIFY_RATE,
+        verify_seed: swarm::dht::now_ms(),
     }
 }
 

@@ -48,7 +48,7 @@ impl RemoteChain {
     }
 
     /// Sends one span request to `peer` (dialing its announced addresses first).
-    async fn span_call(&self, peer: &str, request: SpanRequest) -> Result<SpanResponse, SessionError> {
+    pub(super) async fn span_call(&self, peer: &str, request: SpanRequest) -> Result<SpanResponse, SessionError> {
         let id = self.peer_of(peer)?;
         if let Some(info) = self.servers.iter().find(|s| s.peer_id == peer) {
             for addr in &info.addrs {
