@@ -86,6 +86,8 @@ pub struct RemoteChain {
     config: RemoteConfig,
     servers: Vec<ServerInfo>,
     bans: HashMap<String, (Instant, u32)>,
+    /// Servers a spot check caught lying: never used again, unlike those banned for failing.
+    liars: std::collections::HashSet<String>,
     hops: Vec<ActiveHop>,
     spec: Option<SessionSpec>,
     /// The last training forward: each hop's server, blocks and input (see [`train`]).
@@ -111,6 +113,7 @@ impl RemoteChain {
             config,
             servers: Vec::new(),
             bans: HashMap::new(),
+            liars: Default::default(),
             hops: Vec::new(),
             spec: None,
             train: Vec::new(),
@@ -171,7 +174,8 @@ impl RemoteChain {
         tracing::warn!(%peer, failures = entry.1, "banned server");
     }
 
-    async fn candidates(&self) -> Vec<Candidate> {
+    /// The servers routing may use: not caught lying, and (unless `banned_too`) not banned.
+    async fn candidates(&self, banned_too: bool) -> Vec<Candidate> {
         let now = Instant::now();
         let cap = speed::prior_cap(&self.servers);
         let mut rtts = Vec::with_capacity(self.servers.len());
@@ -189,7 +193,9 @@ impl RemoteChain {
         let typical = known.get(known.len() / 2).copied().unwrap_or(Duration::from_millis(50));
         let mut out = Vec::new();
         for (s, rtt) in self.servers.iter().zip(rtts) {
-            if self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now) {
+            if self.liars.contains(&s.peer_id)
+                || (!banned_too && self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now))
+            {
                 continue;
             }
             if let Some(adapter) = &self.config.adapter
@@ -215,15 +221,21 @@ impl RemoteChain {
     async fn plan(&mut self, start: usize, end: usize) -> Result<Vec<Hop>, SessionError> {
         let mode = self.config.route_mode;
         let seed = self.bans.len() as u64 ^ crate::dht::now_ms();
-        let route = match route(mode, &self.candidates().await, start, end, seed) {
-            Ok(route) => Ok(route),
-            Err(_) => {
-                // Servers come and go: look again before giving up.
-                self.refresh().await?;
-                route(mode, &self.candidates().await, start, end, seed)
+        let mut found = route(mode, &self.candidates(false).await, start, end, seed);
+        if found.is_err() {
+            // Servers come and go: look again before giving up.
+            self.refresh().await?;
+            found = route(mode, &self.candidates(false).await, start, end, seed);
+        }
+        if found.is_err() {
+            // Only banned servers are left for these blocks: one that failed once (a timeout
+            // under load) may well answer now. Liars stay out.
+            found = route(mode, &self.candidates(true).await, start, end, seed);
+            if found.is_ok() {
+                tracing::warn!(start, end, "no route without banned servers: trying them again");
             }
-        };
-        route.map_err(|gap| SessionError::NoRoute {
+        }
+        found.map_err(|gap| SessionError::NoRoute {
             gap,
             model: self.config.model_name.clone(),
         })

@@ -104,6 +104,17 @@ pub fn agree(a: &HostTensor, b: &HostTensor, dtype: WireDtype) -> bool {
         .all(|(x, y)| (x - y).abs() <= tol * (scale + y.abs()) && x.is_finite())
 }
 
+/// Zeroes the positions of `t` (`[batch, n, hidden]`, starting at absolute position `offset`)
+/// that are left padding of their row: what they hold is whatever a masked row computes, which
+/// no two implementations need agree on.
+fn mask_padding(t: &mut HostTensor, pad: &[usize], offset: usize) {
+    let (batch, n, h) = (t.shape[0], t.shape[1], t.shape[2]);
+    for row in 0..batch {
+        let padded = pad.get(row).copied().unwrap_or(0).saturating_sub(offset).min(n);
+        t.data[row * n * h..(row * n + padded) * h].fill(0.0);
+    }
+}
+
 /// The last `n` positions of each row of `[batch, seq, hidden]`.
 fn tail(t: &HostTensor, n: usize) -> HostTensor {
     let (batch, seq, h) = (t.shape[0], t.shape[1], t.shape[2]);
@@ -130,6 +141,7 @@ impl RemoteChain {
                 s.start as usize <= start
                     && end <= s.end as usize
                     && !exclude.contains(&s.peer_id)
+                    && !self.liars.contains(&s.peer_id)
                     && Some(&s.numerics) == numerics.as_ref()
                     && !self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now)
             })
@@ -184,16 +196,23 @@ impl RemoteChain {
         if input.shape[1] > self.chunk_limit() {
             return Verdict::Keep;
         }
-        let Some(answer) = super::concat_all(outs) else {
+        let Some(mut answer) = super::concat_all(outs) else {
             return Verdict::Keep;
         };
         let new = answer.shape[1];
+        let offset = input.shape[1] - new;
+        let pad = self.spec.as_ref().map(|s| s.pad.clone()).unwrap_or_default();
+        mask_padding(&mut answer, &pad, offset);
+        let masked = |mut t: HostTensor| {
+            mask_padding(&mut t, &pad, offset);
+            t
+        };
         let candidates = self.references(start, end, &peer, std::slice::from_ref(&peer));
         if candidates.is_empty() {
             return Verdict::Keep;
         }
         let b = candidates[self.verifier.pick(candidates.len())].peer_id.clone();
-        let Some(reference) = self.rerun(&b, start, end, &input).await.map(|t| tail(&t, new)) else {
+        let Some(reference) = self.rerun(&b, start, end, &input).await.map(|t| masked(tail(&t, new))) else {
             return Verdict::Keep;
         };
         self.verifier.update(|r| r.checks += 1);
@@ -209,12 +228,13 @@ impl RemoteChain {
             return Verdict::Keep;
         }
         let c = thirds[self.verifier.pick(thirds.len())].peer_id.clone();
-        let Some(third) = self.rerun(&c, start, end, &input).await.map(|t| tail(&t, new)) else {
+        let Some(third) = self.rerun(&c, start, end, &input).await.map(|t| masked(tail(&t, new))) else {
             return Verdict::Keep;
         };
         let (with_hop, with_reference) = (agree(&answer, &third, dtype), agree(&reference, &third, dtype));
         if with_reference && !with_hop {
             tracing::warn!(%peer, start, end, "spot check: the hop's server lied; banned");
+            self.liars.insert(peer.clone());
             self.verifier.update(|r| r.banned.push(peer.clone()));
             let Ok(id) = peer.parse() else {
                 return Verdict::Keep;
@@ -226,6 +246,7 @@ impl RemoteChain {
             if let Ok(id) = b.parse() {
                 self.ban(&id);
             }
+            self.liars.insert(b.clone());
             self.verifier.update(|r| r.banned.push(b));
         } else {
             tracing::warn!(hop = %peer, reference = %b, third = %c, "spot check: three servers disagree; keeping the answer");
@@ -259,6 +280,10 @@ mod tests {
         let t = tail(&b, 1);
         assert_eq!(t.shape, vec![1, 1, 3]);
         assert_eq!(t.data, vec![4.0, 0.0, -1.0]);
+        // Row 0 padded by 3: of a tail starting at position 2, its first position is padding.
+        let mut two = HostTensor::new(vec![2, 2, 1], vec![1.0, 2.0, 3.0, 4.0]);
+        mask_padding(&mut two, &[3, 0], 2);
+        assert_eq!(two.data, vec![0.0, 2.0, 3.0, 4.0]);
     }
 
     #[test]
