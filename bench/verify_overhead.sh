@@ -30,16 +30,21 @@ for n in 0 1 2; do
 done
 for n in 0 1 2; do while [ ! -s "$work/s$n" ]; do sleep 0.1; done; done
 
+cat > "$work/show.py" <<'PY'
+import json, sys
+j = json.loads(sys.argv[1])
+v = j.get("verify", {})
+t = j["timing"]
+print("round %s  --verify %5s  %7.2f ms/token  first token %7.1f ms  checks %4d  mismatches %d"
+      % (sys.argv[3], sys.argv[2], t["ms_per_token"], t["first_token_ms"], v.get("checks", 0),
+         v.get("mismatches", 0)))
+PY
+
 # Each rate twice, interleaved, so that drift on a shared VM hits them alike.
 for round in 1 2; do
   for rate in $RATES; do
     out=$($T/corolla generate --model "$MODEL" "${INPUT[@]}" --max-new-tokens "$N" --ignore-eos --json \
       --initial-peers "$RELAY" --verify "$rate" --verify-seed "$round" 2>/dev/null)
-    python3 -c '
-import json, sys
-j = json.loads(sys.argv[1]); v = j.get("verify", {})
-print(f"round {sys.argv[3]}  --verify {sys.argv[2]:>5}  {j[\"timing\"][\"ms_per_token\"]:7.2f} ms/token  "
-      f"first token {j[\"timing\"][\"first_token_ms\"]:7.1f} ms  checks {v.get(\"checks\", 0):4d}  "
-      f"mismatches {v.get(\"mismatches\", 0)}")' "$out" "$rate" "$round"
+    python3 "$work/show.py" "$out" "$rate" "$round"
   done
 done
