@@ -229,3 +229,23 @@ impl Swarm {
         peer
     }
 }
+
+/// Token ids as `corolla --token-ids` takes them.
+pub fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The first greedy row of fixture `family`'s `golden.json`: (prompt, generated tokens).
+pub fn golden_greedy(family: &str) -> (Vec<u32>, Vec<u32>) {
+    let path = fixture(family).join("golden.json");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("golden.json is JSON");
+    let prompt_len = json["prompt_len"].as_u64().expect("prompt_len") as usize;
+    let row: Vec<u32> = json["greedy"][0]
+        .as_array()
+        .expect("greedy rows")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
+}

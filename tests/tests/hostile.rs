@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Proc, bin, fixture, long_context_fixture, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, bin, csv, golden_greedy, long_context_fixture, temp_dir, wait_for_file_lines};
 use futures::AsyncReadExt;
 use libp2p::{Multiaddr, PeerId};
 use shared_model::fingerprint::fingerprint;
@@ -60,21 +60,8 @@ struct Row {
     peak_rss: u64,
 }
 
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-}
-
 fn golden() -> (Vec<u32>, Vec<u32>) {
-    let text = std::fs::read_to_string(fixture("llama").join("golden.json")).expect("golden.json");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let prompt_len = json["prompt_len"].as_u64().expect("prompt_len") as usize;
-    let row: Vec<u32> = json["greedy"][0]
-        .as_array()
-        .expect("greedy rows")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
+    golden_greedy("llama")
 }
 
 async fn start() -> Target {

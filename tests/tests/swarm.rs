@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use corolla_tests::{Proc, STARTUP, Swarm, bin, fixture, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, wait_for_file_lines};
 
 /// `corolla generate` through a test swarm.
 trait Generate {
@@ -52,10 +52,6 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn local(model: &Path, args: &[&str]) -> serde_json::Value {

@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use corolla_tests::{Proc, STARTUP, Swarm, bin, fixture, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, golden_greedy, wait_for_file_lines};
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use shared_model::fingerprint::fingerprint;
@@ -20,20 +20,7 @@ use swarm::protocol::{PROTOCOL_VERSION, ServerInfo};
 use swarm::{record, wire};
 
 fn golden() -> (Vec<u32>, Vec<u32>) {
-    let text = std::fs::read_to_string(fixture("llama").join("golden.json")).expect("golden.json");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let prompt_len = json["prompt_len"].as_u64().expect("prompt_len") as usize;
-    let row: Vec<u32> = json["greedy"][0]
-        .as_array()
-        .expect("greedy rows")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    golden_greedy("llama")
 }
 
 /// A DHT server of its own, joined to the swarm through the relay.
