@@ -21,8 +21,9 @@ done
 
 cargo build --release --locked --workspace --bins
 # The lying server of the trust tests (tests/tests/trust.rs): the same binary with the
-# test-only `fault-injection` flags, never part of a normal build.
-cargo build --release --locked -p corolla-server --features fault-injection --bin server-faulty
+# test-only `fault-injection` flags, never part of a normal build. `--workspace` keeps the
+# dependencies' features as above, so only the server crate is compiled again.
+cargo build --release --locked --workspace --features corolla-server/fault-injection --bin server-faulty
 scripts/build-web.sh
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 if [ -z "${COROLLA_SMOLLM2_GGUF:-}" ]; then
