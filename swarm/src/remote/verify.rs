@@ -143,7 +143,7 @@ impl RemoteChain {
                     && !exclude.contains(&s.peer_id)
                     && !self.liars.contains(&s.peer_id)
                     && Some(&s.numerics) == numerics.as_ref()
-                    && !self.bans.get(&s.peer_id).is_some_and(|(until, _)| *until > now)
+                    && self.bans.get(&s.peer_id).is_none_or(|(until, _)| *until <= now)
             })
             .cloned()
             .collect()
