@@ -170,29 +170,9 @@ pub fn live_info(bytes: &[u8], expect: &Expect<'_>) -> Option<ServerInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::PROTOCOL_VERSION;
 
     fn info(peer: &PeerId) -> ServerInfo {
-        ServerInfo {
-            peer_id: peer.to_string(),
-            model: "m".into(),
-            model_name: "M".into(),
-            start: 0,
-            end: 4,
-            throughput: 10.0,
-            free_cache_tokens: 1024,
-            version: "0.1.0".into(),
-            protocol: PROTOCOL_VERSION,
-            public_name: None,
-            relayed: false,
-            addrs: Vec::new(),
-            expires_at_ms: 2000,
-            client_url: None,
-            serves_head: false,
-            adapters: Vec::new(),
-            load: None,
-            numerics: "f32".into(),
-        }
+        ServerInfo::for_test(&peer.to_string(), 0, 4, 10.0, 2000)
     }
 
     #[test]

@@ -284,6 +284,33 @@ pub struct ServerInfo {
     pub numerics: String,
 }
 
+#[cfg(test)]
+impl ServerInfo {
+    /// A server of model `m` on blocks `[start, end)`, for unit tests.
+    pub(crate) fn for_test(peer: &str, start: u32, end: u32, throughput: f64, expires_at_ms: u64) -> Self {
+        Self {
+            peer_id: peer.to_string(),
+            model: "m".into(),
+            model_name: "M".into(),
+            start,
+            end,
+            throughput,
+            free_cache_tokens: 1024,
+            version: "0.1.0".into(),
+            protocol: PROTOCOL_VERSION,
+            public_name: None,
+            relayed: false,
+            addrs: Vec::new(),
+            expires_at_ms,
+            client_url: None,
+            serves_head: false,
+            adapters: Vec::new(),
+            load: None,
+            numerics: "f32".into(),
+        }
+    }
+}
+
 /// A server's budgets, whole and free.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerLoad {

@@ -242,26 +242,7 @@ mod tests {
     const NOW: u64 = 1_800_000_000_000;
 
     fn info(peer: &PeerId) -> ServerInfo {
-        ServerInfo {
-            peer_id: peer.to_string(),
-            model: "m".into(),
-            model_name: "M".into(),
-            start: 0,
-            end: 4,
-            throughput: 10.0,
-            free_cache_tokens: 1024,
-            version: "0.1.0".into(),
-            protocol: PROTOCOL_VERSION,
-            public_name: None,
-            relayed: false,
-            addrs: Vec::new(),
-            expires_at_ms: NOW + 300_000,
-            client_url: None,
-            serves_head: false,
-            adapters: Vec::new(),
-            load: None,
-            numerics: "f32".into(),
-        }
+        ServerInfo::for_test(&peer.to_string(), 0, 4, 10.0, NOW + 300_000)
     }
 
     fn expect(peer: &PeerId) -> Expect<'_> {

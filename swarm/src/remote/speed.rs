@@ -114,6 +114,7 @@ impl SpeedBook {
     }
 
     /// Decode steps measured of `peer`.
+    #[cfg(test)]
     pub fn samples(&self, peer: &str) -> u32 {
         self.lock().get(peer).map_or(0, |m| m.samples)
     }
@@ -122,29 +123,9 @@ impl SpeedBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::PROTOCOL_VERSION;
 
     fn server(peer: &str, start: u32, end: u32, throughput: f64) -> ServerInfo {
-        ServerInfo {
-            peer_id: peer.into(),
-            model: "m".into(),
-            model_name: "M".into(),
-            start,
-            end,
-            throughput,
-            free_cache_tokens: 0,
-            version: "0".into(),
-            protocol: PROTOCOL_VERSION,
-            public_name: None,
-            relayed: false,
-            addrs: Vec::new(),
-            expires_at_ms: 0,
-            client_url: None,
-            serves_head: false,
-            adapters: Vec::new(),
-            load: None,
-            numerics: "f32".into(),
-        }
+        ServerInfo::for_test(peer, start, end, throughput, 0)
     }
 
     #[test]
