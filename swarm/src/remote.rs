@@ -435,11 +435,10 @@ impl RemoteChain {
                         });
                     }
                     self.ban(&peer);
-                    let history = std::mem::take(&mut self.hops[i].history);
-                    let replacement = self.connect(start, end, &history).await?;
-                    let k = replacement.len();
-                    self.hops.splice(i..=i, replacement);
-                    tracing::info!(route = ?self.route(), replayed_pieces = history.len(), "session re-routed");
+                    // The failed server's session is dropped, not closed: it may not answer.
+                    let replaced = self.replace_hop(i).await?;
+                    let k = replaced.hops;
+                    tracing::info!(route = ?self.route(), replayed_pieces = replaced.replayed, "session re-routed");
                     // What the failed hop did not take goes to its replacement; what it did
                     // (now replayed) goes on past the replacement, first.
                     for p in rest.into_iter().rev() {
@@ -485,25 +484,54 @@ impl RemoteChain {
                 continue;
             }
             tracing::warn!(%peer, start, end, "server much slower than it claims: moving its blocks");
-            let history = std::mem::take(&mut self.hops[i].history);
-            match self.connect(start, end, &history).await {
-                Ok(replacement) => {
-                    let k = replacement.len();
-                    let removed: Vec<ActiveHop> = self.hops.splice(i..=i, replacement).collect();
-                    for hop in removed {
-                        let _ = crate::rt::timeout(Duration::from_secs(1), hop.session.close()).await;
-                    }
+            match self.replace_hop(i).await {
+                Ok(replaced) => {
+                    let _ = crate::rt::timeout(Duration::from_secs(1), replaced.old.session.close()).await;
                     tracing::info!(route = ?self.route(), "session re-routed off a slow server");
-                    i += k;
+                    i += replaced.hops;
                 }
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "could not move off a slow server; staying");
-                    self.hops[i].history = history;
                     i += 1;
                 }
             }
         }
     }
+
+    /// Puts new sessions over hop `i`'s blocks in its place, its history replayed through
+    /// them. On failure hop `i` stays as it was.
+    async fn replace_hop(&mut self, i: usize) -> Result<Replaced, SessionError> {
+        let (start, end) = (self.hops[i].session.start, self.hops[i].session.end);
+        let history = std::mem::take(&mut self.hops[i].history);
+        match self.connect(start, end, &history).await {
+            Ok(replacement) => {
+                let hops = replacement.len();
+                let old = self.hops.splice(i..=i, replacement).next();
+                let old = old.ok_or(SessionError::Protocol {
+                    peer: self.client.peer_id(),
+                })?;
+                Ok(Replaced {
+                    hops,
+                    replayed: history.len(),
+                    old,
+                })
+            }
+            Err(e) => {
+                self.hops[i].history = history;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What [`RemoteChain::replace_hop`] did.
+struct Replaced {
+    /// Hops now in the replaced one's place.
+    hops: usize,
+    /// History pieces replayed through them.
+    replayed: usize,
+    /// The replaced hop (its session still open).
+    old: ActiveHop,
 }
 
 /// How many times a busy server is asked again before it counts as failed.

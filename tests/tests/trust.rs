@@ -169,32 +169,13 @@ async fn forged_records_are_ignored_by_clients_and_servers() {
     );
     swarm.servers.push((auto, String::new()));
 
-    let (prompt, golden) = golden();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin("corolla"))
-            .env("COROLLA_LOG", "info,swarm::dht=debug")
-            .arg("generate")
-            .arg("--model")
-            .arg(&model_dir)
-            .args(["--token-ids", &csv(&prompt)])
-            .args(["--max-new-tokens", &golden.len().to_string(), "--ignore-eos", "--json"])
-            .args(["--initial-peers", &relay])
-            .output()
-            .expect("corolla runs")
-    })
-    .await
-    .expect("client thread");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "corolla failed: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    let tokens: Vec<u32> = json["token_ids"]
-        .as_array()
-        .expect("token ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    let (_, golden) = self::golden();
-    assert_eq!(tokens, golden);
+    let (_, golden) = golden();
+    let n = golden.len();
+    let json = tokio::task::spawn_blocking(move || generate(Some(&relay), n, "info,swarm::dht=debug", &[]))
+        .await
+        .expect("client thread");
+    let stderr = json["stderr"].as_str().unwrap_or_default();
+    assert_eq!(token_ids(&json), golden);
     // Every kind of forgery reached the client and was refused for what it is.
     for reason in [
         "not plausible",
@@ -221,70 +202,24 @@ async fn forged_records_are_ignored_by_clients_and_servers() {
 /// tokens, once the client has measured it; the tokens stay golden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_server_slower_than_it_claims_is_dropped_from_the_route() {
-    let model_dir = fixture("llama");
     let mut swarm = Swarm::start("slow-liar");
-    let relay = swarm.relay_addr.clone();
     // An honest server whose modest claim (100 tokens/s, which it beats) makes claims, not
     // loopback round-trip noise, decide the first route.
-    let honest_file = swarm.dir.join("honest.addrs");
-    let honest = Proc::spawn(
-        "server-honest",
-        Command::new(bin("server-faulty"))
-            .arg("--model")
-            .arg(&model_dir)
-            .args(["--blocks", "0:4", "--initial-peers", &relay])
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-            .arg(&honest_file)
-            .args(["--claim-throughput", "100"]),
-    );
-    wait_for_file_lines(&honest_file, 1, STARTUP);
-    swarm.servers.push((honest, String::new()));
-    let addr_file = swarm.dir.join("liar.addrs");
-    let liar_bin = bin("server-faulty");
-    let liar = Proc::spawn(
+    faulty(&mut swarm, "server-honest", &["--claim-throughput", "100"]);
+    let claim = record::MAX_THROUGHPUT.to_string();
+    let liar_peer = faulty(
+        &mut swarm,
         "server-liar",
-        Command::new(liar_bin)
-            .arg("--model")
-            .arg(&model_dir)
-            .args(["--blocks", "0:4", "--initial-peers", &relay])
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-            .arg(&addr_file)
-            .args(["--claim-throughput", &record::MAX_THROUGHPUT.to_string()])
-            .args(["--delay-steps-ms", "300"]),
+        &["--claim-throughput", &claim, "--delay-steps-ms", "300"],
     );
-    let liar_peer = wait_for_file_lines(&addr_file, 1, STARTUP)[0]
-        .rsplit("/p2p/")
-        .next()
-        .expect("address ends in /p2p/<id>")
-        .to_string();
-    swarm.servers.push((liar, liar_peer.clone()));
-
-    let (prompt, golden) = golden();
+    let relay = swarm.relay_addr.clone();
+    let (_, golden) = golden();
     let n = golden.len();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin("corolla"))
-            .env("COROLLA_LOG", "info,swarm::remote=debug")
-            .arg("generate")
-            .arg("--model")
-            .arg(&model_dir)
-            .args(["--token-ids", &csv(&prompt)])
-            .args(["--max-new-tokens", &n.to_string(), "--ignore-eos", "--json"])
-            .args(["--initial-peers", &relay])
-            .output()
-            .expect("corolla runs")
-    })
-    .await
-    .expect("client thread");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "corolla failed: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    let tokens: Vec<u32> = json["token_ids"]
-        .as_array()
-        .expect("token ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect();
-    assert_eq!(tokens, golden, "{stderr}");
+    let json = tokio::task::spawn_blocking(move || generate(Some(&relay), n, "info,swarm::remote=debug", &[]))
+        .await
+        .expect("client thread");
+    let stderr = json["stderr"].as_str().unwrap_or_default();
+    assert_eq!(token_ids(&json), golden, "{stderr}");
     let route = stderr
         .lines()
         .find(|l| l.contains("session route"))
@@ -331,11 +266,12 @@ fn faulty(swarm: &mut Swarm, name: &str, extra: &[&str]) -> String {
     peer
 }
 
-/// `corolla generate` of `n` tokens after the golden prompt, with `extra` flags.
-fn generate(relay: Option<&str>, n: usize, extra: &[String]) -> serde_json::Value {
+/// `corolla generate` of `n` tokens after the golden prompt, logging as `log` says, with
+/// `extra` flags: its JSON output, with its log added as `"stderr"`.
+fn generate(relay: Option<&str>, n: usize, log: &str, extra: &[String]) -> serde_json::Value {
     let (prompt, _) = golden();
     let mut cmd = Command::new(bin("corolla"));
-    cmd.env("COROLLA_LOG", "warn,swarm::remote=info")
+    cmd.env("COROLLA_LOG", log)
         .arg("generate")
         .arg("--model")
         .arg(fixture("llama"))
@@ -351,6 +287,16 @@ fn generate(relay: Option<&str>, n: usize, extra: &[String]) -> serde_json::Valu
     let mut json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     json["stderr"] = stderr.into();
     json
+}
+
+/// The `token_ids` of `corolla generate --json` output.
+fn token_ids(json: &serde_json::Value) -> Vec<u32> {
+    json["token_ids"]
+        .as_array()
+        .expect("token ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
 }
 
 /// Trials per kind of lie (the issue asks for 200; `TRUST_TRIALS` sets it).
@@ -376,7 +322,7 @@ fn liar_is_caught(name: &str, corrupt: &[&str], tokens: usize) {
     let mut flags = vec!["--claim-throughput", "1000"];
     flags.extend_from_slice(corrupt);
     let liar = faulty(&mut swarm, "liar", &flags);
-    let undisturbed = generate(None, tokens, &[])["token_ids"].clone();
+    let undisturbed = generate(None, tokens, "warn", &[])["token_ids"].clone();
     let n = trials();
     let relay = swarm.relay_addr.clone();
     let results: Vec<serde_json::Value> = std::thread::scope(|scope| {
@@ -391,6 +337,7 @@ fn liar_is_caught(name: &str, corrupt: &[&str], tokens: usize) {
                             generate(
                                 Some(relay),
                                 tokens,
+                                "warn,swarm::remote=info",
                                 &["--verify".into(), "1".into(), "--verify-seed".into(), seed],
                             )
                         })
