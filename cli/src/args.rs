@@ -181,6 +181,9 @@ pub struct GenerateArgs {
     /// /p2p/<peer id>); without them everything runs locally.
     #[arg(long, num_args = 1..)]
     pub initial_peers: Vec<libp2p::Multiaddr>,
+    /// The private swarm's pre-shared key (IPFS swarm.key format), if it is one.
+    #[arg(long, value_name = "FILE", requires = "initial_peers")]
+    pub swarm_key: Option<PathBuf>,
     /// Element type of hidden states on the wire (f16/bf16 halve the traffic, lose precision).
     #[arg(long, value_enum, default_value_t = WireDtypeArg::F32)]
     pub wire_dtype: WireDtypeArg,

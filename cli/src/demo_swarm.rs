@@ -78,6 +78,8 @@ async fn swarm(args: &DemoArgs, model: &Path, num_layers: usize, servers: usize,
         record_ttl: Duration::from_secs(120),
         http_listen: Some(SocketAddr::new(ip, args.http_port)),
         web_root: Some(args.web_root.clone()),
+        swarm_key: None,
+        allow_peers: None,
     };
     let relay_task = tokio::spawn(corolla_relay::run(relay, shutdown()));
     let bootstrap = wait_for_lines(&relay_addrs, Duration::from_secs(20))

@@ -19,10 +19,14 @@ use crate::args::{BackendKind, GenerateArgs, RoutingArg, WireDtypeArg};
 use crate::generate::emit;
 
 /// A swarm client node on its own runtime, connected to at least one initial peer.
-pub fn connect(initial_peers: &[libp2p::Multiaddr]) -> Result<(tokio::runtime::Runtime, Client)> {
+pub fn connect(
+    initial_peers: &[libp2p::Multiaddr],
+    swarm_key: Option<&std::path::Path>,
+) -> Result<(tokio::runtime::Runtime, Client)> {
     let runtime = tokio::runtime::Runtime::new()?;
     let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
     config.bootstrap = initial_peers.to_vec();
+    config.swarm_key = swarm_key.map(swarm::private::SwarmKey::read).transpose()?;
     let (client, _inbound, event_loop) = {
         let _guard = runtime.enter();
         node::start(config)?
@@ -84,7 +88,7 @@ pub fn run(
     if args.backend != BackendKind::Cpu {
         bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
     }
-    let (runtime, client) = connect(&args.initial_peers)?;
+    let (runtime, client) = connect(&args.initial_peers, args.swarm_key.as_deref())?;
     let device = Default::default();
     let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
     let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;

@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// everything runs locally (same numbers).
     #[arg(long, num_args = 1..)]
     pub initial_peers: Vec<libp2p::Multiaddr>,
+    /// The private swarm's pre-shared key (IPFS swarm.key format), if it is one.
+    #[arg(long, value_name = "FILE", requires = "initial_peers")]
+    pub swarm_key: Option<std::path::PathBuf>,
     #[arg(long, value_enum, default_value_t = MethodArg::Prompt)]
     pub method: MethodArg,
     /// Trainable prefix positions.
@@ -110,7 +113,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             &mut blocks,
         )
     } else {
-        let (runtime, client) = crate::remote::connect(&args.initial_peers)?;
+        let (runtime, client) = crate::remote::connect(&args.initial_peers, args.swarm_key.as_deref())?;
         let embeddings = Embeddings::<CpuAutodiff>::load(cfg, source, &device)?;
         let head = LmHead::<CpuAutodiff>::load(cfg, source, &device)?;
         let config = crate::remote::remote_config(&files, args.wire_dtype, args.routing)?;

@@ -3,9 +3,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use shared_model::precision::Precision;
 use shared_model::quant::QuantKind;
+use swarm::private::SwarmKey;
 
 /// Compute backend of the blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +175,15 @@ pub struct ServerArgs {
     /// each is named after its folder, and clients pick one per session.
     #[arg(long, num_args = 1..)]
     pub adapters: Vec<PathBuf>,
+    /// Join a private swarm with this pre-shared key (the IPFS swarm.key format): connections
+    /// run over TCP and relay circuits under `pnet`, QUIC and WebRTC are off, and the DHT
+    /// records are sealed. Peers without the key cannot connect, list models or open sessions.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
+    /// Accept connections only from this peer (repeatable; the --initial-peers always are);
+    /// without it, from anyone.
+    #[arg(long = "allow-peer", value_name = "PEER_ID")]
+    pub allow_peer: Vec<PeerId>,
     #[cfg(feature = "fault-injection")]
     #[command(flatten)]
     pub faults: crate::faults::FaultArgs,
@@ -216,6 +226,9 @@ pub struct ServerConfig {
     pub http_url: Option<String>,
     pub serve_head: bool,
     pub adapters: Vec<PathBuf>,
+    pub swarm_key: Option<SwarmKey>,
+    /// Only these peers (and the initial peers) may connect, if set.
+    pub allow_peers: Option<Vec<PeerId>>,
     /// Test-only lies (feature `fault-injection`); none otherwise.
     pub faults: crate::faults::Faults,
 }
@@ -281,7 +294,11 @@ impl ServerArgs {
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("{flag} must be at least 1");
         }
-        let listen = if self.listen.is_empty() {
+        let swarm_key = self.swarm_key.as_deref().map(SwarmKey::read).transpose()?;
+        let listen = if self.listen.is_empty() && swarm_key.is_some() {
+            // Browsers of a private swarm come through relay circuits, which `pnet` protects.
+            vec!["/ip4/0.0.0.0/tcp/0".parse()?]
+        } else if self.listen.is_empty() {
             // WebRTC-direct lets browsers dial the server without a relay in between.
             vec![
                 "/ip4/0.0.0.0/tcp/0".parse()?,
@@ -333,6 +350,8 @@ impl ServerArgs {
             http_url: self.http_url.map(|u| u.trim_end_matches('/').to_string()),
             serve_head: self.serve_head,
             adapters: self.adapters,
+            swarm_key,
+            allow_peers: (!self.allow_peer.is_empty()).then_some(self.allow_peer),
             faults,
         })
     }

@@ -235,6 +235,11 @@ where
     node_config.bootstrap = config.initial_peers.clone();
     node_config.dht_server = !relay_only;
     node_config.record_ttl = config.announce_ttl;
+    node_config.swarm_key = config.swarm_key.clone();
+    node_config.allow_peers = config.allow_peers.clone();
+    if let Some(key) = &config.swarm_key {
+        tracing::info!(swarm_key = %key.fingerprint(), "private swarm");
+    }
     node_config.auto_relay = !relay_only;
     node_config.connections.max_connections = config.max_connections;
     node_config.connections.max_per_peer = config.max_connections_per_peer.min(config.max_connections);

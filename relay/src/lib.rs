@@ -1,7 +1,9 @@
 //! The Corolla relay: a public node that servers behind NAT reserve circuit-relay v2 slots on,
 //! the DHT's bootstrap peer, and an AutoNAT server so peers learn whether they are reachable.
 //! Besides TCP and QUIC it listens on WebRTC-direct, the one transport a browser can dial
-//! without a CA-signed TLS certificate: browsers find it by its `/certhash/` address.
+//! without a CA-signed TLS certificate: browsers find it by its `/certhash/` address. In a
+//! private swarm (`--swarm-key`) QUIC is off, TCP runs under `pnet`, and a WebRTC peer that
+//! does not prove the key within seconds is disconnected (see `swarm::private`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -13,15 +15,19 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
+use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, noise, ping, relay, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, identify, kad, ping, relay};
 use libp2p_webrtc::tokio::Certificate;
 use swarm::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use swarm::http;
 use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use swarm::limits::{ConnectionPolicy, Connections, MemoryCeiling, NetStats, ProtectedPeers, Protection};
+use swarm::private::{self, AuthGuard, SwarmKey};
+use swarm::rt::Instant;
 
 /// Command line of the `relay` binary.
 #[derive(Debug, clap::Parser)]
@@ -101,6 +107,14 @@ pub struct Cli {
     /// The built chat page (Trunk's `dist/` folder), served at / by --http-listen.
     #[arg(long, value_name = "DIR", requires = "http_listen")]
     pub web_root: Option<PathBuf>,
+    /// Run a private swarm with this pre-shared key (the IPFS swarm.key format): only peers
+    /// holding it can connect (TCP and circuits through `pnet`; QUIC is off; browsers'
+    /// WebRTC connections must prove the key within seconds) or read the DHT's records.
+    #[arg(long, value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
+    /// Accept connections only from this peer (repeatable); without it, from anyone.
+    #[arg(long = "allow-peer", value_name = "PEER_ID")]
+    pub allow_peer: Vec<PeerId>,
 }
 
 /// Validated relay settings.
@@ -117,6 +131,9 @@ pub struct RelayConfig {
     pub record_ttl: Duration,
     pub http_listen: Option<std::net::SocketAddr>,
     pub web_root: Option<PathBuf>,
+    pub swarm_key: Option<SwarmKey>,
+    /// Only these peers may connect, if set.
+    pub allow_peers: Option<Vec<PeerId>>,
 }
 
 #[derive(Debug, Clone)]
@@ -139,10 +156,12 @@ impl TryFrom<Cli> for RelayConfig {
     type Error = anyhow::Error;
 
     fn try_from(cli: Cli) -> anyhow::Result<Self> {
-        let listen = if cli.listen.is_empty() {
+        let swarm_key = cli.swarm_key.as_deref().map(SwarmKey::read).transpose()?;
+        let listen: Vec<Multiaddr> = if cli.listen.is_empty() {
             DEFAULT_LISTEN
                 .iter()
                 .map(|s| parse_addr("--listen", s))
+                .filter(|a| swarm_key.is_none() || a.as_ref().is_ok_and(private_listen_ok))
                 .collect::<anyhow::Result<_>>()?
         } else {
             cli.listen
@@ -150,6 +169,11 @@ impl TryFrom<Cli> for RelayConfig {
                 .map(|s| parse_addr("--listen", s))
                 .collect::<anyhow::Result<_>>()?
         };
+        if swarm_key.is_some()
+            && let Some(addr) = listen.iter().find(|a| !private_listen_ok(a))
+        {
+            bail!("--listen {addr}: QUIC cannot carry the swarm key; a private swarm listens on TCP and WebRTC-direct");
+        }
         let external_addrs = cli
             .external_addr
             .iter()
@@ -214,8 +238,16 @@ impl TryFrom<Cli> for RelayConfig {
             record_ttl: Duration::from_secs(cli.record_ttl_secs.max(1)),
             http_listen: cli.http_listen,
             web_root: cli.web_root,
+            swarm_key,
+            allow_peers: (!cli.allow_peer.is_empty()).then_some(cli.allow_peer),
         })
     }
+}
+
+/// A private swarm's relay listens where `pnet` protects connections, and on WebRTC-direct for
+/// browsers, whose connections [`AuthGuard`] holds to a proof of the key.
+fn private_listen_ok(addr: &Multiaddr) -> bool {
+    private::pnet_protects(addr) || addr.iter().any(|p| p == Protocol::WebRTCDirect)
 }
 
 fn parse_addr(flag: &str, s: &str) -> anyhow::Result<Multiaddr> {
@@ -228,13 +260,16 @@ fn parse_addr(flag: &str, s: &str) -> anyhow::Result<Multiaddr> {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    // First: a connection the limits refuse never reaches the other behaviours.
+    // First: a connection the allow-list or the limits refuse never reaches the others.
+    allow: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     connections: Connections,
     relay: relay::Behaviour,
     kad: kad::Behaviour<CappedStore>,
     identify: identify::Behaviour,
     autonat: autonat::Behaviour,
     ping: ping::Behaviour,
+    /// Browsers' proofs of the swarm key ([`private::AUTH_PROTOCOL`]).
+    streams: libp2p_stream::Behaviour,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,17 +357,28 @@ fn build_swarm(
     );
     let idle_timeout = policy.idle_timeout;
     let dht_providers_per_key = config.dht_store.max_providers_per_key;
+    let transport = swarm::transport::build(
+        &keypair,
+        swarm::transport::Transports {
+            psk: config.swarm_key.as_ref().map(SwarmKey::psk),
+            relay_client: None,
+            tcp: true,
+            quic: config.swarm_key.is_none(),
+            webrtc: Some(certificate),
+        },
+    )
+    .context("cannot set up the transports")?;
+    let allow = config.allow_peers.as_ref().map(|peers| {
+        let mut list = allow_block_list::Behaviour::<AllowedPeers>::default();
+        for peer in peers {
+            list.allow_peer(*peer);
+        }
+        list
+    });
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .context("cannot set up the TCP transport")?
-        .with_quic()
-        .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))
-        .context("cannot set up the WebRTC transport")?
+        .with_other_transport(|_| transport)
+        .context("cannot set up the transports")?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let relay_config = relay::Config {
@@ -392,12 +438,14 @@ fn build_swarm(
             );
 
             Behaviour {
+                allow: allow.into(),
                 connections,
                 relay: relay::Behaviour::new(peer_id, relay_config),
                 kad,
                 identify,
                 autonat,
                 ping: ping::Behaviour::default(),
+                streams: libp2p_stream::Behaviour::new(),
             }
         })
         .context("cannot build the relay behaviour")?
@@ -454,9 +502,34 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
     let mut stats_tick = tokio::time::interval(config.stats_interval);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_stats = stats.snapshot();
+    let mut guard = AuthGuard::default();
+    let (proven_tx, mut proven) = tokio::sync::mpsc::channel(64);
+    if let Some(key) = &config.swarm_key {
+        tracing::info!(swarm_key = %key.fingerprint(), "private swarm");
+        let incoming = swarm
+            .behaviour()
+            .streams
+            .new_control()
+            .accept(private::AUTH_PROTOCOL)
+            .context("cannot accept proofs of the swarm key")?;
+        tokio::spawn(accept_proofs(incoming, key.clone(), local_peer_id, proven_tx));
+    }
+    let mut guard_tick = tokio::time::interval(Duration::from_millis(500));
+    guard_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             () = &mut shutdown => break,
+            Some(peer) = proven.recv() => {
+                guard.authenticated(&peer);
+                continue;
+            }
+            _ = guard_tick.tick(), if config.swarm_key.is_some() => {
+                for (id, peer) in guard.expired(Instant::now()) {
+                    tracing::info!(%peer, "no proof of the swarm key in time: disconnecting");
+                    swarm.close_connection(id);
+                }
+                continue;
+            }
             _ = stats_tick.tick() => {
                 let now = stats.snapshot();
                 if now != last_stats {
@@ -506,18 +579,24 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                if config.swarm_key.is_some() {
+                    guard.on_established(connection_id, peer_id, &endpoint, Instant::now());
+                }
                 tracing::debug!(%peer_id, address = %endpoint.get_remote_address(), num_established, "connection established");
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 cause,
                 num_established,
                 ..
             } => {
+                guard.on_closed(connection_id);
                 tracing::debug!(%peer_id, ?cause, num_established, "connection closed");
             }
             SwarmEvent::IncomingConnectionError {
@@ -535,6 +614,37 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
         task.abort();
     }
     Ok(())
+}
+
+/// Checks the proofs of the swarm key that browsers send on their WebRTC connections.
+async fn accept_proofs(
+    mut incoming: libp2p_stream::IncomingStreams,
+    key: SwarmKey,
+    local: PeerId,
+    proven: tokio::sync::mpsc::Sender<PeerId>,
+) {
+    // Each proof is a few round trips under a deadline; a bounded number run at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many proofs of the swarm key at once: dropped");
+            continue;
+        };
+        let key = key.clone();
+        let proven = proven.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let proof = private::prove_listener(&mut stream, &key, &local, &peer);
+            match tokio::time::timeout(private::AUTH_TIMEOUT, proof).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(%peer, "peer proved the swarm key");
+                    let _ = proven.send(peer).await;
+                }
+                Ok(Err(error)) => tracing::info!(%peer, %error, "proof of the swarm key failed"),
+                Err(_) => tracing::info!(%peer, "proof of the swarm key timed out"),
+            }
+        });
+    }
 }
 
 /// The addresses a browser can dial: WebRTC-direct ones, with their certificate hash.

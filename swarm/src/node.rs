@@ -6,21 +6,21 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-#[cfg(not(target_arch = "wasm32"))]
-use libp2p::tcp;
 use libp2p::{
-    Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, noise, ping, relay,
-    yamux,
+    Multiaddr, PeerId, Stream, StreamProtocol, Swarm, autonat, dcutr, identify, identity::Keypair, ping, relay,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use crate::limits::{ConnectionPolicy, Connections, LimitsError, NetStats, NetStatsSnapshot};
+use crate::private::{self, SwarmKey};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
     SpanRequest, SpanResponse,
@@ -49,7 +49,8 @@ pub enum NodeError {
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    // First: a connection the limits refuse never reaches the other behaviours.
+    // First: a connection the allow-list or the limits refuse never reaches the others.
+    allow: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
     connections: Connections,
     relay_client: relay::client::Behaviour,
     kad: kad::Behaviour<CappedStore>,
@@ -83,6 +84,11 @@ pub struct NodeConfig {
     pub connections: ConnectionPolicy,
     /// What this node stores for other peers when it serves the DHT.
     pub dht_store: DhtStoreLimits,
+    /// A private swarm's key (see [`crate::private`]): `pnet` on TCP and circuits, no QUIC,
+    /// WebRTC only to dial relays (natively: none), DHT records sealed.
+    pub swarm_key: Option<SwarmKey>,
+    /// Only these peers (and the bootstrap peers) may connect, if set.
+    pub allow_peers: Option<Vec<PeerId>>,
 }
 
 impl NodeConfig {
@@ -98,6 +104,8 @@ impl NodeConfig {
             auto_relay: false,
             connections: ConnectionPolicy::default(),
             dht_store: DhtStoreLimits::default(),
+            swarm_key: None,
+            allow_peers: None,
         }
     }
 }
@@ -179,6 +187,7 @@ pub struct Client {
     control: libp2p_stream::Control,
     limits: Limits,
     stats: NetStats,
+    swarm_key: Option<SwarmKey>,
 }
 
 /// Builds the swarm and returns its handle, the inbound request stream and the event loop
@@ -208,34 +217,58 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     );
     let idle_timeout = config.connections.idle_timeout;
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
-    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone());
-    // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay in
-    // between). In the browser: WebRTC-direct only, the one transport a page can dial without a
-    // CA-signed certificate. Both reach relays' circuits.
-    #[cfg(not(target_arch = "wasm32"))]
-    let builder = {
-        install_crypto_provider();
-        let certificate = libp2p_webrtc::tokio::Certificate::generate(&mut rand_0_10::rng())
-            .map_err(|e| NodeError::Transport(format!("cannot generate a WebRTC certificate: {e}")))?;
-        builder
-            .with_tokio()
-            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)
-            .map_err(|e| transport_err(&e))?
-            .with_quic()
-            .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), certificate))
-            .map_err(|e| transport_err(&e))?
-            .with_relay_client(noise::Config::new, yamux_config)
-            .map_err(|e| transport_err(&e))?
+    let private = config.swarm_key.is_some();
+    if private && let Some(addr) = config.listen.iter().find(|a| !private::pnet_protects(a)) {
+        return Err(NodeError::Listen {
+            addr: addr.clone(),
+            reason: "QUIC and WebRTC cannot carry a private swarm's key: listen on TCP (or a relay circuit)".into(),
+        });
+    }
+    let local_peer = config.keypair.public().to_peer_id();
+    let (relay_transport, relay_client) = relay::client::new(local_peer);
+    let transports = crate::transport::Transports {
+        psk: config.swarm_key.as_ref().map(SwarmKey::psk),
+        relay_client: Some(relay_transport),
+        tcp: true,
+        // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay
+        // in between); a private swarm keeps only what `pnet` protects. In the browser:
+        // WebRTC-direct, the one transport a page can dial without a CA-signed certificate,
+        // which in a private swarm only reaches relays (and proves the key to them).
+        quic: !private,
+        #[cfg(not(target_arch = "wasm32"))]
+        webrtc: if private {
+            None
+        } else {
+            install_crypto_provider();
+            Some(
+                libp2p_webrtc::tokio::Certificate::generate(&mut rand_0_10::rng())
+                    .map_err(|e| NodeError::Transport(format!("cannot generate a WebRTC certificate: {e}")))?,
+            )
+        },
+        #[cfg(target_arch = "wasm32")]
+        webrtc: true,
     };
+    let transport = crate::transport::build(&config.keypair, transports)?;
+    let allow = config.allow_peers.as_ref().map(|peers| {
+        let mut list = allow_block_list::Behaviour::<AllowedPeers>::default();
+        for peer in peers.iter().copied().chain(config.bootstrap.iter().filter_map(peer_of)) {
+            list.allow_peer(peer);
+        }
+        list
+    });
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone());
+    #[cfg(not(target_arch = "wasm32"))]
+    let builder = builder
+        .with_tokio()
+        .with_other_transport(|_| transport)
+        .map_err(|e| transport_err(&e))?;
     #[cfg(target_arch = "wasm32")]
     let builder = builder
         .with_wasm_bindgen()
-        .with_other_transport(|key| libp2p::webrtc_websys::Transport::new(libp2p::webrtc_websys::Config::new(key)))
-        .map_err(|e| transport_err(&e))?
-        .with_relay_client(noise::Config::new, yamux_config)
+        .with_other_transport(|_| transport)
         .map_err(|e| transport_err(&e))?;
     let mut swarm = builder
-        .with_behaviour(|key, relay_client| {
+        .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config
@@ -255,6 +288,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             }));
             let rr_config = request_response::Config::default().with_request_timeout(request_timeout);
             Ok(Behaviour {
+                allow: allow.into(),
                 connections,
                 relay_client,
                 kad,
@@ -330,6 +364,9 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         pending_info: HashMap::new(),
         rtt: HashMap::new(),
         relayed: false,
+        swarm_key: config.swarm_key.clone(),
+        control: control.clone(),
+        unproven: mpsc::channel(16),
     };
     Ok((
         Client {
@@ -338,22 +375,14 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             control,
             limits,
             stats,
+            swarm_key: config.swarm_key,
         },
         inbound_rx,
         event_loop,
     ))
 }
 
-/// Streams one connection may have open at once. A client needs a few (a session and a
-/// request or two per server); each stream may buffer Yamux's 256 KiB window of unread data,
-/// so this bounds what one connection can make a server hold.
-pub const MAX_STREAMS_PER_CONNECTION: usize = 128;
-
-fn yamux_config() -> yamux::Config {
-    let mut config = yamux::Config::default();
-    config.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
-    config
-}
+pub use crate::transport::MAX_STREAMS_PER_CONNECTION;
 
 /// Peer id at the end of an address, if any.
 pub fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
@@ -427,6 +456,10 @@ pub struct EventLoop {
     pending_info: HashMap<OutboundRequestId, Reply<ServerInfo>>,
     rtt: HashMap<PeerId, Duration>,
     relayed: bool,
+    swarm_key: Option<SwarmKey>,
+    control: libp2p_stream::Control,
+    /// Peers that failed to prove the swarm key, reported by their proof tasks.
+    unproven: (mpsc::Sender<PeerId>, mpsc::Receiver<PeerId>),
 }
 
 impl EventLoop {
@@ -438,6 +471,10 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
+                Some(peer) = self.unproven.1.recv() => {
+                    // Whatever it is, it is not a peer of this swarm.
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
         }
     }
@@ -526,6 +563,12 @@ impl EventLoop {
         match event {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if endpoint.is_dialer()
+                    && !private::pnet_protects(endpoint.get_remote_address())
+                    && let Some(key) = &self.swarm_key
+                {
+                    self.prove_key(peer_id, key.clone());
+                }
                 for (peer, addr) in self.bootstrap.iter().filter(|(p, _)| *p == peer_id) {
                     self.swarm.behaviour_mut().kad.add_address(peer, addr.clone());
                 }
@@ -577,6 +620,33 @@ impl EventLoop {
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
         }
+    }
+
+    /// Proves the swarm key to a peer reached over a transport `pnet` cannot wrap (a browser's
+    /// WebRTC connection to a relay), and checks that the peer holds it too.
+    fn prove_key(&self, peer: PeerId, key: SwarmKey) {
+        let mut control = self.control.clone();
+        let local = *self.swarm.local_peer_id();
+        let report = self.unproven.0.clone();
+        crate::rt::spawn(async move {
+            let proof = async {
+                let mut stream = control
+                    .open_stream(peer, private::AUTH_PROTOCOL)
+                    .await
+                    .map_err(|e| private::AuthError::Io(std::io::Error::other(e.to_string())))?;
+                private::prove_dialer(&mut stream, &key, &local, &peer).await
+            };
+            let result = crate::rt::timeout(private::AUTH_TIMEOUT, proof)
+                .await
+                .unwrap_or(Err(private::AuthError::Timeout(private::AUTH_TIMEOUT)));
+            match result {
+                Ok(()) => tracing::debug!(%peer, "proved the swarm key"),
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "peer is not part of this private swarm: disconnecting");
+                    let _ = report.send(peer).await;
+                }
+            }
+        });
     }
 
     /// Starts listening on each pending `/p2p-circuit` address whose relay just connected.
@@ -713,28 +783,65 @@ impl Client {
             .map_err(|_| NodeError::Shutdown)
     }
 
+    /// The key that stands for `key` in this swarm's DHT (itself in an open swarm).
+    fn dht_key(&self, key: kad::RecordKey) -> kad::RecordKey {
+        match &self.swarm_key {
+            Some(swarm_key) => swarm_key.seal_key(&key),
+            None => key,
+        }
+    }
+
     pub async fn start_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
+        let key = self.dht_key(key);
         self.ask(|reply| Command::StartProviding { key, reply }).await
     }
 
     pub async fn stop_providing(&self, key: kad::RecordKey) -> Result<(), NodeError> {
+        let key = self.dht_key(key);
         self.commands
             .send(Command::StopProviding { key })
             .await
             .map_err(|_| NodeError::Shutdown)
     }
 
+    /// Publishes a record (sealed with the swarm key in a private swarm).
     pub async fn put_record(&self, key: kad::RecordKey, value: Vec<u8>) -> Result<(), NodeError> {
+        let key = self.dht_key(key);
+        let value = match &self.swarm_key {
+            Some(swarm_key) => swarm_key.seal(&key, &value),
+            None => value,
+        };
         self.ask(|reply| Command::PutRecord { key, value, reply }).await
     }
 
     pub async fn get_providers(&self, key: kad::RecordKey) -> Result<HashSet<PeerId>, NodeError> {
+        let key = self.dht_key(key);
         self.ask(|reply| Command::GetProviders { key, reply }).await
     }
 
-    /// Every copy of the record found (possibly stale ones from several peers).
+    /// Every copy of the record found (possibly stale ones from several peers); in a private
+    /// swarm, only those sealed with its key, opened.
     pub async fn get_record(&self, key: kad::RecordKey) -> Result<Vec<Vec<u8>>, NodeError> {
-        self.ask(|reply| Command::GetRecord { key, reply }).await
+        let key = self.dht_key(key);
+        let found = self
+            .ask(|reply| Command::GetRecord {
+                key: key.clone(),
+                reply,
+            })
+            .await?;
+        Ok(match &self.swarm_key {
+            None => found,
+            Some(swarm_key) => found
+                .iter()
+                .filter_map(|sealed| {
+                    let opened = swarm_key.open(&key, sealed);
+                    if opened.is_none() {
+                        tracing::debug!("DHT record not sealed with this swarm's key: ignored");
+                    }
+                    opened
+                })
+                .collect(),
+        })
     }
 
     /// Stateless forward or backward over a server's span (one stream per request).

@@ -179,26 +179,36 @@ pub struct Swarm {
     pub dir: PathBuf,
     /// The relay's TCP address, ending in `/p2p/<id>`.
     pub relay_addr: String,
-    _relay: Proc,
+    pub relay: Proc,
     /// Each server and its peer id.
     pub servers: Vec<(Proc, String)>,
 }
 
 impl Swarm {
     pub fn start(name: &str) -> Swarm {
+        Self::start_with(name, &[])
+    }
+
+    /// A swarm whose relay gets `extra` arguments besides its TCP listener.
+    pub fn start_with(name: &str, extra: &[&str]) -> Swarm {
         let dir = temp_dir(name);
         let addr_file = dir.join("relay.addrs");
         let relay = Proc::spawn(
             "relay",
             Command::new(bin("relay"))
                 .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
-                .arg(&addr_file),
+                .arg(&addr_file)
+                .args(extra),
         );
-        let relay_addr = wait_for_file_lines(&addr_file, 1, STARTUP).remove(0);
+        let listeners = 1 + extra.iter().filter(|a| **a == "--listen").count();
+        let relay_addr = wait_for_file_lines(&addr_file, listeners, STARTUP)
+            .into_iter()
+            .find(|a| a.contains("/tcp/"))
+            .expect("the relay's TCP address");
         Swarm {
             dir,
             relay_addr,
-            _relay: relay,
+            relay,
             servers: Vec::new(),
         }
     }

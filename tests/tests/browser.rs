@@ -68,6 +68,12 @@ struct PageSwarm {
 
 impl PageSwarm {
     fn start(name: &str) -> PageSwarm {
+        Self::start_with(name, &[])
+    }
+
+    /// A swarm whose relay gets `extra` arguments (and whose servers get them through
+    /// [`Self::server`]'s own).
+    fn start_with(name: &str, extra: &[&std::ffi::OsStr]) -> PageSwarm {
         let dir = temp_dir(name);
         let addr_file = dir.join("relay.addrs");
         let http_port = free_port();
@@ -83,7 +89,8 @@ impl PageSwarm {
                 .arg("--addr-file")
                 .arg(&addr_file)
                 .args(["--http-listen", &format!("127.0.0.1:{http_port}"), "--web-root"])
-                .arg(web_dist()),
+                .arg(web_dist())
+                .args(extra),
         );
         let addrs = wait_for_file_lines(&addr_file, 2, STARTUP);
         let relay_tcp = addrs
@@ -102,20 +109,24 @@ impl PageSwarm {
 
     /// Starts a server reachable by browsers (WebRTC-direct) and waits until it is announced.
     fn server(&mut self, blocks: &str, extra: &[&str]) -> String {
+        self.server_listening(
+            blocks,
+            &["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/webrtc-direct"],
+            extra,
+        )
+    }
+
+    fn server_listening(&mut self, blocks: &str, listen: &[&str], extra: &[&str]) -> String {
         let n = self.servers.len();
         let addr_file = self.dir.join(format!("server{n}.addrs"));
         let mut cmd = Command::new(bin("server"));
         cmd.arg("--model")
             .arg(smollm2())
-            .args(["--blocks", blocks, "--initial-peers", &self.relay_tcp])
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--listen",
-                "/ip4/127.0.0.1/udp/0/webrtc-direct",
-            ])
-            .arg("--addr-file")
-            .arg(&addr_file);
+            .args(["--blocks", blocks, "--initial-peers", &self.relay_tcp]);
+        for addr in listen {
+            cmd.args(["--listen", addr]);
+        }
+        cmd.arg("--addr-file").arg(&addr_file);
         cmd.args(extra);
         let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
         let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
@@ -151,13 +162,24 @@ fn run_page(
     url: &str,
     screenshot: &Path,
     pause_at: Option<usize>,
+    on_pause: impl FnMut(&[String]),
+) -> serde_json::Value {
+    run_page_for(url, screenshot, Duration::from_secs(600), pause_at, on_pause)
+}
+
+fn run_page_for(
+    url: &str,
+    screenshot: &Path,
+    timeout: Duration,
+    pause_at: Option<usize>,
     mut on_pause: impl FnMut(&[String]),
 ) -> serde_json::Value {
     let pause = pause_at.map(|n| n.to_string());
+    let timeout_ms = timeout.as_millis().to_string();
     let mut env: Vec<(&str, &std::ffi::OsStr)> = vec![
         ("PAGE_URL", url.as_ref()),
         ("SCREENSHOT", screenshot.as_os_str()),
-        ("TIMEOUT_MS", "600000".as_ref()),
+        ("TIMEOUT_MS", timeout_ms.as_ref()),
     ];
     if let Some(n) = &pause {
         env.push(("PAUSE_AT_TOKENS", n.as_ref()));
@@ -196,6 +218,51 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
     let device = result["device"].as_str().expect("device");
     assert!(device.starts_with("WebGPU"), "the page did not use WebGPU: {device}");
     assert!(shot.is_file(), "no screenshot at {}", shot.display());
+}
+
+/// A private swarm: the page without the key finds no model (its relay connection is dropped
+/// for want of a proof, and the records it could read are sealed); with the key in the URL
+/// fragment it chats, reaching the servers through relay circuits under `pnet`.
+#[test]
+fn the_page_chats_in_a_private_swarm_only_with_its_key() {
+    let expected = native_reply();
+    let key = swarm::private::SwarmKey::generate_file();
+    let dir = temp_dir("browser-private-key");
+    let key_path = dir.join("swarm.key");
+    std::fs::write(&key_path, &key).expect("key file");
+    let key_hex = key.lines().nth(2).expect("third line").trim().to_string();
+    let mut swarm = PageSwarm::start_with("browser-private", &["--swarm-key".as_ref(), key_path.as_os_str()]);
+    let key_arg = key_path.to_str().expect("utf-8 path");
+    let mut with_key = BUNDLE.to_vec();
+    with_key.extend(["--swarm-key", key_arg]);
+    // No WebRTC on a private server: browsers come through the relay's circuits.
+    let circuit = format!("{}/p2p-circuit", swarm.relay_tcp);
+    swarm.server_listening("0:30", &["/ip4/127.0.0.1/tcp/0", &circuit], &with_key);
+
+    let outsider = run_page_for(
+        &swarm.page_url(),
+        &artifacts().join("private-no-key.png"),
+        Duration::from_secs(90),
+        None,
+        |_| {},
+    );
+    eprintln!("page without the key: {outsider}");
+    let status = outsider["status"].as_str().unwrap_or_default();
+    assert!(
+        outsider["tokens"].is_null(),
+        "the page chatted without the key: {outsider}"
+    );
+    assert!(status.contains("no server announces any model"), "{status}");
+
+    let member = run_page(
+        &format!("{}#swarm_key={key_hex}", swarm.page_url()),
+        &artifacts().join("private.png"),
+        None,
+        |_| {},
+    );
+    eprintln!("page with the key: {member}");
+    assert_eq!(member["error"], false, "the reply failed: {}", member["status"]);
+    assert_eq!(tokens_of(&member), expected);
 }
 
 #[test]

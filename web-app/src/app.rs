@@ -98,9 +98,15 @@ fn location_search() -> String {
         .unwrap_or_default()
 }
 
+fn location_hash() -> String {
+    web_sys::window()
+        .and_then(|w| w.location().hash().ok())
+        .unwrap_or_default()
+}
+
 #[component]
 pub fn App() -> impl IntoView {
-    let params = PageParams::parse(&location_search());
+    let params = PageParams::parse(&location_search()).with_fragment(&location_hash());
     let ui = Ui {
         status: RwSignal::new("Starting…".to_string()),
         progress: RwSignal::new(None),
@@ -314,12 +320,19 @@ fn message_view(m: Message) -> impl IntoView {
 async fn start(ui: Ui, state: SendWrapper<Rc<State>>, params: &PageParams) -> Result<(), client::ClientError> {
     ui.status.set("Connecting to the swarm through the relay…".into());
     let relays = client::bootstrap_addrs(&params.relays).await?;
-    let client = client::start_node(relays)?;
+    let client = client::start_node(relays, params.swarm_key.as_deref())?;
     *state.client.borrow_mut() = Some(client.clone());
     ui.status.set("Looking for models in the DHT…".into());
     let models = client::list_models(&client, Duration::from_secs(30)).await?;
     if models.is_empty() {
-        return Err(client::ClientError::Setup("no server announces any model yet".into()));
+        let hint = if params.swarm_key.is_some() {
+            " (or the swarm key in the page address is not this swarm's)"
+        } else {
+            " (a private swarm's page needs its key: #swarm_key=... in the address)"
+        };
+        return Err(client::ClientError::Setup(format!(
+            "no server announces any model yet{hint}"
+        )));
     }
     ui.models.set(models.clone());
     let fp = params

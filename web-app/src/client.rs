@@ -14,6 +14,7 @@ use shared_model::tuning::Prompts;
 use shared_model::weights::HostTensor;
 use swarm::dht::{self, ModelListing};
 use swarm::node::{self, Client, NodeConfig};
+use swarm::private::SwarmKey;
 use swarm::protocol::{Limits, ServerInfo};
 use swarm::remote::{RemoteChain, RemoteConfig};
 use swarm::routing::RouteMode;
@@ -71,10 +72,14 @@ pub async fn bootstrap_addrs(from_url: &[String]) -> Result<Vec<Multiaddr>, Clie
     Ok(addrs)
 }
 
-/// Starts the browser's libp2p node.
-pub fn start_node(relays: Vec<Multiaddr>) -> Result<Client, ClientError> {
+/// Starts the browser's libp2p node; `swarm_key` (64 hex digits) joins a private swarm.
+pub fn start_node(relays: Vec<Multiaddr>, swarm_key: Option<&str>) -> Result<Client, ClientError> {
     let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
     config.bootstrap = relays;
+    config.swarm_key = swarm_key
+        .map(SwarmKey::from_hex)
+        .transpose()
+        .map_err(|e| ClientError::Setup(format!("the swarm key in the page address (#swarm_key=...): {e}")))?;
     config.dht_server = false;
     config.request_timeout = Duration::from_secs(60);
     let (client, mut inbound, event_loop) = node::start(config)?;

@@ -1,5 +1,6 @@
 //! The page URL's query string: a contract used by links and by checks outside the repo
-//! (`?prompt=TEXT&send=1&temperature=T&max_tokens=N`).
+//! (`?prompt=TEXT&send=1&temperature=T&max_tokens=N`), and its fragment, which browsers never
+//! send to any server: a private swarm's key travels there (`#swarm_key=<64 hex digits>`).
 
 /// What the URL asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,8 @@ pub struct PageParams {
     pub remote_head: bool,
     /// `view=tune` opens the Tune view instead of the chat.
     pub tune: bool,
+    /// A private swarm's key as 64 hex digits, from the fragment (`#swarm_key=...`).
+    pub swarm_key: Option<String>,
 }
 
 impl PageParams {
@@ -39,6 +42,7 @@ impl PageParams {
             force_cpu: false,
             remote_head: false,
             tune: false,
+            swarm_key: None,
         };
         for pair in search.trim_start_matches('?').split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -58,6 +62,16 @@ impl PageParams {
             }
         }
         out
+    }
+
+    /// Adds what the fragment (`#a=1&b=2`, as `location.hash` gives it) holds.
+    pub fn with_fragment(mut self, hash: &str) -> Self {
+        for pair in hash.trim_start_matches('#').split('&').filter(|p| !p.is_empty()) {
+            if let Some(("swarm_key", value)) = pair.split_once('=') {
+                self.swarm_key = Some(decode(value).trim().to_string());
+            }
+        }
+        self
     }
 }
 
@@ -103,5 +117,13 @@ mod tests {
         assert_eq!(decode("%E2%82%AC"), "€");
         assert!(PageParams::parse("?view=tune").tune);
         assert!(!PageParams::parse("?view=chat").tune);
+        let key = "ab".repeat(32);
+        let p = PageParams::parse("?swarm_key=00").with_fragment(&format!("#x=1&swarm_key={key}"));
+        assert_eq!(
+            p.swarm_key.as_deref(),
+            Some(key.as_str()),
+            "only the fragment, never the query"
+        );
+        assert_eq!(PageParams::parse("?swarm_key=00").swarm_key, None);
     }
 }
