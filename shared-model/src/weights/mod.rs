@@ -1,7 +1,10 @@
 //! Weight sources: where a module's tensors come from.
 //!
 //! Every source speaks Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so
-//! the modules load from safetensors checkpoints and from GGUF files through one path.
+//! the modules load from safetensors checkpoints and from GGUF files through one path. Besides
+//! f32 (and quantized) reads for loading, every source hands out a tensor's bytes as stored,
+//! by range ([`WeightSource::stored`], [`WeightSource::read_stored`]): what the model
+//! fingerprint samples without reading the checkpoint.
 
 mod host_tensor;
 mod range_file;

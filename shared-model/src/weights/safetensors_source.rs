@@ -20,7 +20,7 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Shards are memory-mapped on first read, so a server that loads blocks 10..20 never maps
 /// the shards holding only blocks 0..10. [`WeightSource::stored`] and
 /// [`WeightSource::read_stored`] do not map at all: they read a shard's header and the bytes
-/// asked for with positioned reads that bypass readahead ([`RangeFile`]).
+/// asked for with positioned reads that bypass readahead (`weights::range_file`).
 pub struct SafetensorsSource {
     /// Tensor name -> shard file.
     index: BTreeMap<String, PathBuf>,
