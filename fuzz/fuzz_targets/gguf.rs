@@ -73,6 +73,7 @@ fn model(file: GgufFile) {
     };
     for name in model.names().into_iter().take(MAX_READS) {
         let _ = model.gguf_name(&name);
+        corolla_fuzz::sample_stored(&model, &name);
         if let Ok(t) = model.read(&name) {
             assert_eq!(t.shape.iter().product::<usize>(), t.data.len());
         }

@@ -40,6 +40,7 @@ fn read_all(source: &dyn WeightSource) {
             assert_eq!(t.shape.iter().product::<usize>(), t.data.len(), "{name}");
         }
         let _ = source.read_quant(&name);
+        corolla_fuzz::sample_stored(source, &name);
     }
 }
 

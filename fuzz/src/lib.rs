@@ -1,4 +1,5 @@
-//! What the fuzz targets share: reading a byte stream the way a peer's stream is read, and the
+//! What the fuzz targets share: reading a byte stream the way a peer's stream is read, the
+//! model fingerprint's reads of stored tensor bytes (`sample_stored`), and the
 //! properties every decoded message must have.
 //!
 //! The checks are generic over the message types (anything `Serialize + DeserializeOwned`), and
@@ -13,6 +14,8 @@ use futures::AsyncRead;
 use futures::executor::block_on;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use shared_model::fingerprint::sample;
+use shared_model::weights::WeightSource;
 use swarm::protocol::Limits;
 use swarm::wire::{self, MAX_RANK, WireError, WireTensor};
 
@@ -190,4 +193,22 @@ pub mod codecs {
             check_message(&resp);
         }
     }
+}
+
+/// Reads a tensor's stored bytes as the model fingerprint samples them, and one byte past its
+/// end: offsets and lengths from a hostile header must give bytes or an error, never a panic
+/// or a read outside the tensor.
+pub fn sample_stored(source: &dyn WeightSource, name: &str) {
+    let Ok(stored) = source.stored(name) else {
+        return;
+    };
+    let mut buf = Vec::new();
+    for (offset, len) in sample(stored.byte_len) {
+        buf.resize(len as usize, 0);
+        let _ = source.read_stored(name, offset, &mut buf);
+    }
+    assert!(
+        source.read_stored(name, stored.byte_len, &mut [0]).is_err(),
+        "read past the end of `{name}`"
+    );
 }

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::quant::{QuantKind, QuantMatrix};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
-use crate::weights::{HostTensor, WeightError, WeightSource};
+use crate::weights::{HostTensor, StoredTensor, WeightError, WeightSource, copy_range};
 
 /// Bumped when the layout below changes; clients refuse other versions.
 pub const BUNDLE_FORMAT: &str = "corolla-client-bundle/1";
@@ -298,24 +298,32 @@ impl BundleWeights {
     }
 }
 
+impl BundleWeights {
+    /// The tensor `name` as it lies in its in-memory file.
+    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>, WeightError> {
+        let bad = |reason: String| WeightError::BadSafetensors {
+            path: "client bundle".into(),
+            reason,
+        };
+        let file = self
+            .index
+            .get(name)
+            .and_then(|&i| self.files.get(i))
+            .ok_or_else(|| WeightError::Missing { name: name.into() })?;
+        let tensors = SafeTensors::deserialize(file).map_err(|e| bad(e.to_string()))?;
+        tensors
+            .tensor(name)
+            .map_err(|_| WeightError::Missing { name: name.into() })
+    }
+}
+
 impl WeightSource for BundleWeights {
     fn names(&self) -> BTreeSet<String> {
         self.index.keys().cloned().collect()
     }
 
     fn read(&self, name: &str) -> Result<HostTensor, WeightError> {
-        let bad = |reason: String| WeightError::BadSafetensors {
-            path: "client bundle".into(),
-            reason,
-        };
-        let file = *self
-            .index
-            .get(name)
-            .ok_or_else(|| WeightError::Missing { name: name.into() })?;
-        let tensors = SafeTensors::deserialize(&self.files[file]).map_err(|e| bad(e.to_string()))?;
-        let view = tensors
-            .tensor(name)
-            .map_err(|_| WeightError::Missing { name: name.into() })?;
+        let view = self.view(name)?;
         if let Some(&(kind, rows, cols)) = self.quant.get(name) {
             return QuantMatrix::new(name, kind, rows, cols, view.data().to_vec())?.dequantize();
         }
@@ -331,5 +339,28 @@ impl WeightSource for BundleWeights {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         Ok(HostTensor::new(view.shape().to_vec(), data))
+    }
+
+    /// Quantized tensors as the GGUF they came from reports them (format name, `[rows, cols]`),
+    /// not as the `U8` byte run that carries them.
+    fn stored(&self, name: &str) -> Result<StoredTensor, WeightError> {
+        let view = self.view(name)?;
+        let byte_len = view.data().len() as u64;
+        Ok(match self.quant.get(name) {
+            Some(&(kind, rows, cols)) => StoredTensor {
+                dtype: format!("{kind:?}"),
+                shape: vec![rows, cols],
+                byte_len,
+            },
+            None => StoredTensor {
+                dtype: format!("{:?}", view.dtype()),
+                shape: view.shape().to_vec(),
+                byte_len,
+            },
+        })
+    }
+
+    fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        copy_range(name, self.view(name)?.data(), offset, buf)
     }
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::checkpoint::{self, LM_HEAD};
 use crate::config::{ConfigError, Family, MlpKind, ModelConfig, NormKind, QkvLayout};
 use crate::quant::{QuantKind, QuantMatrix};
-use crate::weights::{HostTensor, WeightError, WeightSource};
+use crate::weights::{HostTensor, StoredTensor, WeightError, WeightSource, tensor_range};
 
 /// Model shapes the benchmark knows by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +229,35 @@ impl WeightSource for RandomWeights {
             .insert(key, tensor.clone());
         Ok(HostTensor::clone(&tensor))
     }
+
+    /// Stored as f32, as a file holding these values would be.
+    fn stored(&self, name: &str) -> Result<StoredTensor, WeightError> {
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| WeightError::Missing { name: name.to_string() })?;
+        let numel: usize = shape.iter().product();
+        Ok(StoredTensor {
+            dtype: "F32".into(),
+            shape: shape.clone(),
+            byte_len: numel as u64 * 4,
+        })
+    }
+
+    /// There is no file: the values are generated (once per block-less name, as `read`).
+    fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        let byte_len = self.stored(name)?.byte_len;
+        let range = tensor_range(name, offset, buf.len(), byte_len)?;
+        let tensor = self.read(name)?;
+        // Whole values from the one holding the first byte up to the one holding the last.
+        let bytes: Vec<u8> = tensor.data[range.start / 4..range.end.div_ceil(4)]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let skip = range.start % 4;
+        buf.copy_from_slice(&bytes[skip..skip + buf.len()]);
+        Ok(())
+    }
 }
 
 fn poisoned() -> WeightError {
@@ -293,6 +322,16 @@ impl WeightSource for QuantizeOnLoad {
 
     fn read(&self, name: &str) -> Result<HostTensor, WeightError> {
         self.inner.read(name)
+    }
+
+    /// The inner source's: quantizing on load changes what is served, not the checkpoint (so
+    /// not its fingerprint either).
+    fn stored(&self, name: &str) -> Result<StoredTensor, WeightError> {
+        self.inner.stored(name)
+    }
+
+    fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        self.inner.read_stored(name, offset, buf)
     }
 
     fn read_quant(&self, name: &str) -> Result<Option<QuantMatrix>, WeightError> {

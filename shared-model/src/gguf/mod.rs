@@ -15,8 +15,9 @@ pub use value::{GgufArray, GgufValue};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use crate::weights::HostTensor;
+use crate::weights::{HostTensor, RangeFile, WeightError};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -152,7 +153,7 @@ impl GgufTensorInfo {
     }
 
     /// Size of the stored data, when the type's block layout is known.
-    fn byte_len(&self) -> Option<u64> {
+    pub fn byte_len(&self) -> Option<u64> {
         let layout = self.ggml_type.block_layout()?;
         Some(self.n_elements() / layout.elements as u64 * layout.bytes as u64)
     }
@@ -182,6 +183,8 @@ pub struct GgufFile {
     tensor_index: HashMap<String, usize>,
     alignment: u64,
     data_offset: u64,
+    /// The file opened a second time for [`GgufFile::read_at`], on first use.
+    ranges: OnceLock<RangeFile>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -227,6 +230,7 @@ impl GgufFile {
                 tensors: h.tensors,
                 alignment: h.alignment,
                 data_offset: h.data_offset,
+                ranges: OnceLock::new(),
             }),
             Err(reason) => Err(GgufError::Format { path, reason }),
         }
@@ -293,6 +297,58 @@ impl GgufFile {
             .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         let data = dequantize_named(name, info.ggml_type, bytes, info.n_elements() as usize)?;
         Ok(HostTensor::new(info.shape(), data))
+    }
+
+    /// Where `info`'s data starts, in bytes from the start of the file.
+    pub fn tensor_file_offset(&self, info: &GgufTensorInfo) -> Option<u64> {
+        self.data_offset.checked_add(info.offset)
+    }
+
+    /// Fills `buf` with the file's bytes at `offset..offset + buf.len()`, reading only those
+    /// from storage: a mapped file is opened a second time for positioned reads without
+    /// readahead (a fault on the map would read megabytes around each page, see
+    /// [`RangeFile`]); an image in memory is copied from.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        let image_len = self.backing.bytes().len() as u64;
+        let past_end = || WeightError::PastEnd {
+            path: self.path.clone(),
+            offset,
+            len: buf.len() as u64,
+            file_len: image_len,
+        };
+        match &self.backing {
+            Backing::Owned(bytes) => {
+                let range = usize::try_from(offset)
+                    .ok()
+                    .and_then(|start| Some(start..start.checked_add(buf.len())?))
+                    .ok_or_else(past_end)?;
+                let src = bytes.get(range).ok_or_else(past_end)?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Backing::Mapped(_) => {
+                if self.ranges.get().is_none() {
+                    let file = RangeFile::open(&self.path)?;
+                    // The header parsed at open describes the mapped file; another file at
+                    // the same path since then would be read at offsets meant for this one.
+                    if file.len() != image_len {
+                        return Err(WeightError::Io {
+                            path: self.path.clone(),
+                            source: std::io::Error::other(format!(
+                                "the file changed since it was opened ({image_len} bytes then, {} now)",
+                                file.len()
+                            )),
+                        });
+                    }
+                    // Another thread may have set it meanwhile: either copy will do.
+                    let _ = self.ranges.set(file);
+                }
+                match self.ranges.get() {
+                    Some(file) => file.read_exact_at(offset, buf),
+                    None => Err(past_end()),
+                }
+            }
+        }
     }
 
     fn data_len(&self) -> u64 {

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::{GgufError, GgufFile, dequantize_named};
-use crate::weights::{HostTensor, WeightError, WeightSource};
+use crate::weights::{HostTensor, StoredTensor, WeightError, WeightSource, tensor_range};
 
 /// How a Hugging Face tensor is derived from a GGUF tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -162,6 +162,44 @@ impl GgufModel {
     /// The llama.cpp tensor a Hugging Face name is read from.
     pub fn gguf_name(&self, hf_name: &str) -> Option<&str> {
         self.sources.get(hf_name).map(|s| s.gguf_name.as_str())
+    }
+
+    /// How a Hugging Face tensor is stored, and where its bytes start in the file. An expert
+    /// of a `*_exps` tensor is its slice: an exact `1/count` of the bytes (whole rows of whole
+    /// blocks, checked at open).
+    fn stored_extent(&self, hf_name: &str) -> Result<(StoredTensor, u64), GgufError> {
+        let src = self
+            .sources
+            .get(hf_name)
+            .ok_or_else(|| GgufError::MissingTensor(hf_name.to_string()))?;
+        let info = self
+            .file
+            .tensor_info(&src.gguf_name)
+            .ok_or_else(|| GgufError::MissingTensor(src.gguf_name.clone()))?;
+        let unsupported = || GgufError::UnsupportedType {
+            tensor: src.gguf_name.clone(),
+            ggml_type: info.ggml_type.to_string(),
+        };
+        let byte_len = info.byte_len().ok_or_else(unsupported)?;
+        // In the file: bounds were checked at open for every type with a known layout.
+        let start = self.file.tensor_file_offset(info).ok_or_else(unsupported)?;
+        let (shape, byte_len, start) = match src.transform {
+            Transform::Plain | Transform::Unpermute { .. } => (info.shape(), byte_len, start),
+            Transform::Expert { index, count } => {
+                let per_expert = byte_len / count.max(1) as u64;
+                let skip = per_expert.checked_mul(index as u64);
+                let start = skip.and_then(|s| start.checked_add(s)).ok_or_else(unsupported)?;
+                (vec![info.dims[1] as usize, info.dims[0] as usize], per_expert, start)
+            }
+        };
+        Ok((
+            StoredTensor {
+                dtype: info.ggml_type.to_string(),
+                shape,
+                byte_len,
+            },
+            start,
+        ))
     }
 
     /// Reads a tensor by its Hugging Face name, as f32 in PyTorch dimension order.
@@ -323,6 +361,34 @@ impl WeightSource for GgufModel {
             Err(GgufError::MissingTensor(_)) => Err(WeightError::Missing { name: name.to_string() }),
             other => Ok(other?),
         }
+    }
+
+    /// As stored: q/k rows in llama.cpp's permuted order, experts as their slice of the
+    /// stacked tensor.
+    fn stored(&self, name: &str) -> Result<StoredTensor, WeightError> {
+        match self.stored_extent(name) {
+            Ok((stored, _)) => Ok(stored),
+            Err(GgufError::MissingTensor(_)) => Err(WeightError::Missing { name: name.to_string() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        let (stored, start) = match self.stored_extent(name) {
+            Ok(extent) => extent,
+            Err(GgufError::MissingTensor(_)) => return Err(WeightError::Missing { name: name.to_string() }),
+            Err(e) => return Err(e.into()),
+        };
+        let range = tensor_range(name, offset, buf.len(), stored.byte_len)?;
+        let at = start
+            .checked_add(range.start as u64)
+            .ok_or_else(|| WeightError::OutOfRange {
+                name: name.to_string(),
+                offset,
+                len: buf.len() as u64,
+                byte_len: stored.byte_len,
+            })?;
+        self.file.read_at(at, buf)
     }
 
     fn read_quant(&self, name: &str) -> Result<Option<QuantMatrix>, WeightError> {

@@ -1,13 +1,21 @@
 //! Weight sources: where a module's tensors come from.
 //!
 //! Every source speaks Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so
-//! the modules load from safetensors checkpoints and from GGUF files through one path.
+//! the modules load from safetensors checkpoints and from GGUF files through one path. Besides
+//! f32 (and quantized) reads for loading, every source hands out a tensor's bytes as stored,
+//! by range ([`WeightSource::stored`], [`WeightSource::read_stored`]): what the model
+//! fingerprint samples without reading the checkpoint.
 
 mod host_tensor;
+mod range_file;
 mod safetensors_source;
+mod stored;
 
 pub use host_tensor::HostTensor;
+pub(crate) use range_file::RangeFile;
 pub use safetensors_source::SafetensorsSource;
+pub use stored::StoredTensor;
+pub(crate) use stored::{copy_range, tensor_range};
 
 use std::collections::BTreeSet;
 
@@ -43,6 +51,20 @@ pub enum WeightError {
     Gguf(#[from] crate::gguf::GgufError),
     #[error("the GPU refused the kernel that expands quantized weights")]
     KernelRefused,
+    #[error("bytes {offset}..+{len} of tensor `{name}` lie outside its {byte_len} bytes")]
+    OutOfRange {
+        name: String,
+        offset: u64,
+        len: u64,
+        byte_len: u64,
+    },
+    #[error("{path}: bytes {offset}..+{len} lie past its end ({file_len} bytes)")]
+    PastEnd {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        file_len: u64,
+    },
 }
 
 /// A checkpoint that hands out tensors by their Hugging Face name, as f32 on the host.
@@ -54,6 +76,18 @@ pub trait WeightSource: Send + Sync {
     fn names(&self) -> BTreeSet<String>;
     /// Reads one tensor, converted to f32 (dequantized where stored quantized).
     fn read(&self, name: &str) -> Result<HostTensor, WeightError>;
+
+    /// How `name` is stored (element type, shape, byte length), from the checkpoint's header:
+    /// no tensor data is read.
+    fn stored(&self, name: &str) -> Result<StoredTensor, WeightError>;
+
+    /// Fills `buf` with the stored bytes `offset..offset + buf.len()` of `name` (offsets count
+    /// from the tensor's first byte), reading only those bytes from storage. A range outside
+    /// the tensor is [`WeightError::OutOfRange`].
+    ///
+    /// No default: one that read the whole tensor would silently undo what callers (the model
+    /// fingerprint) use this for.
+    fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError>;
 
     /// Reads a 2-D tensor in its stored quantized form, if it is stored in a format that
     /// [`QuantMatrix`] computes with directly.
