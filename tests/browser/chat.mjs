@@ -56,6 +56,7 @@ try {
   result.ttft = await page.locator('[data-testid="ttft"]').textContent();
   result.tokens_per_s = await page.locator('[data-testid="tokens-per-s"]').textContent();
   result.route = await page.locator('[data-testid="route"] tbody tr td:first-child').allTextContents();
+  result.verify = await page.locator('[data-testid="verify"]').textContent();
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
 } catch (e) {
   result.failure = String(e && e.stack ? e.stack : e);

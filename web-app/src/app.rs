@@ -64,6 +64,8 @@ struct Ui {
     top_p: RwSignal<f32>,
     max_tokens: RwSignal<usize>,
     route: RwSignal<Vec<RouteHop>>,
+    /// The spot checks of servers' answers (`swarm::remote::verify`).
+    verify: RwSignal<swarm::remote::verify::VerifyReport>,
     stats: RwSignal<Stats>,
     servers: RwSignal<usize>,
     tune_view: RwSignal<bool>,
@@ -121,6 +123,7 @@ pub fn App() -> impl IntoView {
         top_p: RwSignal::new(params.top_p.unwrap_or(0.9)),
         max_tokens: RwSignal::new(params.max_tokens.unwrap_or(256)),
         route: RwSignal::new(Vec::new()),
+        verify: RwSignal::new(Default::default()),
         stats: RwSignal::new(Stats::default()),
         servers: RwSignal::new(0),
         tune_view: RwSignal::new(params.tune),
@@ -282,6 +285,19 @@ pub fn App() -> impl IntoView {
                     <dt>"Last token"</dt><dd>{move || format!("{:.1} ms", ui.stats.get().last_token_ms)}</dd>
                     <dt>"Tokens/s"</dt><dd data-testid="tokens-per-s">{move || format!("{:.2}", ui.stats.get().tokens_per_s)}</dd>
                     <dt>"Tokens"</dt><dd>{move || format!("{} prompt + {} generated", ui.stats.get().prompt_tokens, ui.stats.get().tokens)}</dd>
+                    <dt>"Spot checks"</dt>
+                    <dd data-testid="verify" data-checks=move || ui.verify.get().checks
+                        data-mismatches=move || ui.verify.get().mismatches>
+                        {move || {
+                            let v = ui.verify.get();
+                            let banned = if v.banned.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; banned {}", v.banned.iter().map(|p| client::short_peer_text(p)).collect::<Vec<_>>().join(", "))
+                            };
+                            format!("{} answers re-run elsewhere, {} disagreed{banned}", v.checks, v.mismatches)
+                        }}
+                    </dd>
                 </dl>
             </aside>
         </main>
@@ -482,6 +498,7 @@ fn send(ui: Ui, state: SendWrapper<Rc<State>>) {
             )
             .await;
         ui.route.set(chat.route().await);
+        ui.verify.set(chat.verify_report());
         match result {
             Ok((_, text)) => {
                 state

@@ -238,6 +238,11 @@ impl Chat {
             .collect()
     }
 
+    /// What the spot checks of this conversation's answers found so far.
+    pub fn verify_report(&self) -> swarm::remote::verify::VerifyReport {
+        self.chain.verify_report().lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
     pub async fn route(&self) -> Vec<RouteHop> {
         let mut out = Vec::new();
         for (peer, start, end) in self.chain.route() {
@@ -341,6 +346,18 @@ impl Chat {
 }
 
 pub fn short_peer(peer: &PeerId) -> String {
-    let s = peer.to_string();
-    format!("…{}", &s[s.len().saturating_sub(8)..])
+    short_peer_text(&peer.to_string())
+}
+
+/// [`short_peer`] of a peer id as text.
+pub fn short_peer_text(peer: &str) -> String {
+    let tail: String = peer
+        .chars()
+        .rev()
+        .take(8)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("…{tail}")
 }
