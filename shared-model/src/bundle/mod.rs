@@ -4,7 +4,12 @@
 //!
 //! Tensors keep the checkpoint's precision: f32 as f32, and GGUF Q8_0/Q4_0/Q4_1 blocks as
 //! their raw bytes (a `U8` tensor whose format is named in the metadata), dequantized by the
-//! client exactly as a native client does. The text parts travel in the safetensors metadata.
+//! client exactly as a native client does. The text parts travel in the safetensors metadata,
+//! with the fingerprint of the model the bundle belongs to.
+//!
+//! A client never uses a bundle it merely downloaded: [`ClientBundle::verified`] checks its
+//! content [`digest`] against the one the server signed in its DHT record, and its fingerprint
+//! against the model the client asked for.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,12 +22,19 @@ use crate::quant::{QuantKind, QuantMatrix};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::{HostTensor, WeightError, WeightSource};
 
+mod digest;
+
+pub use digest::{DIGEST_HEX_LEN, digest, is_digest};
+
 /// Bumped when the layout below changes; clients refuse other versions.
-pub const BUNDLE_FORMAT: &str = "corolla-client-bundle/1";
+///
+/// 2: the model's fingerprint (`fingerprint`), which clients check.
+pub const BUNDLE_FORMAT: &str = "corolla-client-bundle/2";
 
 const KEY_FORMAT: &str = "format";
 const KEY_CONFIG: &str = "config";
 const KEY_NAME: &str = "name";
+const KEY_FINGERPRINT: &str = "fingerprint";
 const KEY_TOKENIZER: &str = "tokenizer";
 const KEY_BOS_ID: &str = "bos_id";
 const KEY_EOS_ID: &str = "eos_id";
@@ -39,6 +51,12 @@ pub enum BundleError {
     Format(String),
     #[error("client bundle field `{field}`: {reason}")]
     Field { field: &'static str, reason: String },
+    /// Its content is not what the server's signed record promises.
+    #[error("sha256 {got}, expected {want}")]
+    Digest { got: String, want: String },
+    /// It belongs to another model than the one asked for.
+    #[error("it is a bundle of model {got}, not of {want}")]
+    WrongModel { got: String, want: String },
 }
 
 fn bad(field: &'static str, reason: impl ToString) -> BundleError {
@@ -76,6 +94,8 @@ pub fn client_f32_bytes(config: &ModelConfig) -> u64 {
 #[derive(Debug, Clone)]
 pub struct BundleMeta<'a> {
     pub name: &'a str,
+    /// The model's fingerprint (`shared_model::fingerprint`).
+    pub fingerprint: &'a str,
     pub hf_config: &'a serde_json::Value,
     pub tokenizer: Option<&'a Tokenizer>,
     pub chat_template: Option<&'a ChatTemplate>,
@@ -105,6 +125,7 @@ fn write_bundle_parts(
     let mut metadata = HashMap::new();
     metadata.insert(KEY_FORMAT.to_string(), BUNDLE_FORMAT.to_string());
     metadata.insert(KEY_NAME.to_string(), meta.name.to_string());
+    metadata.insert(KEY_FINGERPRINT.to_string(), meta.fingerprint.to_string());
     metadata.insert(KEY_CONFIG.to_string(), meta.hf_config.to_string());
     metadata.insert(
         KEY_STOP_IDS.to_string(),
@@ -176,7 +197,11 @@ fn write_bundle_parts(
 /// A bundle read back: the client's model parts, with tensors held in memory.
 pub struct ClientBundle {
     pub name: String,
+    /// The fingerprint of the model the bundle says it belongs to.
+    pub fingerprint: String,
     pub config: ModelConfig,
+    /// The config in Hugging Face form, as the bundle holds it.
+    pub hf_config: serde_json::Value,
     pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub stop_ids: Vec<u32>,
@@ -187,12 +212,46 @@ impl std::fmt::Debug for ClientBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientBundle")
             .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
 }
 
+/// What a client expects of a bundle it downloaded: the model it asked for, and the digest a
+/// server of that model signed.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub fingerprint: &'a str,
+    pub digest: &'a str,
+}
+
 impl ClientBundle {
-    /// Parses and validates a bundle.
+    /// Parses a downloaded bundle if its content digest is `expected.digest` and it names the
+    /// model `expected.fingerprint` (a [`BundleError::Digest`] or [`BundleError::WrongModel`]
+    /// otherwise). The digest is checked first, so nothing of a tampered file is parsed beyond
+    /// its safetensors header.
+    pub fn verified(bytes: Vec<u8>, expected: &Expected<'_>) -> Result<Self, ModelError> {
+        let got = digest(&bytes)?;
+        if got != expected.digest {
+            return Err(BundleError::Digest {
+                got,
+                want: expected.digest.to_string(),
+            }
+            .into());
+        }
+        let bundle = Self::from_bytes(bytes)?;
+        if bundle.fingerprint != expected.fingerprint {
+            return Err(BundleError::WrongModel {
+                got: bundle.fingerprint,
+                want: expected.fingerprint.to_string(),
+            }
+            .into());
+        }
+        Ok(bundle)
+    }
+
+    /// Parses and validates a bundle (without checking where it came from: see
+    /// [`ClientBundle::verified`]).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, ModelError> {
         let (_, header) =
             SafeTensors::read_metadata(&bytes).map_err(|e| BundleError::Format(format!("bad safetensors: {e}")))?;
@@ -205,8 +264,9 @@ impl ClientBundle {
         if format != BUNDLE_FORMAT {
             return Err(BundleError::Format(format!("format {format}, this client reads {BUNDLE_FORMAT}")).into());
         }
+        let fingerprint = get(KEY_FINGERPRINT)?.clone();
         let hf: serde_json::Value = serde_json::from_str(get(KEY_CONFIG)?).map_err(|e| bad(KEY_CONFIG, e))?;
-        let config = ModelConfig::from_json_value(hf)?;
+        let config = ModelConfig::from_json_value(hf.clone())?;
         let stop_ids: Vec<u32> = serde_json::from_str(get(KEY_STOP_IDS)?).map_err(|e| bad(KEY_STOP_IDS, e))?;
         let id = |key: &'static str| -> Result<Option<u32>, BundleError> {
             meta.get(key)
@@ -239,7 +299,9 @@ impl ClientBundle {
         }
         Ok(Self {
             name: meta.get(KEY_NAME).cloned().unwrap_or_default(),
+            fingerprint,
             config,
+            hf_config: hf,
             tokenizer,
             chat_template,
             stop_ids,
