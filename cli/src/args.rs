@@ -134,9 +134,16 @@ pub struct PromptInput {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// An HF-layout model folder or a `.gguf` file.
+    /// An HF-layout model folder or a `.gguf` file; with --initial-peers also a model
+    /// fingerprint (32 hex digits), whose client bundle (tokenizer, embeddings, LM head) is
+    /// then downloaded from one of its servers, checked against the server's signed record and
+    /// cached.
     #[arg(long)]
     pub model: PathBuf,
+    /// Where downloaded client bundles are kept (default: $COROLLA_CACHE, else
+    /// ~/.cache/corolla).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub input: PromptInput,
     /// Wrap the prompt in the model's chat template as one user message.

@@ -12,12 +12,33 @@ use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
 use std::path::Path;
 
-use crate::args::GenerateArgs;
+use crate::args::{BackendKind, GenerateArgs};
 use crate::backend::{OnBackend, dispatch};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut files =
-        ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    // A fingerprint joins the swarm first: the model's client part comes from its servers.
+    let (mut files, joined) = match model_fingerprint(&args)? {
+        Some(model) => {
+            if args.backend != BackendKind::Cpu {
+                bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
+            }
+            let (runtime, client) = crate::remote::connect(&args.initial_peers, args.swarm_key.as_deref())?;
+            let cache = crate::fetch::cache_dir(args.cache_dir.clone());
+            let files = crate::bundle::fetch(&runtime, &client, &model, &cache)?;
+            let joined = crate::remote::Joined {
+                runtime,
+                client,
+                model_name: model.clone(),
+                model,
+            };
+            (files, Some(joined))
+        }
+        None => {
+            let files =
+                ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+            (files, None)
+        }
+    };
     args.quant.apply(&mut files);
     let prompt_ids = prompt_ids(&files, &args)?;
     check_prompt(&files, &prompt_ids, args.max_new_tokens)?;
@@ -46,7 +67,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     if !args.initial_peers.is_empty() {
-        return crate::remote::run(&files, &args, prompt_ids, params, prompts);
+        if args.backend != BackendKind::Cpu {
+            bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
+        }
+        let joined = match joined {
+            Some(joined) => joined,
+            None => crate::remote::Joined::for_checkpoint(&files, &args.initial_peers, args.swarm_key.as_deref())?,
+        };
+        return crate::remote::run(&files, &args, prompt_ids, params, prompts, joined);
     }
     // Locally there is no server to name an adapter: `--adapter` is its folder.
     let adapter = match &args.adapter {
@@ -67,6 +95,21 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             adapter,
         },
     )
+}
+
+/// The fingerprint `--model` names, if it names one rather than a checkpoint: a path that
+/// does not exist and is spelled as a fingerprint (with --initial-peers, which it needs).
+fn model_fingerprint(args: &GenerateArgs) -> Result<Option<String>> {
+    let text = args.model.to_string_lossy();
+    if args.model.exists() || !crate::bundle::is_fingerprint(&text) {
+        return Ok(None);
+    }
+    if args.initial_peers.is_empty() {
+        bail!(
+            "--model {text} is a model fingerprint and there is no such file: give --initial-peers to get the model from its servers"
+        );
+    }
+    Ok(Some(text.into_owned()))
 }
 
 /// The input prompt as a `[prefix_len, hidden]` tensor.

@@ -10,6 +10,7 @@ use clap::Parser;
 mod args;
 mod backend;
 mod bench;
+mod bundle;
 mod demo;
 mod demo_swarm;
 mod fetch;

@@ -1,21 +1,22 @@
-//! `corolla generate --initial-peers ...`: embeddings and LM head here, blocks in the swarm.
+//! `corolla generate --initial-peers ...`: embeddings and LM head here (from a checkpoint or a
+//! downloaded client bundle), blocks in the swarm.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use shared_model::Cpu;
 use shared_model::fingerprint::fingerprint;
 use shared_model::generate::{GenerateParams, generate_with_prefix};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{Embeddings, LmHead};
 use shared_model::tuning::Prompts;
+use shared_model::{Cpu, ModelConfig};
 use swarm::node::{self, Client, NodeConfig};
 use swarm::protocol::Limits;
 use swarm::remote::{RemoteBlocks, RemoteConfig};
 use swarm::routing::RouteMode;
 use swarm::wire::WireDtype;
 
-use crate::args::{BackendKind, GenerateArgs, RoutingArg, WireDtypeArg};
+use crate::args::{GenerateArgs, RoutingArg, WireDtypeArg};
 use crate::generate::emit;
 
 /// A swarm client node on its own runtime, connected to at least one initial peer.
@@ -49,13 +50,58 @@ pub fn connect(
     Ok((runtime, client))
 }
 
+/// A joined swarm and the model to run in it.
+pub struct Joined {
+    pub runtime: tokio::runtime::Runtime,
+    pub client: Client,
+    /// The model's fingerprint.
+    pub model: String,
+    /// What logs call it.
+    pub model_name: String,
+}
+
+impl Joined {
+    /// Joins through `initial_peers` to run the checkpoint `files`.
+    pub fn for_checkpoint(
+        files: &ModelFiles,
+        initial_peers: &[libp2p::Multiaddr],
+        swarm_key: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let model = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
+        let (runtime, client) = connect(initial_peers, swarm_key)?;
+        Ok(Self {
+            runtime,
+            client,
+            model,
+            model_name: files.path.display().to_string(),
+        })
+    }
+}
+
 /// Remote execution settings for this model.
 pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingArg) -> Result<RemoteConfig> {
     let model = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
-    Ok(RemoteConfig {
+    Ok(config_for(
         model,
-        model_name: files.path.display().to_string(),
-        num_layers: files.config.num_layers,
+        files.path.display().to_string(),
+        &files.config,
+        dtype,
+        routing,
+    ))
+}
+
+/// Remote execution settings for the model with fingerprint `model`.
+fn config_for(
+    model: String,
+    model_name: String,
+    config: &ModelConfig,
+    dtype: WireDtypeArg,
+    routing: RoutingArg,
+) -> RemoteConfig {
+    RemoteConfig {
+        model,
+        model_name,
+        num_layers: config.num_layers,
         dtype: match dtype {
             WireDtypeArg::F32 => WireDtype::F32,
             WireDtypeArg::F16 => WireDtype::F16,
@@ -67,7 +113,7 @@ pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingAr
         limits: Limits::default(),
         deep_prompts: None,
         adapter: None,
-        hidden_size: files.config.hidden_size,
+        hidden_size: config.hidden_size,
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
         verify_rate: swarm::remote::DEFAULT_VERIFY_RATE,
         verify_seed: swarm::dht::now_ms(),
@@ -75,24 +121,28 @@ pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingAr
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,
         },
-    })
+    }
 }
 
+/// Generates with the embeddings and head of `files` here and the blocks in `joined`'s swarm.
 pub fn run(
     files: &ModelFiles,
     args: &GenerateArgs,
     prompt_ids: Vec<u32>,
     params: GenerateParams,
     prompts: Option<Prompts>,
+    joined: Joined,
 ) -> Result<()> {
-    if args.backend != BackendKind::Cpu {
-        bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
-    }
-    let (runtime, client) = connect(&args.initial_peers, args.swarm_key.as_deref())?;
+    let Joined {
+        runtime,
+        client,
+        model,
+        model_name,
+    } = joined;
     let device = Default::default();
     let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
     let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
-    let mut remote_config = remote_config(files, args.wire_dtype, args.routing)?;
+    let mut remote_config = config_for(model, model_name, &files.config, args.wire_dtype, args.routing);
     remote_config.adapter = args.adapter.clone();
     remote_config.verify_rate = args.verify;
     if let Some(seed) = args.verify_seed {

@@ -86,6 +86,15 @@ fn errors_are_one_clear_line() {
     let llama = llama.to_str().expect("utf-8");
     let missing = corolla(&["generate", "--model", "/no/such/model", "--token-ids", "1,2", "--json"]);
     assert_one_line_error(&missing, "/no/such/model");
+    // A fingerprint names a model of the swarm, which needs a way in.
+    let fingerprint = corolla(&[
+        "generate",
+        "--model",
+        "00112233445566778899aabbccddeeff",
+        "--token-ids",
+        "1",
+    ]);
+    assert_one_line_error(&fingerprint, "give --initial-peers");
 
     let dir = std::env::temp_dir().join(format!("corolla-badcfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

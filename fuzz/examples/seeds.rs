@@ -100,7 +100,14 @@ fn server_info(peer: &str, model: &str, protocol: u32, expires_at_ms: u64) -> Va
         "relayed": false,
         "addrs": [format!("/ip4/127.0.0.1/tcp/31337/p2p/{peer}")],
         "expires_at_ms": expires_at_ms,
-        "client_url": "http://127.0.0.1:8080/client.bundle",
+        "bundle": {
+            "url": format!("http://127.0.0.1:8080/corolla/v1/bundles/{}.safetensors", "ab".repeat(32)),
+            "digest": "ab".repeat(32),
+            "bytes": 31_000_000,
+            "meta_url": format!("http://127.0.0.1:8080/corolla/v1/bundles/{}.safetensors", "cd".repeat(32)),
+            "meta_digest": "cd".repeat(32),
+            "meta_bytes": 2_000_000,
+        },
         "serves_head": true,
         "adapters": ["lora-a"],
     })
@@ -254,7 +261,7 @@ fn dht_seeds(root: &Path) -> Result<()> {
     // A version-1 record: no optional fields at all.
     let mut v1 = server_info(PEER, MODEL, 1, NOW_MS + 1);
     if let Some(obj) = v1.as_object_mut() {
-        for key in ["client_url", "serves_head", "adapters"] {
+        for key in ["bundle", "serves_head", "adapters"] {
             obj.remove(key);
         }
         obj.insert("relayed".into(), json!(true));
@@ -572,6 +579,7 @@ fn safetensors_seeds(root: &Path) -> Result<()> {
     let template = ChatTemplate::new(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>")?;
     let meta = BundleMeta {
         name: "tiny",
+        fingerprint: "0123456789abcdef0123456789abcdef",
         hf_config: &hf,
         tokenizer: Some(&tokenizer),
         chat_template: Some(&template),

@@ -1,6 +1,6 @@
 //! safetensors headers through the repository's own loading paths: a client bundle as a browser
 //! or native client reads it from a server (config, tokenizer, chat template, quantized and f32
-//! tensors), in-memory checkpoint shards, a checkpoint file on disk, and a shard index.
+//! tensors) and its content digest as the client checks it, in-memory checkpoint shards, a checkpoint file on disk, and a shard index.
 //!
 //! Input: one selector byte (which path), then the file's bytes.
 #![no_main]
@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use shared_model::bundle::BundleWeights;
-use shared_model::bundle::{ClientBundle, client_f32_bytes};
+use shared_model::bundle::{ClientBundle, Expected, client_f32_bytes, digest, is_digest};
 use shared_model::tokenizer::ChatMessage;
 use shared_model::weights::{SafetensorsSource, WeightSource};
 
@@ -45,9 +45,23 @@ fn read_all(source: &dyn WeightSource) {
 }
 
 fn bundle(bytes: &[u8]) {
+    // The digest reads any safetensors file, bundle or not; whatever parses as a bundle has
+    // one, and verifies against it.
+    let own = digest(bytes);
+    if let Ok(d) = &own {
+        assert!(is_digest(d), "{d}");
+    }
     let Ok(bundle) = ClientBundle::from_bytes(bytes.to_vec()) else {
         return;
     };
+    let Ok(own) = own else {
+        panic!("a bundle that parses has no digest");
+    };
+    let expected = Expected {
+        fingerprint: &bundle.fingerprint,
+        digest: &own,
+    };
+    assert!(ClientBundle::verified(bytes.to_vec(), &expected).is_ok());
     let _ = client_f32_bytes(&bundle.config);
     read_all(&bundle.weights);
     if let Some(tokenizer) = &bundle.tokenizer

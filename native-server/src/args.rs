@@ -161,10 +161,13 @@ pub struct ServerArgs {
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
     /// Serve the model's client bundle (tokenizer, config, embeddings, LM head) over HTTP on
-    /// this address, for browsers (e.g. 0.0.0.0:8081).
+    /// this address, for browsers and `corolla generate --model FINGERPRINT` (e.g.
+    /// 0.0.0.0:8081); its URLs and content digests go into the signed DHT record.
     #[arg(long)]
     pub http_listen: Option<std::net::SocketAddr>,
-    /// The public base URL of --http-listen, as browsers reach it (default: http://ADDR).
+    /// The public base URL of --http-listen, as clients reach it (default: http://ADDR): a
+    /// reverse proxy or CDN in front of it, say. Clients check what they get from it against
+    /// the digests in this server's record.
     #[arg(long, requires = "http_listen")]
     pub http_url: Option<String>,
     /// Also run the embeddings and LM head for clients that cannot hold them (a browser

@@ -306,7 +306,7 @@ where
         relayed: false,
         addrs: Vec::new(),
         expires_at_ms: 0,
-        client_url: bundle.map(|b| b.url),
+        bundle: bundle.map(|b| b.offer),
         serves_head: head.is_some(),
         adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
         load: None,

@@ -98,6 +98,21 @@ impl ModelFiles {
             stop_ids,
         })
     }
+
+    /// The client part of a model from its (verified) client bundle, kept at `path`: what a
+    /// swarm client needs when the blocks are the servers' (the embeddings, final norm and
+    /// LM head are its only tensors).
+    pub fn from_bundle(bundle: crate::bundle::ClientBundle, path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            config: bundle.config,
+            hf_config: bundle.hf_config,
+            weights: Arc::new(bundle.weights),
+            tokenizer: bundle.tokenizer,
+            chat_template: bundle.chat_template,
+            stop_ids: bundle.stop_ids,
+        }
+    }
 }
 
 /// `eos_token_id` of `generation_config.json`, if the file exists and names one.

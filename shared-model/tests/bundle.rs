@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use shared_model::Cpu;
-use shared_model::bundle::{BundleMeta, ClientBundle, write_bundle};
+use shared_model::bundle::{BundleError, BundleMeta, ClientBundle, Expected, digest, write_bundle, write_meta_bundle};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{Embeddings, LmHead, to_host};
 use shared_model::tokenizer::ChatMessage;
@@ -15,9 +15,13 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A stand-in fingerprint (the bundle only carries it; these tests do not need the real one).
+const FP: &str = "00112233445566778899aabbccddeeff";
+
 fn bundle_of(files: &ModelFiles) -> ClientBundle {
     let meta = BundleMeta {
         name: "test",
+        fingerprint: FP,
         hf_config: &files.hf_config,
         tokenizer: files.tokenizer.as_ref(),
         chat_template: files.chat_template.as_ref(),
@@ -73,11 +77,11 @@ fn bundles_hold_only_the_client_tensors() {
 
 #[test]
 fn meta_bundles_describe_the_model_without_tensors() {
-    use shared_model::bundle::write_meta_bundle;
     use shared_model::weights::WeightSource;
     let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
     let meta = BundleMeta {
         name: "test",
+        fingerprint: FP,
         hf_config: &files.hf_config,
         tokenizer: None,
         chat_template: None,
@@ -95,6 +99,7 @@ fn damaged_bundles_are_refused() {
     let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
     let meta = BundleMeta {
         name: "test",
+        fingerprint: FP,
         hf_config: &files.hf_config,
         tokenizer: None,
         chat_template: None,
@@ -137,4 +142,85 @@ fn smollm2_bundle_matches_the_gguf() {
     assert_eq!(k1.encode(&t1).expect("encode"), k2.encode(&t2).expect("encode"));
     assert_eq!((k1.bos_id(), k1.eos_id()), (k2.bos_id(), k2.eos_id()));
     assert_eq!(bundle.stop_ids, files.stop_ids);
+}
+
+fn meta_of(files: &ModelFiles) -> BundleMeta<'_> {
+    BundleMeta {
+        name: "test",
+        fingerprint: FP,
+        hf_config: &files.hf_config,
+        tokenizer: files.tokenizer.as_ref(),
+        chat_template: files.chat_template.as_ref(),
+        stop_ids: &files.stop_ids,
+    }
+}
+
+/// Every write of one model's bundle has the same digest, whatever order safetensors puts the
+/// header in (it follows a `HashMap`, seeded anew for every map), full and meta alike.
+#[test]
+fn bundles_of_one_model_have_one_digest() {
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let meta = meta_of(&files);
+    let writes: Vec<Vec<u8>> = (0..8)
+        .map(|_| write_bundle(&meta, &files.config, files.weights.as_ref()).expect("bundle"))
+        .collect();
+    let first = digest(&writes[0]).expect("digest");
+    for bytes in &writes {
+        assert_eq!(digest(bytes).expect("digest"), first);
+    }
+    let metas: Vec<Vec<u8>> = (0..8)
+        .map(|_| write_meta_bundle(&meta, &files.config).expect("meta"))
+        .collect();
+    let meta_digest = digest(&metas[0]).expect("digest");
+    assert_ne!(meta_digest, first);
+    for bytes in &metas {
+        assert_eq!(digest(bytes).expect("digest"), meta_digest);
+    }
+    let renamed = BundleMeta { name: "other", ..meta };
+    let bytes = write_bundle(&renamed, &files.config, files.weights.as_ref()).expect("bundle");
+    assert_ne!(digest(&bytes).expect("digest"), first, "the name is content too");
+}
+
+/// A bundle is used only if its digest and fingerprint are those expected; one changed byte of
+/// a tensor or of the metadata (here the name), or a bundle of another model, is refused.
+#[test]
+fn verified_bundles_match_digest_and_fingerprint() {
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let bytes = write_bundle(&meta_of(&files), &files.config, files.weights.as_ref()).expect("bundle");
+    let want = digest(&bytes).expect("digest");
+    let expected = Expected {
+        fingerprint: FP,
+        digest: &want,
+    };
+    let bundle = ClientBundle::verified(bytes.clone(), &expected).expect("the honest bundle verifies");
+    assert_eq!(bundle.fingerprint, FP);
+
+    let mut tensor_byte = bytes.clone();
+    let last = tensor_byte.len() - 1;
+    tensor_byte[last] ^= 1;
+    let mut name = bytes.clone();
+    let at = name
+        .windows(6)
+        .position(|w| w == b"\"test\"")
+        .expect("the name is in the header");
+    name[at + 4] = b'T';
+    for tampered in [tensor_byte, name] {
+        let err = ClientBundle::verified(tampered.clone(), &expected).expect_err("tampered");
+        let got = digest(&tampered).expect("still safetensors");
+        assert!(
+            matches!(&err, shared_model::ModelError::Bundle(BundleError::Digest { got: g, want: w }) if *g == got && *w == want),
+            "{err}"
+        );
+        assert_eq!(err.to_string(), format!("sha256 {got}, expected {want}"));
+    }
+
+    let other = Expected {
+        fingerprint: "ffeeddccbbaa99887766554433221100",
+        digest: &want,
+    };
+    let err = ClientBundle::verified(bytes, &other).expect_err("another model's");
+    assert!(
+        matches!(err, shared_model::ModelError::Bundle(BundleError::WrongModel { .. })),
+        "{err}"
+    );
 }

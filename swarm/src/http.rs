@@ -56,7 +56,7 @@ impl HttpResponse {
         }
     }
 
-    /// Content addressed by a fingerprint never changes: browsers may keep it for good.
+    /// Content addressed by its digest never changes: browsers may keep it for good.
     pub fn immutable(mut self, etag: &str) -> Self {
         self.cache_control = "public, max-age=31536000, immutable".into();
         self.etag = Some(format!("\"{etag}\""));

@@ -1,6 +1,7 @@
 //! Corolla's libp2p protocol, shared by native code and the browser: message types,
 //! the tensor wire format, DHT records, and the swarm event loop with its client handle.
 
+pub mod bundles;
 pub mod dht;
 pub mod dht_store;
 #[cfg(not(target_arch = "wasm32"))]

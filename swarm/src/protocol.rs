@@ -35,7 +35,11 @@ pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3")
 /// server's [`ServerLoad`] in its info.
 ///
 /// 4: DHT records are signed envelopes ([`crate::record`]); readers refuse unsigned ones.
-pub const PROTOCOL_VERSION: u32 = 4;
+///
+/// 5: a server's client bundle is announced with its content digests ([`BundleOffer`],
+/// replacing `client_url`), and bundles name their model; clients check both before using a
+/// download ([`crate::bundles`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,9 +268,10 @@ pub struct ServerInfo {
     /// Milliseconds since the Unix epoch after which this record is stale.
     pub expires_at_ms: u64,
     /// Where clients download the model's client bundle (tokenizer, config, embeddings and LM
-    /// head: see `shared_model::bundle`) over HTTP, if this server offers it.
+    /// head: see `shared_model::bundle`) over HTTP, and what they must find there, if this
+    /// server offers it.
     #[serde(default)]
-    pub client_url: Option<String>,
+    pub bundle: Option<BundleOffer>,
     /// Whether this server runs the embeddings and LM head for clients that cannot hold them
     /// (a browser facing a 176B model's head), on [`HEAD_PROTOCOL`].
     #[serde(default)]
@@ -302,13 +307,30 @@ impl ServerInfo {
             relayed: false,
             addrs: Vec::new(),
             expires_at_ms,
-            client_url: None,
+            bundle: None,
             serves_head: false,
             adapters: Vec::new(),
             load: None,
             numerics: "f32".into(),
         }
     }
+}
+
+/// A server's client bundle as its signed record describes it: the URLs of the full bundle and
+/// of its tensor-free twin, and what a client must find at each (content digests, see
+/// `shared_model::bundle::digest`, and sizes). Since the record is signed, whoever serves the
+/// bytes (the server, a proxy, a CDN, a cache) cannot change them unnoticed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleOffer {
+    pub url: String,
+    /// Content digest of the bundle at `url` (64 hex digits).
+    pub digest: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The bundle without tensors (config, tokenizer, chat template).
+    pub meta_url: String,
+    pub meta_digest: String,
+    pub meta_bytes: u64,
 }
 
 /// A server's budgets, whole and free.

@@ -6,7 +6,9 @@
 //! domain-separated copy of the info's CBOR bytes. A reader accepts it only when the key hashes
 //! to the peer id the record's key names, the signature holds, the info names that same peer,
 //! speaks our protocol, has not expired and does not claim to live longer than a server may
-//! announce (`2 x MAX_ANNOUNCE_TTL` plus clock skew), and every field is within bounds.
+//! announce (`2 x MAX_ANNOUNCE_TTL` plus clock skew), and every field is within bounds
+//! (a client bundle offer: http(s) URLs, digests of 64 hex digits, sizes within
+//! [`MAX_BUNDLE_BYTES`] and [`MAX_META_BUNDLE_BYTES`]).
 
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{PROTOCOL_VERSION, ServerInfo};
+use crate::protocol::{BundleOffer, PROTOCOL_VERSION, ServerInfo};
 use crate::wire;
 
 /// What is signed: this prefix, then the info's CBOR bytes. A signature made for anything else
@@ -34,6 +36,13 @@ pub const MAX_BLOCKS: u32 = 4096;
 /// The fastest a span can plausibly be, in tokens per second at batch 1: a decode step of
 /// 10 µs through a whole span. Records claiming more are lies.
 pub const MAX_THROUGHPUT: f64 = 1e5;
+
+/// The largest client bundle a record may announce: more than any model's embeddings and LM
+/// head take in f32 (BLOOM-176B's: 29 GB). Clients apply lower limits of their own.
+pub const MAX_BUNDLE_BYTES: u64 = 1 << 40;
+/// The largest tensor-free bundle a record may announce: a safetensors header is at most
+/// 100 MB.
+pub const MAX_META_BUNDLE_BYTES: u64 = 128 << 20;
 
 const MAX_NAME: usize = 256;
 const MAX_VERSION: usize = 64;
@@ -84,6 +93,8 @@ pub enum RecordError {
     Span { start: u32, end: u32, blocks: u32 },
     #[error("throughput {0} tokens/s is not plausible")]
     Throughput(f64),
+    #[error("client bundle offer: {0}")]
+    Bundle(String),
     #[error("field {field} has {len} bytes or entries, over {max}")]
     Field {
         field: &'static str,
@@ -222,7 +233,11 @@ fn check_sizes(info: &ServerInfo) -> Result<(), RecordError> {
         info.public_name.as_ref().map_or(0, String::len),
         MAX_NAME,
     )?;
-    field("client_url", info.client_url.as_ref().map_or(0, String::len), MAX_URL)?;
+    if let Some(offer) = &info.bundle {
+        field("bundle.url", offer.url.len(), MAX_URL)?;
+        field("bundle.meta_url", offer.meta_url.len(), MAX_URL)?;
+        check_bundle(offer)?;
+    }
     field("addrs", info.addrs.len(), MAX_ADDRS)?;
     for addr in &info.addrs {
         field("addrs[]", addr.len(), MAX_ADDR)?;
@@ -231,6 +246,35 @@ fn check_sizes(info: &ServerInfo) -> Result<(), RecordError> {
     field("adapters", info.adapters.len(), MAX_ADAPTERS)?;
     for adapter in &info.adapters {
         field("adapters[]", adapter.len(), MAX_NAME)?;
+    }
+    Ok(())
+}
+
+/// A bundle offer a client could act on: what it fetches is an http(s) URL without spaces or
+/// control characters, and what it checks is a digest's form and a plausible size.
+fn check_bundle(offer: &BundleOffer) -> Result<(), RecordError> {
+    let bad = |reason: String| Err(RecordError::Bundle(reason));
+    for (field, url) in [("url", &offer.url), ("meta_url", &offer.meta_url)] {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return bad(format!("{field} is not an http(s) URL"));
+        }
+        if url.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return bad(format!("{field} has spaces or control characters"));
+        }
+    }
+    for (field, digest) in [("digest", &offer.digest), ("meta_digest", &offer.meta_digest)] {
+        if !shared_model::bundle::is_digest(digest) {
+            return bad(format!("{field} is not 64 lowercase hex digits"));
+        }
+    }
+    if offer.bytes == 0 || offer.bytes > MAX_BUNDLE_BYTES {
+        return bad(format!("{} bytes, not within 1..={MAX_BUNDLE_BYTES}", offer.bytes));
+    }
+    if offer.meta_bytes == 0 || offer.meta_bytes > MAX_META_BUNDLE_BYTES {
+        return bad(format!(
+            "meta bundle of {} bytes, not within 1..={MAX_META_BUNDLE_BYTES}",
+            offer.meta_bytes
+        ));
     }
     Ok(())
 }
@@ -356,6 +400,44 @@ mod tests {
         assert!(matches!(
             check(&|i| i.model_name = "n".repeat(300)),
             Err(RecordError::Field { .. })
+        ));
+        // Bundle offers: URLs a client can fetch, digests of one form, sizes in range.
+        let offer = crate::protocol::BundleOffer {
+            url: "http://127.0.0.1:8000/corolla/v1/bundles/a.safetensors".into(),
+            digest: "ab".repeat(32),
+            bytes: 1 << 20,
+            meta_url: "https://example.org/b".into(),
+            meta_digest: "cd".repeat(32),
+            meta_bytes: 4096,
+        };
+        assert!(check(&|i| i.bundle = Some(offer.clone())).is_ok());
+        let lies: [&dyn Fn(&mut crate::protocol::BundleOffer); 9] = [
+            &|o| o.url = "javascript:alert(1)".into(),
+            &|o| o.meta_url = "file:///etc/passwd".into(),
+            &|o| o.url = "http://a b/".into(),
+            &|o| o.digest = "AB".repeat(32),
+            &|o| o.meta_digest = "ab".repeat(31),
+            &|o| o.bytes = 0,
+            &|o| o.bytes = MAX_BUNDLE_BYTES + 1,
+            &|o| o.meta_bytes = MAX_META_BUNDLE_BYTES + 1,
+            &|o| o.meta_bytes = 0,
+        ];
+        for lie in lies {
+            let mut o = offer.clone();
+            lie(&mut o);
+            assert!(
+                matches!(check(&|i| i.bundle = Some(o.clone())), Err(RecordError::Bundle(_))),
+                "{o:?}"
+            );
+        }
+        let mut long = offer.clone();
+        long.url = format!("http://x/{}", "a".repeat(MAX_URL));
+        assert!(matches!(
+            check(&|i| i.bundle = Some(long.clone())),
+            Err(RecordError::Field {
+                field: "bundle.url",
+                ..
+            })
         ));
         // Within the limits: an expiry at the far edge of what a server may announce.
         let edge = NOW + (2 * MAX_ANNOUNCE_TTL + CLOCK_SKEW).as_millis() as u64;

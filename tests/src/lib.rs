@@ -259,3 +259,103 @@ pub fn golden_greedy(family: &str) -> (Vec<u32>, Vec<u32>) {
         .collect();
     (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
 }
+
+/// A free TCP port on 127.0.0.1 (free when asked; a process started right after binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// How a [`TamperingProxy`] changes a response body in place (given the request path).
+pub type Tamper = fn(path: &str, body: &mut [u8]);
+
+/// An HTTP/1.1 proxy on 127.0.0.1 in front of a server's bundle port: what a bad CDN or a
+/// man in the middle would be. It forwards each request to `upstream`, passes each successful
+/// response body through its [`Tamper`] and keeps the untouched body of every path, for tests
+/// to compare. One request per connection, as `swarm::http` serves them.
+pub struct TamperingProxy {
+    pub addr: std::net::SocketAddr,
+    originals: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+}
+
+impl TamperingProxy {
+    /// Listens on a free port; the proxy runs until the test process ends.
+    pub fn start(upstream: u16, tamper: Tamper) -> TamperingProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let originals = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let kept = originals.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = proxy_one(stream, upstream, tamper, &kept) {
+                        eprintln!("tampering proxy: {e}");
+                    }
+                });
+            }
+        });
+        TamperingProxy { addr, originals }
+    }
+
+    /// The base URL to give a server as `--http-url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every untouched body the proxy forwarded, by path.
+    pub fn originals(&self) -> std::collections::HashMap<String, Vec<u8>> {
+        self.originals.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn proxy_one(
+    mut client: std::net::TcpStream,
+    upstream: u16,
+    tamper: Tamper,
+    kept: &std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = client.read(&mut buf)?;
+        if n == 0 || head.len() > 64 << 10 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let path = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    let mut server = std::net::TcpStream::connect(("127.0.0.1", upstream))?;
+    server.write_all(&head)?;
+    let mut response = Vec::new();
+    server.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |p| p + 4);
+    let (head, body) = response.split_at(split);
+    if !head.starts_with(b"HTTP/1.1 200") || body.is_empty() {
+        return client.write_all(&response);
+    }
+    kept.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.clone(), body.to_vec());
+    // The same length, so the upstream's Content-Length still holds.
+    let mut body = body.to_vec();
+    tamper(&path, &mut body);
+    client.write_all(head)?;
+    client.write_all(&body)
+}
+
+/// Whether `bytes` is a safetensors file with tensors (a full client bundle, not its meta twin).
+pub fn has_tensors(bytes: &[u8]) -> bool {
+    safetensors::SafeTensors::read_metadata(bytes).is_ok_and(|(_, m)| !m.tensors().is_empty())
+}

@@ -1,20 +1,20 @@
 //! The chat page end to end in headless Chromium: a relay serving the built page, servers
 //! hosting SmolLM2, and the page (tokenizer, embeddings and LM head on WebGPU through
 //! SwiftShader; blocks over libp2p WebRTC) checked token for token against
-//! `corolla generate --chat --temperature 0`, also with a server killed mid-reply; and the
-//! Tune view training prompts through the swarm, checked against `corolla train`.
+//! `corolla generate --chat --temperature 0`, also with a server killed mid-reply; the Tune
+//! view training prompts through the swarm, checked against `corolla train`; and the page
+//! refusing a client bundle tampered with on its way.
 //!
 //! Needs what `scripts/test.sh` prepares: the page built into `dist/` (or `COROLLA_WEB_DIST`),
 //! `tests/browser/node_modules` (playwright-core), Chromium at /usr/bin/chromium (or
 //! `CHROMIUM`), and the SmolLM2 GGUF in `COROLLA_SMOLLM2_GGUF`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use corolla_tests::{Proc, bin, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, TamperingProxy, bin, free_port, has_tensors, temp_dir, wait_for_file_lines};
 
 const STARTUP: Duration = Duration::from_secs(120);
 const PROMPT: &str = "What is the capital of France?";
@@ -49,13 +49,6 @@ fn artifacts() -> PathBuf {
     let dir = std::env::var_os("COROLLA_ARTIFACTS").map_or_else(|| repo().join("target/test-artifacts"), PathBuf::from);
     std::fs::create_dir_all(&dir).expect("artifact dir");
     dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 struct PageSwarm {
@@ -525,4 +518,82 @@ fn the_tune_page_trains_prompts_through_the_swarm() {
     );
     let device = result["device"].as_str().expect("device");
     assert!(device.starts_with("WebGPU"), "the page did not use WebGPU: {device}");
+}
+
+/// Changes one letter of the chat template in the full bundle (the one with tensors), leaving
+/// its tensor-free twin alone: the page reads the meta bundle, then must refuse the full one.
+fn tamper_the_chat_template(_path: &str, body: &mut [u8]) {
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    if !has_tensors(body) {
+        return;
+    }
+    if let Some(key) = find(body, b"\"chat_template\":\"")
+        && let Some(at) = find(&body[key..], b"assistant")
+    {
+        body[key + at] = b'A';
+    }
+}
+
+/// The only server offering SmolLM2's bundle sits behind a proxy that changes the chat
+/// template of the full bundle: the page shows the mismatch naming the URL and both digests,
+/// no chat becomes ready, and the bundle cache holds the (honest) meta bundle only.
+#[test]
+fn the_page_refuses_a_tampered_bundle() {
+    let mut swarm = PageSwarm::start("browser-tampered");
+    let upstream = free_port();
+    let proxy = TamperingProxy::start(upstream, tamper_the_chat_template);
+    let listen = format!("127.0.0.1:{upstream}");
+    swarm.server("0:30", &["--http-listen", &listen, "--http-url", &proxy.url()]);
+    let url = format!("http://127.0.0.1:{}/", swarm.http_port);
+    let shot = artifacts().join("bundle-refused.png");
+    let result = drive(
+        "refused.mjs",
+        &[
+            ("PAGE_URL", url.as_ref()),
+            ("SCREENSHOT", shot.as_os_str()),
+            ("TIMEOUT_MS", "300000".as_ref()),
+        ],
+        |_| None,
+    );
+    eprintln!("page result: {}", result["status"]);
+    let originals = proxy.originals();
+    let (path, original) = originals
+        .iter()
+        .find(|(_, body)| has_tensors(body))
+        .expect("the page downloaded the full bundle through the proxy");
+    let (_, meta) = originals
+        .iter()
+        .find(|(_, body)| !has_tensors(body))
+        .expect("the page downloaded the meta bundle through the proxy");
+    let mut tampered = original.clone();
+    tamper_the_chat_template(path, &mut tampered);
+    assert_ne!(&tampered, original, "the proxy found no chat template to change");
+    let digest = |b: &[u8]| shared_model::bundle::digest(b).expect("digest");
+    let (want, got) = (digest(original), digest(&tampered));
+    let expected = format!(
+        "the client bundle from {}{path} does not match the model's signed record (sha256 {got}, expected {want})",
+        proxy.url()
+    );
+    let status = result["status"].as_str().unwrap_or_default();
+    assert!(
+        status.contains(&expected),
+        "expected `{expected}`, the page says `{status}`\nconsole: {}",
+        result["console"]
+    );
+    assert_eq!(result["send_disabled"], true, "a chat became ready");
+    assert_eq!(result["assistant_messages"], 0);
+    let cached: Vec<&str> = result["cached"]
+        .as_array()
+        .expect("cache entries")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        cached.iter().any(|e| e.contains(&digest(meta))),
+        "the checked meta bundle is not cached: {cached:?}"
+    );
+    assert!(
+        !cached.iter().any(|e| e.contains(&want) || e.contains(&got)),
+        "the refused bundle was cached: {cached:?}"
+    );
 }

@@ -52,7 +52,7 @@ fn info(peer: &str, model: &str, start: u32, end: u32) -> ServerInfo {
         // Nothing listens there: a client that believed the record would fail to reach it.
         addrs: vec![format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}")],
         expires_at_ms: dht::now_ms() + 600_000,
-        client_url: None,
+        bundle: None,
         serves_head: false,
         adapters: Vec::new(),
         load: None,

@@ -16,9 +16,10 @@ use shared_model::tuning::dataset::{DatasetLimits, parse_jsonl};
 use shared_model::tuning::{TrainState, TuningMethod};
 use wasm_bindgen::JsCast;
 
+use crate::bundle;
 use crate::client::{self, Chat, Loaded, RouteHop, Settings, Stats};
 use crate::compute::{ClientModel, Device, RemoteHead};
-use crate::fetch::{self, Origin};
+use crate::fetch::Origin;
 use crate::params::PageParams;
 use crate::plot::LossPlot;
 use crate::tune::{self, TuneSettings};
@@ -374,17 +375,20 @@ async fn load_model(
         .clone()
         .ok_or_else(|| client::ClientError::Setup("not connected".into()))?;
     ui.status.set("Finding the model's servers…".into());
-    let (servers, url) = client::find_bundle(&client, fingerprint).await?;
+    let servers = client::find_servers(&client, fingerprint).await?;
     ui.servers.set(servers.len());
-    ui.status.set("Reading the model's description…".into());
-    let (meta_bytes, _) = fetch::cached_bytes(&client::meta_url(&url), |_, _| {}).await?;
-    let meta = ClientBundle::from_bytes(meta_bytes)?;
-    let reason = if force_remote_head {
-        Some("requested in the page URL (head=remote)".to_string())
-    } else {
-        client::too_large(&meta)
+    let remote_reason = |meta: &ClientBundle| {
+        if force_remote_head {
+            Some("requested in the page URL (head=remote)".to_string())
+        } else {
+            client::too_large(meta)
+        }
     };
-    let (bundle, origin, model, device) = match reason {
+    let obtained = bundle::obtain(&servers, fingerprint, remote_reason, &ui).await;
+    ui.progress.set(None);
+    let obtained = obtained?;
+    let origin = obtained.origin;
+    let (bundle, model, device) = match obtained.remote_reason {
         Some(reason) => {
             ui.status
                 .set("Asking a server to run the embeddings and LM head…".into());
@@ -398,21 +402,12 @@ async fn load_model(
                 peer: client::short_peer(&peer),
                 reason,
             };
-            (meta, None, model, device)
+            (obtained.bundle, model, device)
         }
         None => {
-            ui.status
-                .set("Downloading the tokenizer, embeddings and LM head…".into());
-            let (bytes, origin) = fetch::cached_bytes(&url, |done, total| {
-                ui.progress
-                    .set(Some((done as f64, total.unwrap_or(done.max(1)) as f64)));
-            })
-            .await?;
-            ui.progress.set(None);
-            let bundle = ClientBundle::from_bytes(bytes)?;
             ui.status.set("Preparing the model on this device…".into());
-            let (model, device) = ClientModel::load(&bundle, !force_cpu).await?;
-            (bundle, Some(origin), model, device)
+            let (model, device) = ClientModel::load(&obtained.bundle, !force_cpu).await?;
+            (obtained.bundle, model, device)
         }
     };
     ui.device.set(device.label());
@@ -440,6 +435,17 @@ async fn load_model(
     ui.status.set(format!("Ready: {} ({from})", loaded.bundle.name));
     ui.ready.set(true);
     Ok(())
+}
+
+impl bundle::Report for Ui {
+    fn status(&self, text: &str) {
+        self.status.set(text.to_string());
+    }
+
+    fn progress(&self, done: u64, total: Option<u64>) {
+        self.progress
+            .set(Some((done as f64, total.unwrap_or(done.max(1)) as f64)));
+    }
 }
 
 fn send(ui: Ui, state: SendWrapper<Rc<State>>) {

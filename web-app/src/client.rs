@@ -1,6 +1,6 @@
 //! The page's swarm client: joins the swarm through a relay over WebRTC-direct, finds models
-//! and their servers in the DHT, loads the client bundle, and generates with the blocks run by
-//! the servers (the same protocol and failover as the native client).
+//! and their servers in the DHT, and generates with the blocks run by the servers (the same
+//! protocol and failover as the native client). Getting the client bundle is `crate::bundle`'s.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -48,6 +48,11 @@ pub enum ClientError {
     Tokenizer(#[from] shared_model::tokenizer::TokenizerError),
     #[error(transparent)]
     Tuning(#[from] shared_model::tuning::TuningError),
+    /// A downloaded bundle that is not what the model's signed record promises.
+    #[error(transparent)]
+    Check(#[from] swarm::bundles::CheckError),
+    #[error("{0}")]
+    Bundle(String),
 }
 
 /// The relays' WebRTC-direct addresses: from the URL, else from the JSON the relay serves next
@@ -102,14 +107,9 @@ pub async fn list_models(client: &Client, patience: Duration) -> Result<Vec<Mode
     }
 }
 
-/// The servers of a model, and the bundle URL one of them offers.
-pub async fn find_bundle(client: &Client, model: &str) -> Result<(Vec<ServerInfo>, String), ClientError> {
-    let servers = dht::discover(client, model, None, Duration::from_secs(10)).await?;
-    let url = servers
-        .iter()
-        .find_map(|s| s.client_url.clone())
-        .ok_or_else(|| ClientError::Setup("no server of this model offers its client bundle over HTTP".into()))?;
-    Ok((servers, url))
+/// The live servers of a model (their records say where to get its client bundle).
+pub async fn find_servers(client: &Client, model: &str) -> Result<Vec<ServerInfo>, ClientError> {
+    Ok(dht::discover(client, model, None, Duration::from_secs(10)).await?)
 }
 
 /// Why this page should not hold the model's embeddings and head (known from the config
@@ -122,11 +122,6 @@ pub fn too_large(bundle: &ClientBundle) -> Option<String> {
             bytes as f64 / 1e9
         )
     })
-}
-
-/// URL of the bundle without tensors, next to the full one.
-pub fn meta_url(bundle_url: &str) -> String {
-    bundle_url.replace("/client.safetensors", "/client-meta.safetensors")
 }
 
 /// A server of this model offering head service, dialed.

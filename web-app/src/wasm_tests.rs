@@ -118,3 +118,37 @@ fn bloom_embeddings_and_head_match_on_the_wasm_cpu() {
         include_bytes!("../../tests/fixtures/bloom/golden.safetensors"),
     );
 }
+
+/// A client bundle's digest in WASM: the same value as natively (the file and value pinned in
+/// `shared_model::bundle::digest`'s tests), and fast enough to check a large bundle before
+/// using it (SmolLM2's is 31 MB); the time for 128 MB goes to the test log.
+#[wasm_bindgen_test]
+fn bundle_digests_in_wasm_agree_with_native_and_are_fast() {
+    use safetensors::tensor::TensorView;
+    use shared_model::bundle::digest;
+
+    let file = |len: usize, shape: Vec<usize>| {
+        let data: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+        let view = TensorView::new(safetensors::Dtype::U8, shape, &data).expect("view");
+        let metadata = std::collections::HashMap::from([("k".to_string(), "v".to_string())]);
+        safetensors::serialize([("t".to_string(), view)], Some(metadata)).expect("serialize")
+    };
+    assert_eq!(
+        digest(&file(4096, vec![64, 64])).expect("digest"),
+        "dc33e1783d7eebd1ca352459099cb1768bd9d8224bf03988759aca4a3877522e"
+    );
+
+    let len = 128 << 20;
+    let big = file(len, vec![len]);
+    let performance = web_sys::window().and_then(|w| w.performance()).expect("performance");
+    let start = performance.now();
+    let d = digest(&big).expect("digest");
+    let ms = performance.now() - start;
+    wasm_bindgen_test::console_log!(
+        "digest of a {} MB bundle in WASM: {ms:.0} ms ({:.0} MB/s) {d}",
+        len >> 20,
+        (len as f64 / 1e6) / (ms / 1e3)
+    );
+    // Generous: a check that takes minutes would make the page unusable.
+    assert!(ms < 30_000.0, "{ms} ms");
+}
