@@ -340,13 +340,17 @@ async fn start(ui: Ui, state: SendWrapper<Rc<State>>, params: &PageParams) -> Re
     let client = client::start_node(relays, params.swarm_key.as_deref())?;
     *state.client.borrow_mut() = Some(client.clone());
     ui.status.set("Looking for models in the DHT…".into());
-    let models = client::list_models(&client, Duration::from_secs(30)).await?;
+    // A private swarm's relay drops a page without its key, and its records stay sealed: say
+    // so whichever way the lookup ends.
+    let hint = if params.swarm_key.is_some() {
+        " (or the swarm key in the page address is not this swarm's)"
+    } else {
+        " (a private swarm's page needs its key: #swarm_key=... in the address)"
+    };
+    let models = client::list_models(&client, Duration::from_secs(30))
+        .await
+        .map_err(|e| client::ClientError::Setup(format!("{e}{hint}")))?;
     if models.is_empty() {
-        let hint = if params.swarm_key.is_some() {
-            " (or the swarm key in the page address is not this swarm's)"
-        } else {
-            " (a private swarm's page needs its key: #swarm_key=... in the address)"
-        };
         return Err(client::ClientError::Setup(format!(
             "no server announces any model yet{hint}"
         )));
