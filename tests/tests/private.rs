@@ -72,7 +72,13 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
     );
     let relay = swarm.relay_addr.clone();
     swarm.server(&fixture("llama"), "0:2", &["--swarm-key", key_arg]);
-    swarm.server(&fixture("llama"), "2:4", &["--swarm-key", key_arg]);
+    // Reachable only through the relay: circuits carry `pnet` end to end.
+    let circuit = format!("{relay}/p2p-circuit");
+    swarm.server(
+        &fixture("llama"),
+        "2:4",
+        &["--swarm-key", key_arg, "--listen", &circuit],
+    );
     let server_addr = std::fs::read_to_string(swarm.dir.join("server0.addrs"))
         .expect("server address")
         .lines()
