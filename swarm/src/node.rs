@@ -808,7 +808,9 @@ impl Client {
     pub async fn put_record(&self, key: kad::RecordKey, value: Vec<u8>) -> Result<(), NodeError> {
         let key = self.dht_key(key);
         let value = match &self.swarm_key {
-            Some(swarm_key) => swarm_key.seal(&key, &value),
+            Some(swarm_key) => swarm_key
+                .seal(&key, &value)
+                .map_err(|e| NodeError::Dht(e.to_string()))?,
             None => value,
         };
         self.ask(|reply| Command::PutRecord { key, value, reply }).await

@@ -63,6 +63,15 @@ pub enum SwarmKeyError {
     Format { path: String, reason: String },
 }
 
+/// Why a record cannot be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("no randomness for the record's nonce: {0}")]
+    Random(std::io::Error),
+    #[error("the record is too large to seal")]
+    TooLarge,
+}
+
 /// Why a proof of the swarm key failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -93,7 +102,7 @@ impl std::fmt::Debug for SwarmKey {
 impl SwarmKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         let derive = |label: &str| -> [u8; 32] {
-            let mut mac = <HmacSha256 as Mac>::new_from_slice(&bytes).expect("HMAC takes keys of any length");
+            let mut mac = hmac(&bytes);
             mac.update(b"corolla/swarm-key/");
             mac.update(label.as_bytes());
             mac.finalize().into_bytes().into()
@@ -155,9 +164,9 @@ impl SwarmKey {
     }
 
     /// A fresh random key in the file format.
-    pub fn generate_file() -> String {
-        let bytes: [u8; 32] = random_bytes();
-        PreSharedKey::new(bytes).to_key_file()
+    pub fn generate_file() -> Result<String, std::io::Error> {
+        let bytes: [u8; 32] = random_bytes()?;
+        Ok(PreSharedKey::new(bytes).to_key_file())
     }
 
     pub fn psk(&self) -> PreSharedKey {
@@ -171,7 +180,7 @@ impl SwarmKey {
 
     /// The DHT key that stands for `key` in this swarm.
     pub fn seal_key(&self, key: &RecordKey) -> RecordKey {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.names).expect("HMAC takes keys of any length");
+        let mut mac = hmac(&self.names);
         mac.update(key.as_ref());
         let digest = hex(&mac.finalize().into_bytes()[..20]);
         match key_owner(key) {
@@ -181,8 +190,8 @@ impl SwarmKey {
     }
 
     /// `value` sealed for the DHT under the sealed form of `key`.
-    pub fn seal(&self, key: &RecordKey, value: &[u8]) -> Vec<u8> {
-        let nonce: [u8; SEAL_NONCE_BYTES] = random_bytes();
+    pub fn seal(&self, key: &RecordKey, value: &[u8]) -> Result<Vec<u8>, SealError> {
+        let nonce: [u8; SEAL_NONCE_BYTES] = random_bytes().map_err(SealError::Random)?;
         let cipher = XChaCha20Poly1305::new(&self.seal.into());
         let sealed = cipher
             .encrypt(
@@ -192,11 +201,11 @@ impl SwarmKey {
                     aad: key.as_ref(),
                 },
             )
-            .expect("XChaCha20-Poly1305 encrypts any message a DHT record can hold");
+            .map_err(|_| SealError::TooLarge)?;
         let mut out = Vec::with_capacity(SEAL_NONCE_BYTES + sealed.len());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Ok(out)
     }
 
     /// The value a record sealed by [`Self::seal`] under `key` holds; `None` if it was not
@@ -217,36 +226,44 @@ impl SwarmKey {
             .ok()
     }
 
-    fn proof(&self, role: &[u8], nonces: (&[u8], &[u8]), prover: &PeerId, verifier: &PeerId) -> [u8; MAC_BYTES] {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.auth).expect("HMAC takes keys of any length");
+    /// The MAC a `role` sends: over both nonces (dialer's first) and both peer ids.
+    fn proof_mac(&self, role: &[u8], nonces: (&[u8], &[u8]), prover: &PeerId, verifier: &PeerId) -> HmacSha256 {
+        let mut mac = hmac(&self.auth);
         mac.update(AUTH_PROTOCOL.as_ref().as_bytes());
         mac.update(role);
         mac.update(nonces.0);
         mac.update(nonces.1);
         mac.update(&prover.to_bytes());
         mac.update(&verifier.to_bytes());
-        mac.finalize().into_bytes().into()
+        mac
+    }
+
+    fn proof(&self, role: &[u8], nonces: (&[u8], &[u8]), prover: &PeerId, verifier: &PeerId) -> [u8; MAC_BYTES] {
+        self.proof_mac(role, nonces, prover, verifier)
+            .finalize()
+            .into_bytes()
+            .into()
     }
 
     fn check(&self, role: &[u8], nonces: (&[u8], &[u8]), prover: &PeerId, verifier: &PeerId, proof: &[u8]) -> bool {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.auth).expect("HMAC takes keys of any length");
-        mac.update(AUTH_PROTOCOL.as_ref().as_bytes());
-        mac.update(role);
-        mac.update(nonces.0);
-        mac.update(nonces.1);
-        mac.update(&prover.to_bytes());
-        mac.update(&verifier.to_bytes());
         // Constant-time comparison.
-        mac.verify_slice(proof).is_ok()
+        self.proof_mac(role, nonces, prover, verifier)
+            .verify_slice(proof)
+            .is_ok()
     }
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+fn hmac(key: &[u8; 32]) -> HmacSha256 {
+    // HMAC takes keys of any length: this never fails.
+    <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC accepts 32-byte keys"))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], std::io::Error> {
     let mut out = [0u8; N];
     rand::rngs::OsRng
         .try_fill_bytes(&mut out)
-        .expect("the operating system's random source is available");
-    out
+        .map_err(std::io::Error::other)?;
+    Ok(out)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -264,7 +281,7 @@ pub async fn prove_dialer<S: AsyncRead + AsyncWrite + Unpin>(
     local: &PeerId,
     remote: &PeerId,
 ) -> Result<(), AuthError> {
-    let mine: [u8; NONCE_BYTES] = random_bytes();
+    let mine: [u8; NONCE_BYTES] = random_bytes()?;
     stream.write_all(&mine).await?;
     stream.flush().await?;
     let mut theirs = [0u8; NONCE_BYTES];
@@ -295,7 +312,7 @@ pub async fn prove_listener<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), AuthError> {
     let mut theirs = [0u8; NONCE_BYTES];
     stream.read_exact(&mut theirs).await?;
-    let mine: [u8; NONCE_BYTES] = random_bytes();
+    let mine: [u8; NONCE_BYTES] = random_bytes()?;
     stream.write_all(&mine).await?;
     stream
         .write_all(&key.proof(LISTENER, (&theirs, &mine), local, remote))
@@ -374,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_ipfs_key_file_format_is_read_and_bad_files_say_why() {
-        let file = SwarmKey::generate_file();
+        let file = SwarmKey::generate_file().expect("random");
         let parsed = SwarmKey::parse(&file, "swarm.key").expect("generated file");
         assert_eq!(parsed.fingerprint(), parsed.psk().fingerprint().to_string());
         let crlf = file.replace('\n', "\r\n");
@@ -403,9 +420,13 @@ mod tests {
         assert_eq!(k.seal_key(&name), sealed_name, "deterministic: every peer finds it");
         assert_ne!(key(2).seal_key(&name), sealed_name);
         let value = b"a signed server record".to_vec();
-        let sealed = k.seal(&sealed_name, &value);
+        let sealed = k.seal(&sealed_name, &value).expect("sealed");
         assert_eq!(k.open(&sealed_name, &sealed), Some(value.clone()));
-        assert_ne!(k.seal(&sealed_name, &value), sealed, "fresh nonce each time");
+        assert_ne!(
+            k.seal(&sealed_name, &value).expect("sealed"),
+            sealed,
+            "fresh nonce each time"
+        );
         assert_eq!(key(2).open(&sealed_name, &sealed), None, "another swarm's key");
         assert_eq!(
             k.open(&k.seal_key(&RecordKey::new(&"other")), &sealed),

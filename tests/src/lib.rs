@@ -359,3 +359,13 @@ fn proxy_one(
 pub fn has_tensors(bytes: &[u8]) -> bool {
     safetensors::SafeTensors::read_metadata(bytes).is_ok_and(|(_, m)| !m.tensors().is_empty())
 }
+
+/// The `token_ids` of `corolla generate --json` output.
+pub fn token_ids(json: &serde_json::Value) -> Vec<u32> {
+    json["token_ids"]
+        .as_array()
+        .expect("token ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}

@@ -209,7 +209,7 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
 /// servers have no WebRTC-direct listener.)
 #[test]
 fn the_page_finds_a_private_swarms_model_only_with_its_key() {
-    let key = swarm::private::SwarmKey::generate_file();
+    let key = swarm::private::SwarmKey::generate_file().expect("random key");
     let dir = temp_dir("browser-private-key");
     let key_path = dir.join("swarm.key");
     std::fs::write(&key_path, &key).expect("key file");
@@ -222,18 +222,19 @@ fn the_page_finds_a_private_swarms_model_only_with_its_key() {
     let circuit = format!("{}/p2p-circuit", swarm.relay_tcp);
     swarm.server_listening("0:30", &["/ip4/127.0.0.1/tcp/0", &circuit], &with_key);
 
-    let page = |url: &str, shot: &str, script: &str| {
+    let page = |url: &str, shot: &str, wait_status: &str| {
         drive(
-            script,
+            "status.mjs",
             &[
                 ("PAGE_URL", url.as_ref()),
+                ("WAIT_STATUS", wait_status.as_ref()),
                 ("SCREENSHOT", artifacts().join(shot).as_os_str()),
                 ("TIMEOUT_MS", "120000".as_ref()),
             ],
             |_| None,
         )
     };
-    let outsider = page(&swarm.page_url(), "private-no-key.png", "refused.mjs");
+    let outsider = page(&swarm.page_url(), "private-no-key.png", "Error:");
     eprintln!("page without the key: {}", outsider["status"]);
     let status = outsider["status"].as_str().unwrap_or_default();
     assert!(status.contains("needs its key: #swarm_key="), "{status}");
@@ -243,7 +244,7 @@ fn the_page_finds_a_private_swarms_model_only_with_its_key() {
     let member = page(
         &format!("http://127.0.0.1:{}/#swarm_key={key_hex}", swarm.http_port),
         "private.png",
-        "ready.mjs",
+        "Ready:",
     );
     eprintln!("page with the key: {} {}", member["status"], member["models"]);
     assert_eq!(member["models"].as_array().map(Vec::len), Some(1), "{member}");
@@ -535,7 +536,7 @@ fn the_page_refuses_a_tampered_bundle() {
     let url = format!("http://127.0.0.1:{}/", swarm.http_port);
     let shot = artifacts().join("bundle-refused.png");
     let result = drive(
-        "refused.mjs",
+        "status.mjs",
         &[
             ("PAGE_URL", url.as_ref()),
             ("SCREENSHOT", shot.as_os_str()),

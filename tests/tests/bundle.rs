@@ -38,12 +38,7 @@ fn token_ids(out: &Output) -> Vec<u32> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "corolla failed: {stderr}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    json["token_ids"]
-        .as_array()
-        .expect("token ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect()
+    corolla_tests::token_ids(&json)
 }
 
 /// The files in the cache's bundle folder.

@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, golden_greedy, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, golden_greedy, token_ids, wait_for_file_lines};
 use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use shared_model::fingerprint::fingerprint;
@@ -287,16 +287,6 @@ fn generate(relay: Option<&str>, n: usize, log: &str, extra: &[String]) -> serde
     let mut json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     json["stderr"] = stderr.into();
     json
-}
-
-/// The `token_ids` of `corolla generate --json` output.
-fn token_ids(json: &serde_json::Value) -> Vec<u32> {
-    json["token_ids"]
-        .as_array()
-        .expect("token ids")
-        .iter()
-        .map(|v| v.as_u64().expect("id") as u32)
-        .collect()
 }
 
 /// Trials per kind of lie (the issue asks for 200; `TRUST_TRIALS` sets it).
