@@ -179,8 +179,9 @@ pub struct ServerArgs {
     #[arg(long, num_args = 1..)]
     pub adapters: Vec<PathBuf>,
     /// Join a private swarm with this pre-shared key (the IPFS swarm.key format): connections
-    /// run over TCP and relay circuits under `pnet`, QUIC and WebRTC are off, and the DHT
-    /// records are sealed. Peers without the key cannot connect, list models or open sessions.
+    /// run over TCP and relay circuits under `pnet`, QUIC is off, WebRTC-direct (for browsers)
+    /// serves nothing until the peer proves the key, and the DHT records are sealed. Peers
+    /// without the key cannot connect, list models or open sessions.
     #[arg(long, value_name = "FILE")]
     pub swarm_key: Option<PathBuf>,
     /// Accept connections only from this peer (repeatable; the --initial-peers always are);
@@ -299,8 +300,11 @@ impl ServerArgs {
         }
         let swarm_key = self.swarm_key.as_deref().map(SwarmKey::read).transpose()?;
         let listen = if self.listen.is_empty() && swarm_key.is_some() {
-            // Browsers of a private swarm come through relay circuits, which `pnet` protects.
-            vec!["/ip4/0.0.0.0/tcp/0".parse()?]
+            // QUIC cannot carry the key; WebRTC-direct waits for a proof of it.
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/webrtc-direct".parse()?,
+            ]
         } else if self.listen.is_empty() {
             // WebRTC-direct lets browsers dial the server without a relay in between.
             vec![

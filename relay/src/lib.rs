@@ -26,7 +26,7 @@ use swarm::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use swarm::http;
 use swarm::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use swarm::limits::{ConnectionPolicy, Connections, MemoryCeiling, NetStats, ProtectedPeers, Protection};
-use swarm::private::{self, AuthGuard, SwarmKey};
+use swarm::private::{self, Gate, SwarmKey};
 use swarm::rt::Instant;
 
 /// Command line of the `relay` binary.
@@ -245,7 +245,7 @@ impl TryFrom<Cli> for RelayConfig {
 }
 
 /// A private swarm's relay listens where `pnet` protects connections, and on WebRTC-direct for
-/// browsers, whose connections [`AuthGuard`] holds to a proof of the key.
+/// browsers, whose connections its [`Gate`] holds to a proof of the key.
 fn private_listen_ok(addr: &Multiaddr) -> bool {
     private::pnet_protects(addr) || addr.iter().any(|p| p == Protocol::WebRTCDirect)
 }
@@ -502,8 +502,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
     let mut stats_tick = tokio::time::interval(config.stats_interval);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_stats = stats.snapshot();
-    let mut guard = AuthGuard::default();
-    let (proven_tx, mut proven) = tokio::sync::mpsc::channel(64);
+    let gate = Gate::default();
     if let Some(key) = &config.swarm_key {
         tracing::info!(swarm_key = %key.fingerprint(), "private swarm");
         let incoming = swarm
@@ -512,19 +511,20 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
             .new_control()
             .accept(private::AUTH_PROTOCOL)
             .context("cannot accept proofs of the swarm key")?;
-        tokio::spawn(accept_proofs(incoming, key.clone(), local_peer_id, proven_tx));
+        tokio::spawn(private::accept_proofs(
+            incoming,
+            key.clone(),
+            local_peer_id,
+            gate.clone(),
+        ));
     }
     let mut guard_tick = tokio::time::interval(Duration::from_millis(500));
     guard_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             () = &mut shutdown => break,
-            Some(peer) = proven.recv() => {
-                guard.authenticated(&peer);
-                continue;
-            }
             _ = guard_tick.tick(), if config.swarm_key.is_some() => {
-                for (id, peer) in guard.expired(Instant::now()) {
+                for (id, peer) in gate.update(|g| g.expired(Instant::now())) {
                     tracing::info!(%peer, "no proof of the swarm key in time: disconnecting");
                     swarm.close_connection(id);
                 }
@@ -585,7 +585,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 ..
             } => {
                 if config.swarm_key.is_some() {
-                    guard.on_established(connection_id, peer_id, &endpoint, Instant::now());
+                    gate.update(|g| g.on_established(connection_id, peer_id, &endpoint, Instant::now()));
                 }
                 tracing::debug!(%peer_id, address = %endpoint.get_remote_address(), num_established, "connection established");
             }
@@ -596,7 +596,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 num_established,
                 ..
             } => {
-                guard.on_closed(connection_id);
+                gate.update(|g| g.on_closed(connection_id));
                 tracing::debug!(%peer_id, ?cause, num_established, "connection closed");
             }
             SwarmEvent::IncomingConnectionError {
@@ -614,37 +614,6 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
         task.abort();
     }
     Ok(())
-}
-
-/// Checks the proofs of the swarm key that browsers send on their WebRTC connections.
-async fn accept_proofs(
-    mut incoming: libp2p_stream::IncomingStreams,
-    key: SwarmKey,
-    local: PeerId,
-    proven: tokio::sync::mpsc::Sender<PeerId>,
-) {
-    // Each proof is a few round trips under a deadline; a bounded number run at once.
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
-    while let Some((peer, mut stream)) = incoming.next().await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many proofs of the swarm key at once: dropped");
-            continue;
-        };
-        let key = key.clone();
-        let proven = proven.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let proof = private::prove_listener(&mut stream, &key, &local, &peer);
-            match tokio::time::timeout(private::AUTH_TIMEOUT, proof).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(%peer, "peer proved the swarm key");
-                    let _ = proven.send(peer).await;
-                }
-                Ok(Err(error)) => tracing::info!(%peer, %error, "proof of the swarm key failed"),
-                Err(_) => tracing::info!(%peer, "proof of the swarm key timed out"),
-            }
-        });
-    }
 }
 
 /// The addresses a browser can dial: WebRTC-direct ones, with their certificate hash.

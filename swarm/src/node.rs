@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dht_store::{self, CappedStore, DhtStoreLimits, KAD_MAX_PACKET_BYTES};
 use crate::identity::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use crate::limits::{ConnectionPolicy, Connections, LimitsError, NetStats, NetStatsSnapshot};
-use crate::private::{self, SwarmKey};
+use crate::private::{self, Gate, Standing, SwarmKey};
 use crate::protocol::{
     HEAD_PROTOCOL, HeadRequest, HeadResponse, INFO_PROTOCOL, InfoRequest, Limits, SPAN_PROTOCOL, ServerInfo,
     SpanRequest, SpanResponse,
@@ -188,6 +188,8 @@ pub struct Client {
     limits: Limits,
     stats: NetStats,
     swarm_key: Option<SwarmKey>,
+    /// A private swarm's guard on connections no `pnet` protects.
+    gate: Option<Gate>,
 }
 
 /// Builds the swarm and returns its handle, the inbound request stream and the event loop
@@ -218,10 +220,15 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
     let idle_timeout = config.connections.idle_timeout;
     let transport_err = |e: &dyn std::fmt::Display| NodeError::Transport(e.to_string());
     let private = config.swarm_key.is_some();
-    if private && let Some(addr) = config.listen.iter().find(|a| !private::pnet_protects(a)) {
+    if private
+        && let Some(addr) = config
+            .listen
+            .iter()
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic)))
+    {
         return Err(NodeError::Listen {
             addr: addr.clone(),
-            reason: "QUIC and WebRTC cannot carry a private swarm's key: listen on TCP (or a relay circuit)".into(),
+            reason: "QUIC cannot carry a private swarm's key: listen on TCP, WebRTC-direct or a relay circuit".into(),
         });
     }
     let local_peer = config.keypair.public().to_peer_id();
@@ -231,14 +238,12 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         relay_client: Some(relay_transport),
         tcp: true,
         // Natively: TCP, QUIC and WebRTC-direct (so browsers can dial servers without a relay
-        // in between); a private swarm keeps only what `pnet` protects. In the browser:
-        // WebRTC-direct, the one transport a page can dial without a CA-signed certificate,
-        // which in a private swarm only reaches relays (and proves the key to them).
+        // in between). In the browser: WebRTC-direct, the one transport a page can dial
+        // without a CA-signed certificate. A private swarm turns QUIC off and holds WebRTC
+        // connections at its gate until their peer proves the key.
         quic: !private,
         #[cfg(not(target_arch = "wasm32"))]
-        webrtc: if private {
-            None
-        } else {
+        webrtc: {
             install_crypto_provider();
             Some(
                 libp2p_webrtc::tokio::Certificate::generate(&mut rand_0_10::rng())
@@ -345,6 +350,22 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         Vec::new()
     };
     let control = swarm.behaviour().streams.new_control();
+    let gate = match &config.swarm_key {
+        Some(key) => {
+            let gate = Gate::default();
+            let proofs = control
+                .clone()
+                .accept(private::AUTH_PROTOCOL)
+                .map_err(|e| NodeError::Transport(e.to_string()))?;
+            crate::rt::spawn(private::accept_proofs(proofs, key.clone(), local_peer, gate.clone()));
+            Some(gate)
+        }
+        None => None,
+    };
+    let (unproven_tx, unproven_rx) = mpsc::channel(16);
+    if let Some(gate) = &gate {
+        crate::rt::spawn(expire_unproven(gate.clone(), unproven_tx.clone()));
+    }
     let (commands, command_rx) = mpsc::channel(64);
     let (inbound_tx, inbound_rx) = mpsc::channel(64);
     let peer_id = *swarm.local_peer_id();
@@ -366,7 +387,8 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
         relayed: false,
         swarm_key: config.swarm_key.clone(),
         control: control.clone(),
-        unproven: mpsc::channel(16),
+        gate: gate.clone(),
+        unproven: (unproven_tx, unproven_rx),
     };
     Ok((
         Client {
@@ -376,6 +398,7 @@ pub fn start(config: NodeConfig) -> Result<(Client, mpsc::Receiver<InboundEvent>
             limits,
             stats,
             swarm_key: config.swarm_key,
+            gate,
         },
         inbound_rx,
         event_loop,
@@ -458,8 +481,22 @@ pub struct EventLoop {
     relayed: bool,
     swarm_key: Option<SwarmKey>,
     control: libp2p_stream::Control,
-    /// Peers that failed to prove the swarm key, reported by their proof tasks.
+    gate: Option<Gate>,
+    /// Peers that failed to prove the swarm key or ran out of time, to disconnect.
     unproven: (mpsc::Sender<PeerId>, mpsc::Receiver<PeerId>),
+}
+
+/// Reports the peers whose proof of the key is overdue, until the event loop is gone.
+async fn expire_unproven(gate: Gate, report: mpsc::Sender<PeerId>) {
+    while !report.is_closed() {
+        crate::rt::sleep(Duration::from_millis(500)).await;
+        for (_, peer) in gate.update(|g| g.expired(crate::rt::Instant::now())) {
+            tracing::info!(%peer, "no proof of the swarm key in time: disconnecting");
+            if report.send(peer).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 impl EventLoop {
@@ -561,8 +598,16 @@ impl EventLoop {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                if let Some(gate) = &self.gate {
+                    gate.update(|g| g.on_established(connection_id, peer_id, &endpoint, crate::rt::Instant::now()));
+                }
                 if endpoint.is_dialer()
                     && !private::pnet_protects(endpoint.get_remote_address())
                     && let Some(key) = &self.swarm_key
@@ -595,20 +640,26 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 endpoint,
                 cause,
                 num_established,
                 ..
-            } => match cause {
-                Some(cause) => tracing::warn!(
-                    peer = %peer_id,
-                    addr = %endpoint.get_remote_address(),
-                    remaining = num_established,
-                    %cause,
-                    "connection lost"
-                ),
-                None => tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed"),
-            },
+            } => {
+                if let Some(gate) = &self.gate {
+                    gate.update(|g| g.on_closed(connection_id));
+                }
+                match cause {
+                    Some(cause) => tracing::warn!(
+                        peer = %peer_id,
+                        addr = %endpoint.get_remote_address(),
+                        remaining = num_established,
+                        %cause,
+                        "connection lost"
+                    ),
+                    None => tracing::debug!(peer = %peer_id, remaining = num_established, "connection closed"),
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
                 if address.iter().any(|p| p == Protocol::P2pCircuit) {
@@ -628,6 +679,7 @@ impl EventLoop {
         let mut control = self.control.clone();
         let local = *self.swarm.local_peer_id();
         let report = self.unproven.0.clone();
+        let gate = self.gate.clone();
         crate::rt::spawn(async move {
             let proof = async {
                 let mut stream = control
@@ -640,7 +692,13 @@ impl EventLoop {
                 .await
                 .unwrap_or(Err(private::AuthError::Timeout(private::AUTH_TIMEOUT)));
             match result {
-                Ok(()) => tracing::debug!(%peer, "proved the swarm key"),
+                Ok(()) => {
+                    // The proof is mutual: the peer proved the key to us as well.
+                    tracing::debug!(%peer, "proved the swarm key");
+                    if let Some(gate) = gate {
+                        gate.update(|g| g.authenticated(&peer));
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%peer, %error, "peer is not part of this private swarm: disconnecting");
                     let _ = report.send(peer).await;
@@ -696,8 +754,24 @@ impl EventLoop {
             }
             BehaviourEvent::Info(event) => {
                 let inbound = &self.inbound;
+                let gate = &self.gate;
                 on_request_response(event, &mut self.pending_info, |peer, _, channel| {
-                    let _ = inbound.try_send(InboundEvent::Info { peer, channel });
+                    let event = InboundEvent::Info { peer, channel };
+                    match gate.as_ref().map(|g| (g, g.standing(&peer))) {
+                        None | Some((_, Standing::Member)) => {
+                            let _ = inbound.try_send(event);
+                        }
+                        Some((gate, Standing::Pending)) => {
+                            let (gate, inbound) = (gate.clone(), inbound.clone());
+                            crate::rt::spawn(async move {
+                                if gate.admits(&peer).await {
+                                    let _ = inbound.try_send(event);
+                                }
+                            });
+                        }
+                        // An outsider learns nothing of the server.
+                        Some((_, Standing::Outsider)) => {}
+                    }
                 });
             }
             _ => {}
@@ -895,12 +969,18 @@ impl Client {
             })
     }
 
-    /// Accepts inbound streams of `protocol`.
-    pub fn accept(&self, protocol: StreamProtocol) -> Result<libp2p_stream::IncomingStreams, NodeError> {
-        self.control
+    /// Accepts inbound streams of `protocol`; in a private swarm, only those of peers that hold
+    /// its key (a pending peer's streams wait for its proof).
+    pub fn accept(&self, protocol: StreamProtocol) -> Result<Incoming, NodeError> {
+        let streams = self
+            .control
             .clone()
             .accept(protocol)
-            .map_err(|e| NodeError::Transport(e.to_string()))
+            .map_err(|e| NodeError::Transport(e.to_string()))?;
+        Ok(match &self.gate {
+            None => Incoming::Open(streams),
+            Some(gate) => Incoming::gated(streams, gate.clone()),
+        })
     }
 }
 
@@ -910,4 +990,62 @@ impl Client {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Inbound streams of one protocol, as [`Client::accept`] lets them in.
+pub enum Incoming {
+    Open(libp2p_stream::IncomingStreams),
+    Gated(mpsc::Receiver<(PeerId, Stream)>),
+}
+
+/// Streams of pending peers waiting for their proof at once; more are dropped.
+const MAX_STREAMS_AWAITING_PROOF: usize = 64;
+
+impl Incoming {
+    fn gated(mut streams: libp2p_stream::IncomingStreams, gate: Gate) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        crate::rt::spawn(async move {
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS_AWAITING_PROOF));
+            while let Some((peer, stream)) = streams.next().await {
+                match gate.standing(&peer) {
+                    Standing::Member => {
+                        if tx.send((peer, stream)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Standing::Pending => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            tracing::debug!(%peer, "too many streams awaiting a proof of the key: dropped");
+                            continue;
+                        };
+                        let (gate, tx) = (gate.clone(), tx.clone());
+                        crate::rt::spawn(async move {
+                            let _slot = slot;
+                            if gate.admits(&peer).await {
+                                let _ = tx.send((peer, stream)).await;
+                            } else {
+                                tracing::debug!(%peer, "stream of a peer without the swarm key refused");
+                            }
+                        });
+                    }
+                    Standing::Outsider => tracing::debug!(%peer, "stream of a peer without the swarm key refused"),
+                }
+            }
+        });
+        Self::Gated(rx)
+    }
+}
+
+impl futures::Stream for Incoming {
+    type Item = (PeerId, Stream);
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.get_mut() {
+            Self::Open(streams) => streams.poll_next_unpin(cx),
+            Self::Gated(rx) => rx.poll_recv(cx),
+        }
+    }
 }

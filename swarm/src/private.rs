@@ -6,20 +6,21 @@
 //! - **Connections.** Every byte stream libp2p carries (TCP, and relay circuits end to end) is
 //!   encrypted with libp2p `pnet` under the key before Noise even starts, so a peer without it
 //!   cannot finish a handshake. QUIC and WebRTC bring their own encryption and cannot be
-//!   wrapped: nodes turn QUIC off, servers turn WebRTC off, and relays keep WebRTC-direct only
-//!   for browsers, behind [`AuthGuard`]: a peer that has not proven it holds the key over
-//!   [`AUTH_PROTOCOL`] within [`AUTH_TIMEOUT`] is disconnected. Browsers reach servers through
-//!   relay circuits, which `pnet` protects end to end like TCP.
+//!   wrapped: nodes turn QUIC off, and keep WebRTC-direct (the browsers' transport) behind a
+//!   [`Gate`]: a peer connected only that way is [`Standing::Pending`] until it proves it holds
+//!   the key over [`AUTH_PROTOCOL`], and is disconnected if it has not within
+//!   [`AUTH_TIMEOUT`]; meanwhile a node answers none of its requests and holds its streams.
 //! - **Records.** DHT keys are replaced by an HMAC of them under the key (a key's owning peer
 //!   id stays visible, so stores still check ownership), and values are sealed with
 //!   XChaCha20-Poly1305, the key as associated data. A peer that reaches the DHT (a browser
-//!   in the seconds before the guard drops it) reads nothing and finds no models.
+//!   in the seconds before the gate drops it) reads nothing and finds no models.
 //! - **Proofs** ([`AUTH_PROTOCOL`]): both sides send a fresh nonce and answer with an HMAC of
 //!   both nonces and both peer ids, which the transport's own handshake has authenticated, so
 //!   an answer proves the key and is good for no other connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -34,6 +35,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, StreamProtocol};
 use rand::TryRngCore;
 use sha2::Sha256;
+use tokio::sync::watch;
 
 use crate::dht_store::key_owner;
 use crate::rt::Instant;
@@ -41,7 +43,7 @@ use crate::rt::Instant;
 /// The proof-of-key protocol, spoken on connections `pnet` cannot protect.
 pub const AUTH_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/auth/1");
 
-/// How long a relay waits for a WebRTC peer's proof before it disconnects it.
+/// How long a node waits for a WebRTC peer's proof before it disconnects it.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 const NONCE_BYTES: usize = 32;
@@ -337,47 +339,163 @@ pub fn pnet_protects(addr: &Multiaddr) -> bool {
     }) || addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
-/// Connections that no `pnet` protects, waiting for their peer's proof of the key.
+/// Where a peer stands with a private swarm's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It reached us over `pnet`, or proved the key: a member.
+    Member,
+    /// Only over connections that no `pnet` protects, whose proof is still due.
+    Pending,
+    /// Not connected, or its time ran out: nothing of it is served.
+    Outsider,
+}
+
+/// Every connection's peer and, while it owes a proof of the key, its deadline.
 #[derive(Debug, Default)]
 pub struct AuthGuard {
-    waiting: HashMap<ConnectionId, (PeerId, Instant)>,
+    connections: HashMap<ConnectionId, (PeerId, Option<Instant>)>,
+    members: HashSet<PeerId>,
 }
 
 impl AuthGuard {
-    /// Starts the clock on a new connection if it needs a proof.
+    /// Records a new connection: over `pnet` it shows its peer holds the key; otherwise the
+    /// clock starts on its proof (unless its peer is already a member: the transport
+    /// authenticated the peer id).
     pub fn on_established(&mut self, id: ConnectionId, peer: PeerId, endpoint: &ConnectedPoint, now: Instant) {
-        if !pnet_protects(endpoint.get_remote_address()) {
-            self.waiting.insert(id, (peer, now + AUTH_TIMEOUT));
+        if pnet_protects(endpoint.get_remote_address()) {
+            self.connections.insert(id, (peer, None));
+            self.authenticated(&peer);
+        } else {
+            let deadline = (!self.members.contains(&peer)).then(|| now + AUTH_TIMEOUT);
+            self.connections.insert(id, (peer, deadline));
         }
     }
 
     pub fn on_closed(&mut self, id: ConnectionId) {
-        self.waiting.remove(&id);
+        if let Some((peer, _)) = self.connections.remove(&id)
+            && !self.connections.values().any(|(p, _)| *p == peer)
+        {
+            self.members.remove(&peer);
+        }
     }
 
     /// `peer` proved the key: every connection of it is let in (the transports authenticated
-    /// the peer id of each).
+    /// the peer id of each). A peer with no connection left is not remembered.
     pub fn authenticated(&mut self, peer: &PeerId) {
-        self.waiting.retain(|_, (p, _)| p != peer);
+        let mut connected = false;
+        for (p, deadline) in self.connections.values_mut() {
+            if p == peer {
+                *deadline = None;
+                connected = true;
+            }
+        }
+        if connected {
+            self.members.insert(*peer);
+        }
     }
 
-    /// Whether a connection of `peer` still waits for its proof.
-    pub fn is_waiting(&self, peer: &PeerId) -> bool {
-        self.waiting.values().any(|(p, _)| p == peer)
+    pub fn standing(&self, peer: &PeerId) -> Standing {
+        if self.members.contains(peer) {
+            Standing::Member
+        } else if self.connections.values().any(|(p, d)| p == peer && d.is_some()) {
+            Standing::Pending
+        } else {
+            Standing::Outsider
+        }
     }
 
     /// The connections whose time ran out (forgotten here; the caller closes them).
     pub fn expired(&mut self, now: Instant) -> Vec<(ConnectionId, PeerId)> {
         let out: Vec<(ConnectionId, PeerId)> = self
-            .waiting
+            .connections
             .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
+            .filter(|(_, (_, deadline))| deadline.is_some_and(|d| d <= now))
             .map(|(id, (peer, _))| (*id, *peer))
             .collect();
         for (id, _) in &out {
-            self.waiting.remove(id);
+            self.connections.remove(id);
         }
         out
+    }
+}
+
+/// An [`AuthGuard`] shared by a node's event loop, its proof tasks and its stream acceptors,
+/// which wait on it for a pending peer's verdict.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    guard: Arc<Mutex<AuthGuard>>,
+    changed: Arc<watch::Sender<()>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            guard: Arc::default(),
+            changed: Arc::new(watch::Sender::new(())),
+        }
+    }
+}
+
+impl Gate {
+    /// Runs `f` on the guard and wakes the waiters.
+    pub fn update<R>(&self, f: impl FnOnce(&mut AuthGuard) -> R) -> R {
+        let out = f(&mut self.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.changed.send_replace(());
+        out
+    }
+
+    pub fn standing(&self, peer: &PeerId) -> Standing {
+        self.guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .standing(peer)
+    }
+
+    /// Whether `peer` is a member, waiting while its proof is pending (never past
+    /// [`AUTH_TIMEOUT`], whatever the event loop does).
+    pub async fn admits(&self, peer: &PeerId) -> bool {
+        let mut changed = self.changed.subscribe();
+        let verdict = async {
+            loop {
+                match self.standing(peer) {
+                    Standing::Member => return true,
+                    Standing::Outsider => return false,
+                    Standing::Pending => {
+                        if changed.changed().await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        };
+        crate::rt::timeout(AUTH_TIMEOUT, verdict).await.unwrap_or(false)
+    }
+}
+
+/// Answers the proofs of the key that peers send over [`AUTH_PROTOCOL`] (on connections no
+/// `pnet` protects), and lets the peers that pass through `gate`.
+pub async fn accept_proofs(mut incoming: libp2p_stream::IncomingStreams, key: SwarmKey, local: PeerId, gate: Gate) {
+    // Each proof is a few round trips under a deadline; a bounded number run at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some((peer, mut stream)) = futures::StreamExt::next(&mut incoming).await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many proofs of the swarm key at once: dropped");
+            continue;
+        };
+        let key = key.clone();
+        let gate = gate.clone();
+        crate::rt::spawn(async move {
+            let _slot = slot;
+            let proof = prove_listener(&mut stream, &key, &local, &peer);
+            match crate::rt::timeout(AUTH_TIMEOUT, proof).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(%peer, "peer proved the swarm key");
+                    gate.update(|g| g.authenticated(&peer));
+                }
+                Ok(Err(error)) => tracing::info!(%peer, %error, "proof of the swarm key failed"),
+                Err(_) => tracing::info!(%peer, "proof of the swarm key timed out"),
+            }
+        });
     }
 }
 
@@ -487,29 +605,67 @@ mod tests {
 
         let mut guard = AuthGuard::default();
         let now = Instant::now();
-        let peer = PeerId::random();
         let listener = |addr: &Multiaddr| ConnectedPoint::Listener {
             local_addr: addr.clone(),
             send_back_addr: addr.clone(),
         };
-        guard.on_established(ConnectionId::new_unchecked(1), peer, &listener(&tcp), now);
-        guard.on_established(ConnectionId::new_unchecked(2), peer, &listener(&webrtc), now);
-        guard.on_established(
-            ConnectionId::new_unchecked(3),
-            PeerId::random(),
-            &listener(&webrtc),
-            now,
-        );
-        assert!(guard.is_waiting(&peer));
+        let id = ConnectionId::new_unchecked;
+        // A peer over WebRTC waits; its pnet connection shows it holds the key.
+        let member = PeerId::random();
+        guard.on_established(id(1), member, &listener(&webrtc), now);
+        assert_eq!(guard.standing(&member), Standing::Pending);
+        guard.on_established(id(2), member, &listener(&tcp), now);
+        assert_eq!(guard.standing(&member), Standing::Member);
+        // One that proves it is let in, and its later connections need no proof.
+        let browser = PeerId::random();
+        guard.on_established(id(3), browser, &listener(&webrtc), now);
+        guard.authenticated(&browser);
+        guard.on_established(id(4), browser, &listener(&webrtc), now);
+        assert_eq!(guard.standing(&browser), Standing::Member);
+        // One that does not is reported once its time is up, and is an outsider from then on.
+        let outsider = PeerId::random();
+        guard.on_established(id(5), outsider, &listener(&webrtc), now);
+        assert_eq!(guard.standing(&outsider), Standing::Pending);
         assert!(guard.expired(now).is_empty());
-        guard.authenticated(&peer);
-        assert!(!guard.is_waiting(&peer));
-        let late = guard.expired(now + AUTH_TIMEOUT);
-        assert_eq!(late.len(), 1);
-        assert_eq!(late[0].0, ConnectionId::new_unchecked(3));
+        assert_eq!(guard.expired(now + AUTH_TIMEOUT), vec![(id(5), outsider)]);
         assert!(
             guard.expired(now + AUTH_TIMEOUT * 2).is_empty(),
             "forgotten once reported"
         );
+        assert_eq!(guard.standing(&outsider), Standing::Outsider);
+        // A proof for a peer with no connection left lets nothing in later.
+        guard.authenticated(&outsider);
+        assert_eq!(guard.standing(&outsider), Standing::Outsider);
+        // Membership ends with the last connection.
+        guard.on_closed(id(3));
+        assert_eq!(guard.standing(&browser), Standing::Member);
+        guard.on_closed(id(4));
+        assert_eq!(guard.standing(&browser), Standing::Outsider);
+        assert_eq!(guard.standing(&PeerId::random()), Standing::Outsider);
+    }
+
+    #[tokio::test]
+    async fn the_gate_holds_a_pending_peer_until_its_verdict() {
+        let webrtc: Multiaddr = "/ip4/127.0.0.1/udp/4002/webrtc-direct".parse().expect("addr");
+        let endpoint = ConnectedPoint::Listener {
+            local_addr: webrtc.clone(),
+            send_back_addr: webrtc,
+        };
+        let gate = Gate::default();
+        let (proven, failed) = (PeerId::random(), PeerId::random());
+        for (n, peer) in [(1, proven), (2, failed)] {
+            gate.update(|g| g.on_established(ConnectionId::new_unchecked(n), peer, &endpoint, Instant::now()));
+        }
+        let waiting = tokio::spawn({
+            let gate = gate.clone();
+            async move { (gate.admits(&proven).await, gate.admits(&failed).await) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a pending peer was decided early");
+        gate.update(|g| g.authenticated(&proven));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.update(|g| g.on_closed(ConnectionId::new_unchecked(2)));
+        assert_eq!(waiting.await.expect("task"), (true, false));
+        assert!(!gate.admits(&PeerId::random()).await, "a stranger is no member");
     }
 }

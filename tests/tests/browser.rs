@@ -204,11 +204,11 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
 
 /// A private swarm: the page without the key finds no model (its relay connection is dropped
 /// for want of a proof, and the records it could read are sealed); with the key in the URL
-/// fragment it lists the model and loads its checked bundle. (Chatting needs a session over a
-/// relay circuit, which pages cannot open yet, in private and open swarms alike: private
-/// servers have no WebRTC-direct listener.)
+/// fragment it lists the model, loads its checked bundle, proves the key to the server over
+/// WebRTC-direct and chats with the native tokens.
 #[test]
-fn the_page_finds_a_private_swarms_model_only_with_its_key() {
+fn the_page_chats_in_a_private_swarm_only_with_its_key() {
+    let expected = native_reply();
     let key = swarm::private::SwarmKey::generate_file().expect("random key");
     let dir = temp_dir("browser-private-key");
     let key_path = dir.join("swarm.key");
@@ -218,36 +218,47 @@ fn the_page_finds_a_private_swarms_model_only_with_its_key() {
     let key_arg = key_path.to_str().expect("utf-8 path");
     let mut with_key = BUNDLE.to_vec();
     with_key.extend(["--swarm-key", key_arg]);
-    // No WebRTC on a private server: browsers would come through the relay's circuits.
-    let circuit = format!("{}/p2p-circuit", swarm.relay_tcp);
-    swarm.server_listening("0:30", &["/ip4/127.0.0.1/tcp/0", &circuit], &with_key);
+    // WebRTC-direct, where the server serves nothing until the page proves the key.
+    swarm.server_listening(
+        "0:30",
+        &["/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/webrtc-direct"],
+        &with_key,
+    );
 
-    let page = |url: &str, shot: &str, wait_status: &str| {
-        drive(
-            "status.mjs",
-            &[
-                ("PAGE_URL", url.as_ref()),
-                ("WAIT_STATUS", wait_status.as_ref()),
-                ("SCREENSHOT", artifacts().join(shot).as_os_str()),
-                ("TIMEOUT_MS", "120000".as_ref()),
-            ],
-            |_| None,
-        )
-    };
-    let outsider = page(&swarm.page_url(), "private-no-key.png", "Error:");
+    let outsider = drive(
+        "status.mjs",
+        &[
+            ("PAGE_URL", swarm.page_url().as_ref()),
+            ("WAIT_STATUS", "Error:".as_ref()),
+            ("SCREENSHOT", artifacts().join("private-no-key.png").as_os_str()),
+            ("TIMEOUT_MS", "120000".as_ref()),
+        ],
+        |_| None,
+    );
     eprintln!("page without the key: {}", outsider["status"]);
     let status = outsider["status"].as_str().unwrap_or_default();
     assert!(status.contains("needs its key: #swarm_key="), "{status}");
     assert_eq!(outsider["assistant_messages"], 0, "{outsider}");
     assert_eq!(outsider["send_disabled"], true, "{outsider}");
 
-    let member = page(
-        &format!("http://127.0.0.1:{}/#swarm_key={key_hex}", swarm.http_port),
-        "private.png",
-        "Ready:",
+    let member = run_page(
+        &format!("{}#swarm_key={key_hex}", swarm.page_url()),
+        &artifacts().join("chat-private.png"),
+        None,
+        |_| {},
     );
-    eprintln!("page with the key: {} {}", member["status"], member["models"]);
-    assert_eq!(member["models"].as_array().map(Vec::len), Some(1), "{member}");
+    eprintln!("page with the key: {member}");
+    assert_eq!(
+        member["error"], false,
+        "the member's reply failed: {}",
+        member["status"]
+    );
+    assert_eq!(
+        tokens_of(&member),
+        expected,
+        "private reply {:?} differs",
+        member["text"]
+    );
 }
 
 #[test]

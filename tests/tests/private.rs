@@ -60,6 +60,20 @@ async fn client_node(bootstrap: &str, key: Option<SwarmKey>, identity: Option<Ke
     client
 }
 
+/// Dials `addr` over WebRTC-direct, which on loopback now and then fails its ICE/DTLS set-up:
+/// a few tries.
+async fn dial_webrtc(client: &Client, addr: &str) -> Result<(), String> {
+    let mut reached = Err("never tried".to_string());
+    for _ in 0..3 {
+        reached = match tokio::time::timeout(Duration::from_secs(15), client.dial(addr.parse().expect("addr"))).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        };
+    }
+    reached
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
     let dir = temp_dir("private-keys");
@@ -71,7 +85,19 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
         &["--swarm-key", key_arg, "--listen", "/ip4/127.0.0.1/udp/0/webrtc-direct"],
     );
     let relay = swarm.relay_addr.clone();
-    swarm.server(&fixture("llama"), "0:2", &["--swarm-key", key_arg]);
+    // WebRTC-direct too, for browsers, behind the proof of the key.
+    swarm.server(
+        &fixture("llama"),
+        "0:2",
+        &[
+            "--swarm-key",
+            key_arg,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/webrtc-direct",
+        ],
+    );
     // Reachable only through the relay: circuits carry `pnet` end to end.
     let circuit = format!("{relay}/p2p-circuit");
     swarm.server(
@@ -79,12 +105,12 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
         "2:4",
         &["--swarm-key", key_arg, "--listen", &circuit],
     );
-    let server_addr = std::fs::read_to_string(swarm.dir.join("server0.addrs"))
-        .expect("server address")
-        .lines()
-        .next()
-        .expect("a line")
-        .to_string();
+    let server_lines = wait_for_file_lines(&swarm.dir.join("server0.addrs"), 1, STARTUP);
+    let server_addr = server_lines
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .unwrap_or_else(|| panic!("the server's TCP address: {server_lines:?}"))
+        .clone();
 
     // A member gets the golden tokens.
     let (ok, tokens, stderr) = {
@@ -127,26 +153,13 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
         .expect("the relay's WebRTC address")
         .clone();
     let outsider = client_node(&webrtc, None, None).await;
-    // A native WebRTC dial on loopback now and then fails its ICE/DTLS set-up: try a few times.
-    let mut reached = Err("never tried".to_string());
-    for _ in 0..3 {
-        reached =
-            match tokio::time::timeout(Duration::from_secs(15), outsider.dial(webrtc.parse().expect("addr"))).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".into()),
-            };
-        if reached.is_ok() {
-            break;
-        }
-    }
-    reached.expect("WebRTC reaches the relay");
+    dial_webrtc(&outsider, &webrtc).await.expect("WebRTC reaches the relay");
     let models = dht::list_models(&outsider, Duration::from_secs(3))
         .await
         .unwrap_or_default();
     assert!(models.is_empty(), "an outsider listed {models:?}");
-    // A circuit through the relay to a server meets the server's `pnet`.
-    let server_peer: PeerId = swarm.servers[0].1.parse().expect("peer id");
+    // A circuit through the relay to the relay-only server meets that server's `pnet`.
+    let server_peer: PeerId = swarm.servers[1].1.parse().expect("peer id");
     let circuit: Multiaddr = format!("{webrtc}/p2p-circuit/p2p/{server_peer}").parse().expect("addr");
     let through = tokio::time::timeout(Duration::from_secs(15), outsider.dial(circuit)).await;
     assert!(
@@ -160,6 +173,47 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
             && relay_log.contains("no proof of the swarm key in time"),
         "the relay kept the outsider's WebRTC connection:\n{relay_log}"
     );
+
+    // A server's own WebRTC-direct listener (for browsers) serves an outsider nothing: no info,
+    // no session, and it is dropped for want of a proof. A member there proves the key.
+    let server_webrtc = server_lines
+        .iter()
+        .find(|a| a.contains("/webrtc-direct/") && a.contains("/127.0.0.1/"))
+        .unwrap_or_else(|| panic!("the server's WebRTC address: {server_lines:?}"))
+        .clone();
+    let server0: PeerId = swarm.servers[0].1.parse().expect("peer id");
+    let outsider = client_node(&server_webrtc, None, None).await;
+    dial_webrtc(&outsider, &server_webrtc)
+        .await
+        .expect("WebRTC reaches the server");
+    let info = outsider.info(server0).await;
+    assert!(info.is_err(), "an outsider read the server's info: {info:?}");
+    let session = outsider.open_stream(server0, swarm::protocol::INFERENCE_PROTOCOL).await;
+    if let Ok(mut stream) = session {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let _ = stream.write_all(&[0u8; 64]).await;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(AUTH_TIMEOUT * 2, stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "an outsider's session stream was served: {read:?}"
+        );
+    }
+    let server_log = swarm.servers[0].0.log();
+    assert!(
+        server_log.contains(&format!("peer={}", outsider.peer_id()))
+            && server_log.contains("no proof of the swarm key in time"),
+        "the server kept the outsider's WebRTC connection:\n{server_log}"
+    );
+    let member = client_node(&server_webrtc, Some(SwarmKey::read(&key).expect("key")), None).await;
+    dial_webrtc(&member, &server_webrtc)
+        .await
+        .expect("WebRTC reaches the server");
+    let info = member
+        .info(server0)
+        .await
+        .expect("a member reads the server's info over WebRTC");
+    assert_eq!((info.start, info.end), (0, 2));
 
     // A member in process lists the model with the key.
     let member = client_node(&relay, Some(SwarmKey::read(&key).expect("key")), None).await;
