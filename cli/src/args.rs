@@ -27,6 +27,9 @@ pub enum Command {
     Train(crate::train::TrainArgs),
     /// Time blocks (decode, prefill) and whole-model decode of a model shape with random weights.
     Bench(BenchArgs),
+    /// Serve an OpenAI-compatible API (chat and text completions, models) over the swarm or a
+    /// model run here.
+    Api(crate::api::ApiArgs),
 }
 
 /// Compute backend for the blocks, embeddings and head.

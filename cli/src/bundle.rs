@@ -35,12 +35,7 @@ pub fn is_fingerprint(text: &str) -> bool {
 }
 
 /// The client part of model `fingerprint`, from a checked bundle (cached under `cache`).
-pub fn fetch(
-    runtime: &tokio::runtime::Runtime,
-    client: &Client,
-    fingerprint: &str,
-    cache: &Path,
-) -> Result<ModelFiles> {
+pub fn fetch(runtime: &tokio::runtime::Handle, client: &Client, fingerprint: &str, cache: &Path) -> Result<ModelFiles> {
     let servers = runtime.block_on(find_offers(client, fingerprint))?;
     let dir = cache.join("bundles");
     let mut first_error = None;

@@ -24,7 +24,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             let (runtime, client) = crate::remote::connect(&args.initial_peers, args.swarm_key.as_deref())?;
             let cache = crate::fetch::cache_dir(args.cache_dir.clone());
-            let files = crate::bundle::fetch(&runtime, &client, &model, &cache)?;
+            let files = crate::bundle::fetch(runtime.handle(), &client, &model, &cache)?;
             let joined = crate::remote::Joined {
                 runtime,
                 client,

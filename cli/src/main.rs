@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod api;
 mod args;
 mod backend;
 mod bench;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(args),
         Command::Train(args) => train::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Api(args) => api::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

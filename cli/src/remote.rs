@@ -90,6 +90,17 @@ pub fn remote_config(files: &ModelFiles, dtype: WireDtypeArg, routing: RoutingAr
     ))
 }
 
+/// Remote execution settings for the model `fingerprint` whose client part is `files`.
+pub fn config_for_bundle(
+    fingerprint: &str,
+    name: &str,
+    files: &ModelFiles,
+    dtype: WireDtypeArg,
+    routing: RoutingArg,
+) -> RemoteConfig {
+    config_for(fingerprint.to_string(), name.to_string(), &files.config, dtype, routing)
+}
+
 /// Remote execution settings for the model with fingerprint `model`.
 fn config_for(
     model: String,
