@@ -5,28 +5,33 @@
 //! which the server also signs into its DHT record ([`BundleOffer`]): a URL always names the
 //! same bytes, so browsers may cache it for good, and clients can check what they got.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use axum::Router;
+use axum::http::{HeaderValue, header};
 use shared_model::bundle::{BundleMeta, digest, write_bundle, write_meta_bundle};
 use shared_model::loader::ModelFiles;
 use swarm::http;
 use swarm::protocol::BundleOffer;
+use tower_http::services::ServeFile;
+use tower_http::set_header::SetResponseHeaderLayer;
 
-/// A served bundle: what the record announces and how many bytes it keeps in memory.
+/// A served bundle: what the record announces.
 pub struct ServedBundle {
     pub offer: BundleOffer,
-    pub bytes: u64,
 }
 
-/// Builds the bundle and its tensor-free twin and serves them; `base_url` is the URL clients
-/// reach `addr` at (a proxy in front of it, say), by default `http://<addr>`.
+/// Builds the bundle and its tensor-free twin, writes them under `dir` (named by digest, so a
+/// restart reuses them) and serves them from there, with range requests; `base_url` is the
+/// URL clients reach `addr` at (a proxy in front of it, say), by default `http://<addr>`.
 pub async fn serve(
     files: &ModelFiles,
     name: &str,
     fingerprint: &str,
     addr: std::net::SocketAddr,
     base_url: Option<&str>,
+    dir: &Path,
 ) -> Result<ServedBundle> {
     let meta = BundleMeta {
         name,
@@ -36,11 +41,15 @@ pub async fn serve(
         chat_template: files.chat_template.as_ref(),
         stop_ids: &files.stop_ids,
     };
-    let bundle =
-        Arc::new(write_bundle(&meta, &files.config, files.weights.as_ref()).context("cannot build the client bundle")?);
-    let meta_bundle = Arc::new(write_meta_bundle(&meta, &files.config).context("cannot build the client bundle")?);
-    let bundle_digest = digest(&bundle).context("cannot digest the client bundle")?;
-    let meta_digest = digest(&meta_bundle).context("cannot digest the client bundle")?;
+    let (bundle_digest, bundle_file, bytes) = {
+        let bundle =
+            write_bundle(&meta, &files.config, files.weights.as_ref()).context("cannot build the client bundle")?;
+        store(dir, &bundle)?
+    };
+    let (meta_digest, meta_file, meta_bytes) = {
+        let bundle = write_meta_bundle(&meta, &files.config).context("cannot build the client bundle")?;
+        store(dir, &bundle)?
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
@@ -51,21 +60,16 @@ pub async fn serve(
     let offer = BundleOffer {
         url: format!("{base}{path}"),
         digest: bundle_digest.clone(),
-        bytes: bundle.len() as u64,
+        bytes,
         meta_url: format!("{base}{meta_path}"),
         meta_digest: meta_digest.clone(),
-        meta_bytes: meta_bundle.len() as u64,
+        meta_bytes,
     };
-    let handler: http::Handler = Arc::new(move |request: &http::HttpRequest| {
-        if request.path == path {
-            http::HttpResponse::ok("application/octet-stream", bundle.clone()).immutable(&bundle_digest)
-        } else if request.path == meta_path {
-            http::HttpResponse::ok("application/octet-stream", meta_bundle.clone()).immutable(&meta_digest)
-        } else {
-            http::HttpResponse::error(404, "not found")
-        }
-    });
-    tokio::spawn(http::serve(listener, handler));
+    let router = immutable(&path, bundle_file, &bundle_digest)?
+        .merge(immutable(&meta_path, meta_file, &meta_digest)?)
+        .fallback(|| async { http::error(axum::http::StatusCode::NOT_FOUND, "not found") });
+    let limits = http::HttpLimits::default();
+    tokio::spawn(http::serve(listener, http::public(router, &limits), limits));
     tracing::info!(
         url = %offer.url,
         digest = %offer.digest,
@@ -73,8 +77,33 @@ pub async fn serve(
         bytes = offer.bytes,
         "serving the client bundle"
     );
-    Ok(ServedBundle {
-        bytes: offer.bytes + offer.meta_bytes,
-        offer,
-    })
+    Ok(ServedBundle { offer })
+}
+
+/// A route serving `file` at `path`. Content addressed by its digest never changes: browsers
+/// may keep it for good.
+fn immutable(path: &str, file: PathBuf, digest: &str) -> Result<Router> {
+    let etag = HeaderValue::from_str(&format!("\"{digest}\""))?;
+    Ok(Router::new()
+        .route_service(path, ServeFile::new(file))
+        .layer(SetResponseHeaderLayer::overriding(header::ETAG, etag))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=31536000, immutable"),
+        )))
+}
+
+/// Writes `bytes` to `<dir>/<digest>.safetensors` (atomically; kept if already there) and
+/// returns the digest, the file and its size.
+fn store(dir: &Path, bytes: &[u8]) -> Result<(String, PathBuf, u64)> {
+    let digest = digest(bytes).context("cannot digest the client bundle")?;
+    let path = dir.join(format!("{digest}.safetensors"));
+    let size = bytes.len() as u64;
+    if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(size) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = dir.join(format!(".{digest}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok((digest, path, size))
 }

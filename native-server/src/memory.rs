@@ -19,8 +19,6 @@ pub struct Ceiling {
     pub weights: u64,
     /// KV caches in host memory (`--cache-tokens`), on the CPU backend.
     pub kv_cache: u64,
-    /// The client bundle served over HTTP (built in memory).
-    pub bundle: u64,
     /// `--max-request-memory`.
     pub requests: u64,
     /// Connections and their unread stream buffers.
@@ -31,21 +29,13 @@ pub struct Ceiling {
 impl Ceiling {
     /// `weights` and `kv_cache` are what the span and cache take on the device; they count
     /// here only when the device is host memory.
-    pub fn new(
-        limits: &ServerLimits,
-        max_connections: u32,
-        on_host: bool,
-        weights: u64,
-        kv_cache: u64,
-        bundle: u64,
-    ) -> Self {
+    pub fn new(limits: &ServerLimits, max_connections: u32, on_host: bool, weights: u64, kv_cache: u64) -> Self {
         let streams = u64::from(limits.max_pending_streams)
             + u64::from(limits.max_sessions)
             + u64::from(limits.compute_slots) * u64::from(limits.max_requests_per_peer);
         Self {
             weights: if on_host { weights } else { 0 },
             kv_cache: if on_host { kv_cache } else { 0 },
-            bundle,
             requests: limits.max_request_memory,
             connections: u64::from(max_connections) * PER_CONNECTION + streams * PER_STREAM,
             base: BASE,
@@ -53,7 +43,7 @@ impl Ceiling {
     }
 
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.bundle + self.requests + self.connections + self.base
+        self.weights + self.kv_cache + self.requests + self.connections + self.base
     }
 
     pub fn log(&self) {
@@ -63,7 +53,6 @@ impl Ceiling {
             ceiling_mib = mib(self.total()),
             weights_mib = mib(self.weights),
             kv_cache_mib = mib(self.kv_cache),
-            bundle_mib = mib(self.bundle),
             requests_mib = mib(self.requests),
             connections_mib = mib(self.connections),
             base_mib = mib(self.base),

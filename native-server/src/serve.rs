@@ -34,7 +34,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         BackendKind::Cpu => serve::<shared_model::Cpu>(config, Default::default(), shutdown).await,
         BackendKind::Cuda => {
             #[cfg(feature = "cuda")]
-            shared_model::kernels::cache_compiled_kernels(&kernel_cache_dir());
+            shared_model::kernels::cache_compiled_kernels(&cache_dir("kernels"));
             #[cfg(feature = "cuda")]
             return serve::<burn::backend::Cuda>(config, Default::default(), shutdown).await;
             #[cfg(not(feature = "cuda"))]
@@ -49,16 +49,15 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     }
 }
 
-/// `$COROLLA_CACHE/kernels`, else under `$XDG_CACHE_HOME` or `~/.cache` (as the CLI's cache).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn kernel_cache_dir() -> std::path::PathBuf {
+/// `$COROLLA_CACHE/<sub>`, else under `$XDG_CACHE_HOME` or `~/.cache` (as the CLI's cache).
+fn cache_dir(sub: &str) -> std::path::PathBuf {
     use std::path::PathBuf;
     std::env::var_os("COROLLA_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("corolla")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/corolla")))
         .unwrap_or_else(|| PathBuf::from(".cache/corolla"))
-        .join("kernels")
+        .join(sub)
 }
 
 /// What every handler shares.
@@ -137,7 +136,7 @@ fn check_own_record(keypair: &libp2p::identity::Keypair, template: &ServerInfo, 
 }
 
 /// The memory ceiling, from the flags and the model before anything is loaded.
-fn ceiling(files: &ModelFiles, config: &ServerConfig, limits: &ServerLimits, blocks: usize, bundle: u64) -> Ceiling {
+fn ceiling(files: &ModelFiles, config: &ServerConfig, limits: &ServerLimits, blocks: usize) -> Ceiling {
     let model = &files.config;
     let elem = config.dtype.bytes();
     let mut weights = blocks as u64 * span_choice::block_weight_bytes(model, elem, config.quant) as u64;
@@ -159,7 +158,6 @@ fn ceiling(files: &ModelFiles, config: &ServerConfig, limits: &ServerLimits, blo
         config.backend == BackendKind::Cpu,
         weights + 4 * adapters,
         kv,
-        bundle,
     )
 }
 
@@ -209,15 +207,23 @@ where
         .unwrap_or_else(|| "model".into());
 
     let count = block_count::<B>(&files, &config, &device)?;
-    // Built before the node starts: its bytes are part of the memory ceiling.
+    // Written to disk (and served from there) before the weights load.
     let bundle = match config.http_listen {
-        Some(addr) => {
-            Some(crate::bundle::serve(&files, &model_name, &model_fp, addr, config.http_url.as_deref()).await?)
-        }
+        Some(addr) => Some(
+            crate::bundle::serve(
+                &files,
+                &model_name,
+                &model_fp,
+                addr,
+                config.http_url.as_deref(),
+                &cache_dir("served-bundles"),
+            )
+            .await?,
+        ),
         None => None,
     };
     let limits = server_limits(&config, files.config.max_position_embeddings);
-    let ceiling = ceiling(&files, &config, &limits, count, bundle.as_ref().map_or(0, |b| b.bytes));
+    let ceiling = ceiling(&files, &config, &limits, count);
 
     let keypair = match &config.identity {
         Some(path) => swarm::identity::load_or_create(path)?,

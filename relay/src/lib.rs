@@ -636,34 +636,38 @@ async fn start_http(
     web_root: Option<&Path>,
     browser_addrs: Arc<Mutex<Vec<String>>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let files = match web_root {
+    let bootstrap = move || {
+        let relays = browser_addrs.lock().map(|g| g.clone()).unwrap_or_default();
+        async move {
+            (
+                [(axum::http::header::CACHE_CONTROL, "no-cache")],
+                axum::Json(serde_json::json!({ "relays": relays })),
+            )
+        }
+    };
+    let mut router = axum::Router::new().route("/corolla/v1/bootstrap.json", axum::routing::get(bootstrap));
+    router = match web_root {
         Some(root) => {
-            let files = http::StaticFiles::load(root)
-                .with_context(|| format!("cannot read the web root {}", root.display()))?;
-            if files.get("/").is_none() {
+            if !root.join("index.html").is_file() {
                 bail!(
-                    "the web root {} has no index.html (build the page: trunk build --release)",
+                    "the web root {} has no index.html (build the page: scripts/build-web.sh)",
                     root.display()
                 );
             }
-            files
+            router.merge(http::static_files(root))
         }
-        None => http::StaticFiles::default(),
+        None => router.fallback(|| async { http::error(axum::http::StatusCode::NOT_FOUND, "not found") }),
     };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-    let handler: http::Handler = Arc::new(move |request: &http::HttpRequest| {
-        if request.path == "/corolla/v1/bootstrap.json" {
-            let relays = browser_addrs.lock().map(|g| g.clone()).unwrap_or_default();
-            return http::HttpResponse::json(&serde_json::json!({ "relays": relays }));
-        }
-        files
-            .get(&request.path)
-            .unwrap_or_else(|| http::HttpResponse::error(404, "not found"))
-    });
-    Ok(tokio::spawn(http::serve(listener, handler)))
+    let limits = http::HttpLimits::default();
+    Ok(tokio::spawn(http::serve(
+        listener,
+        http::public(router, &limits),
+        limits,
+    )))
 }
 
 fn log_stats(s: &swarm::limits::NetStatsSnapshot) {

@@ -136,7 +136,7 @@ async fn serve(
     listen: SocketAddr,
     addr_file: Option<PathBuf>,
     state: Arc<ApiState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -147,10 +147,16 @@ async fn serve(
     if let Some(path) = &addr_file {
         std::fs::write(path, addr.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the API server failed")
+    let limits = swarm::http::HttpLimits {
+        // A whole (not streamed) reply may take this long.
+        handler_timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let server = swarm::http::serve(listener, swarm::http::public(router(state), &limits), limits);
+    tokio::select! {
+        () = server => Ok(()),
+        () = shutdown => Ok(()),
+    }
 }
 
 fn router(state: Arc<ApiState>) -> Router {
@@ -165,7 +171,6 @@ fn router(state: Arc<ApiState>) -> Router {
         .merge(v1)
         .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::cors::CorsLayer::permissive())
         .with_state(state)
 }
 
