@@ -203,7 +203,7 @@ mod tests {
         let mut rest = Vec::new();
         let cut = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest)).await;
         assert!(cut.is_ok(), "a slow client kept its connection");
-        let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_file(dir.join("../corolla-http-secret"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

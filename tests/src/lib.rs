@@ -240,6 +240,15 @@ impl Swarm {
     }
 }
 
+/// The real model, SmolLM2-135M-Instruct Q4_1 (`scripts/test.sh` fetches it).
+pub fn smollm2() -> PathBuf {
+    let path = std::env::var_os("COROLLA_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches the model and sets it)");
+    assert!(path.is_file(), "{} does not exist", path.display());
+    path
+}
+
 /// Token ids as `corolla --token-ids` takes them.
 pub fn csv(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")

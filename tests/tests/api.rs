@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Proc, STARTUP, Swarm, bin, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, smollm2, wait_for_file_lines};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use serde_json::Value;
@@ -18,14 +18,6 @@ use swarm::node::{self, Client, NodeConfig};
 const PROMPT: &str = "What is the capital of France?";
 const MAX_TOKENS: usize = 24;
 const KEY: &str = "test-key";
-
-fn smollm2() -> PathBuf {
-    let path = std::env::var_os("COROLLA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches the model and sets it)");
-    assert!(path.is_file(), "{} does not exist", path.display());
-    path
-}
 
 fn python() -> PathBuf {
     std::env::var_os("COROLLA_OPENAI_PYTHON")

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use corolla_tests::{Proc, TamperingProxy, bin, free_port, has_tensors, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, TamperingProxy, bin, free_port, has_tensors, smollm2, temp_dir, wait_for_file_lines};
 
 const STARTUP: Duration = Duration::from_secs(120);
 const PROMPT: &str = "What is the capital of France?";
@@ -24,14 +24,6 @@ const BUNDLE: &[&str] = &["--http-listen", "127.0.0.1:0"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn smollm2() -> PathBuf {
-    let path = std::env::var_os("COROLLA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches the model and sets it)");
-    assert!(path.is_file(), "{} does not exist", path.display());
-    path
 }
 
 fn web_dist() -> PathBuf {

@@ -2,23 +2,14 @@
 //! 127.0.0.1: 500 slowloris connections that never finish their request head do not stop
 //! either from answering others, and are cut off; oversized heads and bodies are refused.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Proc, STARTUP, bin, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, bin, smollm2, temp_dir, wait_for_file_lines};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SLOW_CLIENTS: usize = 500;
-
-fn smollm2() -> PathBuf {
-    let path = std::env::var_os("COROLLA_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .expect("set COROLLA_SMOLLM2_GGUF (scripts/test.sh fetches the model and sets it)");
-    assert!(path.is_file(), "{} does not exist", path.display());
-    path
-}
 
 /// One request on its own connection: the status line and the whole answer, in `limit`.
 async fn fetch(addr: &str, request: &str, limit: Duration) -> Result<String, String> {

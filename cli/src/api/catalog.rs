@@ -95,6 +95,7 @@ impl SwarmModels {
             .cloned();
         let Some(listing) = chosen else {
             let mut known: Vec<String> = listings.iter().map(|m| m.name.clone()).collect();
+            known.sort();
             known.dedup();
             return Err(ApiError::unknown_model(model, &known));
         };

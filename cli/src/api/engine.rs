@@ -208,15 +208,6 @@ impl Engine {
         let mut stopped = false;
         let mut gone = false;
         let mut route = String::new();
-        let mut remote = match &self.blocks {
-            Blocks::Swarm { handle, client, config } => Some(RemoteBlocks::<Cpu>::new(
-                handle.clone(),
-                client.clone(),
-                config.clone(),
-                Default::default(),
-            )),
-            Blocks::Local(_) => None,
-        };
         let mut send = |event: Event| {
             if out.blocking_send(event).is_err() {
                 gone = true;
@@ -256,17 +247,20 @@ impl Engine {
         };
         let prompts = [job.prompt_ids.clone()];
         let route_now = RefCell::new(String::new());
-        let result = match (&self.blocks, remote.as_mut()) {
-            (Blocks::Local(spans), _) => match LocalBlocks::new(spans) {
+        let result = match &self.blocks {
+            Blocks::Local(spans) => match LocalBlocks::new(spans) {
                 Ok(mut blocks) => generate(&self.embeddings, &self.head, &mut blocks, &prompts, &job.params, |e| {
                     on_token(e, None)
                 })
                 .map_err(|e| ApiError::internal(e.to_string())),
                 Err(e) => Err(ApiError::internal(e.to_string())),
             },
-            (Blocks::Swarm { .. }, Some(blocks)) => {
+            Blocks::Swarm { handle, client, config } => {
+                // Dropped at the end of this arm: its sessions close in the background.
+                let mut blocks =
+                    RemoteBlocks::<Cpu>::new(handle.clone(), client.clone(), config.clone(), Default::default());
                 let mut runner = RouteWatch {
-                    inner: blocks,
+                    inner: &mut blocks,
                     route: &route_now,
                 };
                 generate(&self.embeddings, &self.head, &mut runner, &prompts, &job.params, |e| {
@@ -274,7 +268,6 @@ impl Engine {
                 })
                 .map_err(|e| ApiError::unavailable(format!("the swarm could not run the model: {e}")))
             }
-            (Blocks::Swarm { .. }, None) => Err(ApiError::internal("no remote blocks")),
         };
         let tokens = match result {
             Ok(mut rows) => rows.pop().unwrap_or_default(),

@@ -310,7 +310,6 @@ async fn whole(reply: Reply, first: Event, mut rx: mpsc::Receiver<Event>) -> Res
 /// chunk if asked, `[DONE]`; the route and timing as comments, which clients skip.
 fn stream(reply: Reply, first: Event, rx: mpsc::Receiver<Event>, include_usage: bool) -> Response {
     let mut queue = VecDeque::new();
-    let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
     if reply.kind == Kind::Chat {
         queue.push_back(data(reply.chunk(true, Some(""), None, include_usage)));
     }
@@ -343,6 +342,11 @@ fn stream(reply: Reply, first: Event, rx: mpsc::Receiver<Event>, include_usage: 
         .into_response()
 }
 
+/// A `data:` event of JSON.
+fn data(value: serde_json::Value) -> SseEvent {
+    SseEvent::default().data(value.to_string())
+}
+
 struct Streamer {
     reply: Reply,
     rx: mpsc::Receiver<Event>,
@@ -353,7 +357,6 @@ struct Streamer {
 
 impl Streamer {
     fn push(&mut self, event: Event) {
-        let data = |v: serde_json::Value| SseEvent::default().data(v.to_string());
         let usage = self.include_usage;
         match event {
             Event::Route(route) => self
