@@ -137,7 +137,9 @@ pub struct PromptInput {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// An HF-layout model folder or a `.gguf` file; with --initial-peers also a model
+    /// An HF-layout model folder, a `.gguf` file or a Hub id `org/name[@revision]` (into
+    /// $HF_HOME/hub; with --initial-peers only the embeddings' and head's shards are
+    /// downloaded); with --initial-peers also a model
     /// fingerprint (32 hex digits), whose client bundle (tokenizer, embeddings, LM head) is
     /// then downloaded from one of its servers, checked against the server's signed record and
     /// cached.
@@ -231,7 +233,7 @@ pub enum WireDtypeArg {
 
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
-    /// An HF-layout model folder or a `.gguf` file.
+    /// An HF-layout model folder, a `.gguf` file or a Hub id `org/name[@revision]`.
     #[arg(long)]
     pub model: PathBuf,
     /// The sequence, as comma-separated token ids.

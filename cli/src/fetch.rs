@@ -22,6 +22,27 @@ pub fn run(args: FetchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Opens `--model`: a folder, a `.gguf` or a Hub id (`org/name[@revision]`; the fingerprint
+/// samples of shards not downloaded are kept in the Corolla cache).
+pub fn open_model(model: &Path, cache: Option<PathBuf>) -> Result<shared_model::loader::ModelFiles> {
+    let hub = shared_model::hub::HubOptions::from_env(cache_dir(cache).join("hub-samples"));
+    shared_model::hub::open_model(model, &hub).with_context(|| format!("cannot open model {}", model.display()))
+}
+
+/// The whole model of `files` on `device`: its shards downloaded first (a Hub model), then
+/// loaded behind a progress bar.
+pub fn load_local<B: burn::prelude::Backend>(
+    files: &shared_model::loader::ModelFiles,
+    device: &B::Device,
+) -> Result<shared_model::loader::LocalModel<B>> {
+    let names: Vec<String> = files.weights.names().into_iter().collect();
+    let source = shared_model::progress::LoadBar::fetch_and_wrap(&files.weights, &names, "the model")
+        .context("cannot download the model")?;
+    let model = shared_model::loader::LocalModel::<B>::load_from(&files.config, source.as_ref(), device);
+    source.finish();
+    model.context("cannot load the model")
+}
+
 /// `--cache-dir`, else `$COROLLA_CACHE`, else `~/.cache/corolla`.
 pub fn cache_dir(arg: Option<PathBuf>) -> PathBuf {
     arg.or_else(|| std::env::var_os("COROLLA_CACHE").map(PathBuf::from))

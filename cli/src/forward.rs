@@ -11,8 +11,7 @@ use crate::backend::{OnBackend, dispatch};
 use crate::generate::check_prompt;
 
 pub fn run(args: ForwardArgs) -> Result<()> {
-    let mut files =
-        ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let mut files = crate::fetch::open_model(&args.model, None)?;
     args.quant.apply(&mut files);
     check_prompt(&files, &args.token_ids, 0)?;
     let tensors = dispatch(

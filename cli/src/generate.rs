@@ -6,7 +6,7 @@ use burn::prelude::Backend;
 use burn::prelude::{Tensor, TensorData};
 use shared_model::generate::{GenerateParams, LocalBlocks, generate_with_prefix};
 use shared_model::layers::lora::LoraAdapter;
-use shared_model::loader::{LocalModel, ModelFiles};
+use shared_model::loader::ModelFiles;
 use shared_model::sampling::SamplingParams;
 use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
@@ -34,8 +34,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             (files, Some(joined))
         }
         None => {
-            let files =
-                ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+            let files = crate::fetch::open_model(&args.model, args.cache_dir.clone())?;
             (files, None)
         }
     };
@@ -240,7 +239,7 @@ impl OnBackend for Job<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         self.args.dtype.precision().apply::<B>(&device)?;
-        let model = LocalModel::<B>::load(self.files, &device).context("cannot load the model")?;
+        let model = crate::fetch::load_local::<B>(self.files, &device)?;
         let mut blocks = LocalBlocks::new(&model.spans)?;
         if let Some(deep) = self.prompts.as_ref().and_then(|p| p.deep.as_ref()) {
             let s = &deep.shape;

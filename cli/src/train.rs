@@ -32,7 +32,7 @@ pub enum MethodArg {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// An HF-layout model folder or a `.gguf` file.
+    /// An HF-layout model folder, a `.gguf` file or a Hub id `org/name[@revision]`.
     #[arg(long)]
     pub model: PathBuf,
     /// Run the blocks in the swarm reached through these relays / peers; without them
@@ -91,7 +91,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr must be a positive number");
     }
-    let files = ModelFiles::open(&args.model).with_context(|| format!("cannot open model {}", args.model.display()))?;
+    let files = crate::fetch::open_model(&args.model, None)?;
     let examples = read_data(&files, &args)?;
     let method = match args.method {
         MethodArg::Prompt => TuningMethod::Prompt,

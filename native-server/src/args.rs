@@ -69,7 +69,9 @@ pub fn apply_quant(kind: Option<QuantKind>, files: &mut shared_model::loader::Mo
     about = "Host a span of transformer blocks for the Corolla swarm"
 )]
 pub struct ServerArgs {
-    /// An HF-layout model folder or a `.gguf` file.
+    /// An HF-layout model folder, a `.gguf` file, or a Hugging Face Hub id `org/name[@revision]`
+    /// (only the config, tokenizer, index and the shards of the served blocks are downloaded,
+    /// into $HF_HOME/hub; HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE apply).
     #[arg(long)]
     pub model: PathBuf,
     /// Blocks to serve, as START:END (END exclusive).

@@ -13,7 +13,8 @@ use libp2p::{PeerId, Stream};
 use shared_model::fingerprint::fingerprint;
 use shared_model::layers::lora::{LoraAdapter, LoraSpan};
 use shared_model::loader::ModelFiles;
-use shared_model::model::{BlockSpan, Embeddings, LmHead, to_host};
+use shared_model::model::{BlockSpan, Embeddings, LmHead, client_tensor_names, span_tensor_names, to_host};
+use shared_model::progress::LoadBar;
 use swarm::dht;
 use swarm::limits::{MemoryCeiling, Protect};
 use swarm::node::{self, NodeConfig};
@@ -195,16 +196,13 @@ where
 {
     // Before any tensor exists: burn fixes a device's float type at its first tensor.
     config.dtype.apply::<B>(&device)?;
-    let mut files =
-        ModelFiles::open(&config.model).with_context(|| format!("cannot open model {}", config.model.display()))?;
+    let hub = shared_model::hub::HubOptions::from_env(cache_dir("hub-samples"));
+    let mut files = shared_model::hub::open_model(&config.model, &hub)
+        .with_context(|| format!("cannot open model {}", config.model.display()))?;
     // Dense reads stay as stored, so the fingerprint is the unquantized model's.
     crate::args::apply_quant(config.quant, &mut files);
     let model_fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
-    let model_name = config
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    let model_name = shared_model::hub::model_name(&config.model);
 
     let count = block_count::<B>(&files, &config, &device)?;
     // Written to disk (and served from there) before the weights load.
@@ -259,18 +257,26 @@ where
     let peer_id = client.peer_id();
 
     let (start, end) = choose_blocks(&files, &config, &client, &model_fp, count).await;
-    let span = BlockSpan::<B>::load(&files.config, files.weights.as_ref(), start..end, &device)
-        .context("cannot load the blocks")?;
+    let mut names = span_tensor_names(&files.config, files.weights.as_ref(), start..end);
+    if config.serve_head {
+        names.extend(client_tensor_names(&files.config, files.weights.as_ref()));
+    }
+    // Downloads (a Hub model's shards of this span) first, then loading: two bars, in turn.
+    let source = LoadBar::fetch_and_wrap(&files.weights, &names, &format!("blocks {start}..{end}"))
+        .context("cannot download the blocks")?;
+    let span =
+        BlockSpan::<B>::load(&files.config, source.as_ref(), start..end, &device).context("cannot load the blocks")?;
     let head = if config.serve_head {
         Some(Arc::new(HeadParts {
-            embeddings: Embeddings::load(&files.config, files.weights.as_ref(), &device)
+            embeddings: Embeddings::load(&files.config, source.as_ref(), &device)
                 .context("cannot load the embeddings for head service")?,
-            head: LmHead::load(&files.config, files.weights.as_ref(), &device)
+            head: LmHead::load(&files.config, source.as_ref(), &device)
                 .context("cannot load the LM head for head service")?,
         }))
     } else {
         None
     };
+    source.finish();
     let (adapters, lora_rank) = load_adapters::<B>(&config, &files, start..end, &device)?;
     let throughput = measure_throughput(&span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, quant = ?config.quant, "serving");

@@ -39,7 +39,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::config::ModelConfig;
-use crate::weights::{WeightError, WeightSource};
+use crate::weights::{StoredRange, WeightError, WeightSource};
 
 /// Hashed first: bumped whenever the hashed input changes.
 pub const VERSION_TAG: &str = "corolla-fingerprint/2\n";
@@ -55,9 +55,24 @@ pub fn fingerprint(config: &ModelConfig, source: &dyn WeightSource) -> Result<St
     put_str(&mut hasher, &format!("{config:?}"));
     let names = source.names();
     hasher.update((names.len() as u64).to_le_bytes());
-    let mut buf = Vec::new();
+    let mut tensors = Vec::with_capacity(names.len());
     for name in &names {
-        let stored = source.stored(name)?;
+        tensors.push((name, source.stored(name)?));
+    }
+    // Every range is known before any is read: a remote checkpoint fetches them together.
+    let ranges: Vec<StoredRange> = tensors
+        .iter()
+        .flat_map(|(name, stored)| {
+            sample(stored.byte_len).into_iter().map(|(offset, len)| StoredRange {
+                name: (*name).clone(),
+                offset,
+                len,
+            })
+        })
+        .collect();
+    source.prefetch_stored(&ranges)?;
+    let mut buf = Vec::new();
+    for (name, stored) in &tensors {
         put_str(&mut hasher, name);
         put_str(&mut hasher, &stored.dtype);
         hasher.update((stored.shape.len() as u64).to_le_bytes());

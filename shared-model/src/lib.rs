@@ -13,11 +13,15 @@ pub mod error;
 pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod kernels;
 pub mod layers;
 pub mod loader;
 pub mod model;
 pub mod precision;
+#[cfg(feature = "progress")]
+pub mod progress;
 pub mod quant;
 pub mod sampling;
 pub mod synthetic;

@@ -13,6 +13,15 @@ use crate::model::{BlockSpan, Embeddings, LmHead, check_coverage};
 use crate::tokenizer::{ChatTemplate, Tokenizer, TokenizerError};
 use crate::weights::{SafetensorsSource, WeightError, WeightSource};
 
+/// The files of an HF-layout model besides its weights.
+#[derive(Debug, Clone)]
+pub struct HfFiles {
+    pub config: PathBuf,
+    pub tokenizer: Option<PathBuf>,
+    pub tokenizer_config: Option<PathBuf>,
+    pub generation_config: Option<PathBuf>,
+}
+
 /// Everything on disk about one model, with tensors not yet read.
 pub struct ModelFiles {
     pub path: PathBuf,
@@ -41,35 +50,50 @@ impl ModelFiles {
     }
 
     fn open_hf_dir(dir: &Path) -> Result<Self, ModelError> {
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| crate::config::ConfigError::Io {
-            path: config_path.clone(),
+        let optional = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+        let files = HfFiles {
+            config: dir.join("config.json"),
+            tokenizer: optional("tokenizer.json"),
+            tokenizer_config: optional("tokenizer_config.json"),
+            generation_config: optional("generation_config.json"),
+        };
+        Self::from_hf_files(dir, files, || Ok(Arc::new(SafetensorsSource::open_dir(dir)?)))
+    }
+
+    /// A model from the files of an HF-layout folder (on disk or in the Hub cache) and its
+    /// weights, opened once the config is valid; `path` is where it is, for messages.
+    pub fn from_hf_files(
+        path: &Path,
+        files: HfFiles,
+        weights: impl FnOnce() -> Result<Arc<dyn WeightSource>, ModelError>,
+    ) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(&files.config).map_err(|source| crate::config::ConfigError::Io {
+            path: files.config.clone(),
             source,
         })?;
         let hf_config: serde_json::Value = serde_json::from_str(&text).map_err(crate::config::ConfigError::from)?;
         let config = ModelConfig::from_json_value(hf_config.clone())?;
-        let weights = Arc::new(SafetensorsSource::open_dir(dir)?);
-        let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = if tokenizer_path.exists() {
-            Some(Tokenizer::from_file(&tokenizer_path)?)
-        } else {
-            None
+        let weights = weights()?;
+        let tokenizer = match &files.tokenizer {
+            Some(path) => Some(Tokenizer::from_file(path)?),
+            None => None,
         };
-        let template_path = dir.join("tokenizer_config.json");
-        let chat_template = if template_path.exists() {
-            match ChatTemplate::from_tokenizer_config(&template_path) {
+        let chat_template = match &files.tokenizer_config {
+            Some(path) => match ChatTemplate::from_tokenizer_config(path) {
                 Ok(template) => Some(template),
                 Err(TokenizerError::NoChatTemplate(_)) => None,
                 Err(e) => return Err(e.into()),
-            }
-        } else {
-            None
+            },
+            None => None,
         };
-        let mut stop_ids =
-            generation_eos(&dir.join("generation_config.json"))?.unwrap_or_else(|| config.eos_token_ids.clone());
+        let eos = match &files.generation_config {
+            Some(path) => generation_eos(path)?,
+            None => None,
+        };
+        let mut stop_ids = eos.unwrap_or_else(|| config.eos_token_ids.clone());
         stop_ids.dedup();
         Ok(Self {
-            path: dir.to_path_buf(),
+            path: path.to_path_buf(),
             config,
             hf_config,
             weights,
@@ -143,17 +167,16 @@ pub struct LocalModel<B: Backend> {
 impl<B: Backend> LocalModel<B> {
     /// Loads every part, failing on tensors that no part reads.
     pub fn load(files: &ModelFiles, device: &B::Device) -> Result<Self, ModelError> {
-        let source = files.weights.as_ref();
-        check_coverage(&files.config, source)?;
+        Self::load_from(&files.config, files.weights.as_ref(), device)
+    }
+
+    /// [`LocalModel::load`] from `source` (the model's weights behind a progress bar).
+    pub fn load_from(config: &ModelConfig, source: &dyn WeightSource, device: &B::Device) -> Result<Self, ModelError> {
+        check_coverage(config, source)?;
         Ok(Self {
-            embeddings: Embeddings::load(&files.config, source, device)?,
-            spans: vec![BlockSpan::load(
-                &files.config,
-                source,
-                0..files.config.num_layers,
-                device,
-            )?],
-            head: LmHead::load(&files.config, source, device)?,
+            embeddings: Embeddings::load(config, source, device)?,
+            spans: vec![BlockSpan::load(config, source, 0..config.num_layers, device)?],
+            head: LmHead::load(config, source, device)?,
         })
     }
 }

@@ -453,6 +453,28 @@ impl<B: Backend> LmHead<B> {
     }
 }
 
+/// The tensors of blocks `blocks` in `source` (what a server of that span reads).
+pub fn span_tensor_names(
+    config: &ModelConfig,
+    source: &dyn WeightSource,
+    blocks: std::ops::Range<usize>,
+) -> Vec<String> {
+    let prefixes: Vec<String> = blocks.map(|i| checkpoint::block_prefix(config.family, i)).collect();
+    source
+        .names()
+        .into_iter()
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect()
+}
+
+/// The tensors that are not blocks: embeddings, their norm, the final norm and the LM head
+/// (what a swarm client, or a server serving the head, reads).
+pub fn client_tensor_names(config: &ModelConfig, source: &dyn WeightSource) -> Vec<String> {
+    let all = 0..config.num_layers;
+    let blocks: std::collections::BTreeSet<String> = span_tensor_names(config, source, all).into_iter().collect();
+    source.names().into_iter().filter(|n| !blocks.contains(n)).collect()
+}
+
 /// Fails if the checkpoint holds tensors that no part of the model reads.
 pub fn check_coverage(config: &ModelConfig, source: &dyn WeightSource) -> Result<(), WeightError> {
     let known_top = [

@@ -334,6 +334,14 @@ impl WeightSource for QuantizeOnLoad {
         self.inner.read_stored(name, offset, buf)
     }
 
+    fn prefetch_stored(&self, ranges: &[crate::weights::StoredRange]) -> Result<(), WeightError> {
+        self.inner.prefetch_stored(ranges)
+    }
+
+    fn fetch_tensors(&self, names: &[String]) -> Result<(), WeightError> {
+        self.inner.fetch_tensors(names)
+    }
+
     fn read_quant(&self, name: &str) -> Result<Option<QuantMatrix>, WeightError> {
         if let Some(q) = self.inner.read_quant(name)? {
             return Ok(Some(q));

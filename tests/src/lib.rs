@@ -216,6 +216,11 @@ impl Swarm {
     /// Starts a server (on 127.0.0.1 TCP unless `extra` has `--listen`), waits until it is
     /// announced, and returns its peer id.
     pub fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {
+        self.server_with_env(model, blocks, extra, &[])
+    }
+
+    /// [`Swarm::server`] with these environment variables set for the server.
+    pub fn server_with_env(&mut self, model: &Path, blocks: &str, extra: &[&str], env: &[(&str, &Path)]) -> String {
         let n = self.servers.len();
         let addr_file = self.dir.join(format!("server{n}.addrs"));
         let mut cmd = Command::new(bin("server"));
@@ -224,7 +229,8 @@ impl Swarm {
             .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
             .args(["--addr-file"])
             .arg(&addr_file)
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)));
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
         }

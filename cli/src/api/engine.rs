@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use burn::prelude::Tensor;
 use shared_model::Cpu;
 use shared_model::generate::{BlockRunner, GenerateParams, LocalBlocks, TokenEvent, generate};
-use shared_model::loader::{LocalModel, ModelFiles};
+use shared_model::loader::ModelFiles;
 use shared_model::model::{BlockSpan, Embeddings, LmHead};
 use shared_model::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use swarm::node::Client;
@@ -81,7 +81,7 @@ impl Engine {
     pub fn local(files: ModelFiles, name: String) -> Result<Self> {
         let fingerprint = shared_model::fingerprint::fingerprint(&files.config, files.weights.as_ref())
             .context("cannot fingerprint the model")?;
-        let model = LocalModel::<Cpu>::load(&files, &Default::default()).context("cannot load the model")?;
+        let model = crate::fetch::load_local::<Cpu>(&files, &Default::default())?;
         Self::new(
             files,
             name,

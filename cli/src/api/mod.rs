@@ -47,7 +47,8 @@ pub struct ApiArgs {
     /// Relays or servers of the swarm whose models to serve.
     #[arg(long, num_args = 1.., required_unless_present = "model", conflicts_with = "model")]
     pub initial_peers: Vec<Multiaddr>,
-    /// Run this model here instead (an HF-layout folder or a .gguf file), on the CPU.
+    /// Run this model here instead (an HF-layout folder, a .gguf file or a Hub id
+    /// `org/name[@revision]`), on the CPU.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The name `--model` is served under (default: the file's name without extension).
@@ -96,13 +97,11 @@ pub fn run(args: ApiArgs) -> Result<()> {
     }
     let (runtime, catalog) = match &args.model {
         Some(path) => {
-            let files = shared_model::loader::ModelFiles::open(path)
-                .with_context(|| format!("cannot open model {}", path.display()))?;
-            let name = args.served_model_name.clone().unwrap_or_else(|| {
-                path.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "model".into())
-            });
+            let files = crate::fetch::open_model(path, args.cache_dir.clone())?;
+            let name = args
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| shared_model::hub::model_name(path));
             let engine = Engine::local(files, name)?;
             (tokio::runtime::Runtime::new()?, Catalog::Local(Arc::new(engine)))
         }

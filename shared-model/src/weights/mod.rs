@@ -13,7 +13,7 @@ mod stored;
 
 pub use host_tensor::HostTensor;
 pub(crate) use range_file::RangeFile;
-pub use safetensors_source::SafetensorsSource;
+pub use safetensors_source::{SafetensorsSource, ShardBytes, ShardStore};
 pub use stored::StoredTensor;
 pub(crate) use stored::{copy_range, tensor_range};
 
@@ -49,6 +49,10 @@ pub enum WeightError {
     Unused { names: Vec<String> },
     #[error("GGUF: {0}")]
     Gguf(#[from] crate::gguf::GgufError),
+    /// A file of a Hugging Face Hub model that could not be fetched or checked.
+    #[cfg(feature = "hub")]
+    #[error(transparent)]
+    Hub(Box<crate::hub::HubError>),
     #[error("the GPU refused the kernel that expands quantized weights")]
     KernelRefused,
     #[error("bytes {offset}..+{len} of tensor `{name}` lie outside its {byte_len} bytes")]
@@ -89,11 +93,32 @@ pub trait WeightSource: Send + Sync {
     /// fingerprint) use this for.
     fn read_stored(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<(), WeightError>;
 
+    /// A hint that these stored ranges are read next (by [`WeightSource::read_stored`]), so a
+    /// remote checkpoint fetches them together instead of one round trip each.
+    fn prefetch_stored(&self, _ranges: &[StoredRange]) -> Result<(), WeightError> {
+        Ok(())
+    }
+
+    /// Makes these tensors' data local before they are read (a Hub checkpoint downloads the
+    /// shards holding them), so that downloading and loading are two steps a user can watch.
+    /// Local sources have nothing to do.
+    fn fetch_tensors(&self, _names: &[String]) -> Result<(), WeightError> {
+        Ok(())
+    }
+
     /// Reads a 2-D tensor in its stored quantized form, if it is stored in a format that
     /// [`QuantMatrix`] computes with directly.
     fn read_quant(&self, _name: &str) -> Result<Option<QuantMatrix>, WeightError> {
         Ok(None)
     }
+}
+
+/// Stored bytes `offset..offset + len` of tensor `name` (offsets from its first byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRange {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// A projection weight as loaded: dense f32, or quantized blocks.

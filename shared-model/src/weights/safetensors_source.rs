@@ -9,29 +9,89 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 
 use super::range_file::RangeFile;
-use super::{HostTensor, StoredTensor, WeightError, WeightSource, tensor_range};
+use super::{HostTensor, StoredRange, StoredTensor, WeightError, WeightSource, tensor_range};
 
 /// safetensors' own limit on a header (`MAX_HEADER_SIZE`), which its reader enforces too.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Random access to one shard's bytes, without holding it whole: a local file read by
+/// positioned reads, or (`hub`) a remote file read by HTTP range requests.
+pub trait ShardBytes: Send + Sync + std::fmt::Debug {
+    /// Where the bytes are, for errors.
+    fn path(&self) -> &Path;
+    /// The shard's size in bytes.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` with the bytes at `offset..offset + buf.len()`; a range past the end is an
+    /// error, not a short read.
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), WeightError>;
+    /// A hint that these `(offset, len)` ranges are read next, so a remote shard can fetch them
+    /// at once rather than one round trip each.
+    fn prefetch(&self, _ranges: &[(u64, u64)]) -> Result<(), WeightError> {
+        Ok(())
+    }
+}
+
+impl ShardBytes for RangeFile {
+    fn path(&self) -> &Path {
+        RangeFile::path(self)
+    }
+    fn len(&self) -> u64 {
+        RangeFile::len(self)
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), WeightError> {
+        RangeFile::read_exact_at(self, offset, buf)
+    }
+}
+
+/// Where a checkpoint's shard files are: a model folder, or (`hub`) a Hub repository whose
+/// shards are downloaded only when a tensor of theirs is read.
+pub trait ShardStore: Send + Sync {
+    /// The shard's local path, where it is or will be once fetched.
+    fn location(&self, shard: &str) -> PathBuf;
+    /// Random access to the shard without fetching it whole (headers, fingerprint samples).
+    fn bytes(&self, shard: &str) -> Result<Arc<dyn ShardBytes>, WeightError>;
+    /// The shard as a local file, fetched (and checked) first if it is not here yet.
+    fn fetch(&self, shard: &str) -> Result<PathBuf, WeightError>;
+}
+
+/// Shards that are files of one folder.
+struct LocalDir(PathBuf);
+
+impl ShardStore for LocalDir {
+    fn location(&self, shard: &str) -> PathBuf {
+        self.0.join(shard)
+    }
+    fn bytes(&self, shard: &str) -> Result<Arc<dyn ShardBytes>, WeightError> {
+        Ok(Arc::new(RangeFile::open(&self.location(shard))?))
+    }
+    fn fetch(&self, shard: &str) -> Result<PathBuf, WeightError> {
+        Ok(self.location(shard))
+    }
+}
 
 /// A safetensors checkpoint: one `model.safetensors`, or shards listed in
 /// `model.safetensors.index.json`.
 ///
 /// Shards are memory-mapped on first read, so a server that loads blocks 10..20 never maps
-/// the shards holding only blocks 0..10. [`WeightSource::stored`] and
-/// [`WeightSource::read_stored`] do not map at all: they read a shard's header and the bytes
-/// asked for with positioned reads that bypass readahead (`weights::range_file`).
+/// (nor, from the Hub, downloads) the shards holding only blocks 0..10.
+/// [`WeightSource::stored`] and [`WeightSource::read_stored`] do not map at all: they read a
+/// shard's header and the bytes asked for through [`ShardBytes`] (positioned reads that bypass
+/// readahead, `weights::range_file`, or HTTP ranges).
 pub struct SafetensorsSource {
-    /// Tensor name -> shard file.
-    index: BTreeMap<String, PathBuf>,
+    /// Tensor name -> shard file name.
+    index: BTreeMap<String, String>,
+    store: Arc<dyn ShardStore>,
     opened: Mutex<HashMap<PathBuf, Arc<Mmap>>>,
-    headers: Mutex<HashMap<PathBuf, Arc<Header>>>,
+    headers: Mutex<HashMap<String, Arc<Header>>>,
 }
 
 /// A shard's header, read without mapping the shard.
 #[derive(Debug)]
 struct Header {
-    file: RangeFile,
+    file: Arc<dyn ShardBytes>,
     /// File offset of the data section (8 + the header's length).
     data_start: u64,
     tensors: HashMap<String, TensorInfo>,
@@ -41,12 +101,12 @@ impl Header {
     /// Reads and validates the header of `path` as safetensors' own reader does (offsets
     /// contiguous from 0, each tensor's length its dtype times its element count, the data
     /// section ending exactly at the end of the file), reading only the header's bytes.
-    fn read(path: &Path) -> Result<Self, WeightError> {
+    fn read(file: Arc<dyn ShardBytes>) -> Result<Self, WeightError> {
+        let path = file.path().to_path_buf();
         let bad = |reason: String| WeightError::BadSafetensors {
-            path: path.to_path_buf(),
+            path: path.clone(),
             reason,
         };
-        let file = RangeFile::open(path)?;
         let mut len = [0u8; 8];
         file.read_exact_at(0, &mut len)
             .map_err(|_| bad(format!("{} bytes is too short for a header", file.len())))?;
@@ -112,21 +172,43 @@ impl SafetensorsSource {
     /// Opens one safetensors file; its header (which names its tensors) is read now, its data
     /// is mapped on first read.
     pub fn open_file(path: &Path) -> Result<Self, WeightError> {
-        let header = Header::read(path)?;
+        let (dir, name) = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => (dir, name.to_string_lossy().into_owned()),
+            _ => {
+                return Err(WeightError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+                });
+            }
+        };
+        Self::single(&name, Arc::new(LocalDir(dir.to_path_buf())))
+    }
+
+    /// A checkpoint of one shard, `shard` of `store`; its header is read now.
+    pub fn single(shard: &str, store: Arc<dyn ShardStore>) -> Result<Self, WeightError> {
+        let header = Header::read(store.bytes(shard)?)?;
         let index = header
             .tensors
             .keys()
-            .map(|name| (name.clone(), path.to_path_buf()))
+            .map(|name| (name.clone(), shard.to_string()))
             .collect();
         Ok(Self {
             index,
+            store,
             opened: Mutex::new(HashMap::new()),
-            headers: Mutex::new(HashMap::from([(path.to_path_buf(), Arc::new(header))])),
+            headers: Mutex::new(HashMap::from([(shard.to_string(), Arc::new(header))])),
         })
     }
 
     /// Opens a sharded checkpoint from its index; no shard is opened yet.
     pub fn open_index(index_path: &Path) -> Result<Self, WeightError> {
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        Self::from_index(index_path, Arc::new(LocalDir(dir.to_path_buf())))
+    }
+
+    /// A sharded checkpoint whose index is the file at `index_path` and whose shards are in
+    /// `store`; no shard is opened yet.
+    pub fn from_index(index_path: &Path, store: Arc<dyn ShardStore>) -> Result<Self, WeightError> {
         let bad = |reason: String| WeightError::BadIndex {
             path: index_path.to_path_buf(),
             reason,
@@ -140,7 +222,6 @@ impl SafetensorsSource {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut index = BTreeMap::new();
         for (name, file) in map {
             let file = file
@@ -149,13 +230,19 @@ impl SafetensorsSource {
             if !is_shard_name(file) {
                 return Err(bad(format!("shard name `{file}` is not a file name")));
             }
-            index.insert(name.clone(), dir.join(file));
+            index.insert(name.clone(), file.to_string());
         }
         Ok(Self {
             index,
+            store,
             opened: Mutex::new(HashMap::new()),
             headers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The shard file names that hold the given tensors.
+    pub fn shards_for<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+        names.into_iter().filter_map(|n| self.index.get(n).cloned()).collect()
     }
 
     /// Shard files mapped so far (for checking that a span opens only what it needs).
@@ -165,7 +252,7 @@ impl SafetensorsSource {
 
     /// The shard files that hold the given tensors.
     pub fn files_for<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> BTreeSet<PathBuf> {
-        names.into_iter().filter_map(|n| self.index.get(n).cloned()).collect()
+        self.shards_for(names).iter().map(|s| self.store.location(s)).collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, Arc<Mmap>>> {
@@ -173,34 +260,43 @@ impl SafetensorsSource {
         self.opened.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn shard_path(&self, name: &str) -> Result<&PathBuf, WeightError> {
+    fn shard_name(&self, name: &str) -> Result<&str, WeightError> {
         self.index
             .get(name)
+            .map(String::as_str)
             .ok_or_else(|| WeightError::Missing { name: name.to_string() })
     }
 
     /// The header of the shard holding `name`, read once per shard.
     fn header(&self, name: &str) -> Result<Arc<Header>, WeightError> {
-        let path = self.shard_path(name)?;
+        let shard = self.shard_name(name)?;
         // As `lock`: an insert is the only update.
         let mut headers = self.headers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = headers.get(path) {
+        if let Some(h) = headers.get(shard) {
             return Ok(h.clone());
         }
-        let header = Arc::new(Header::read(path)?);
-        headers.insert(path.clone(), header.clone());
+        let header = Arc::new(Header::read(self.store.bytes(shard)?)?);
+        headers.insert(shard.to_string(), header.clone());
         Ok(header)
     }
 
-    fn shard(&self, path: &Path) -> Result<Arc<Mmap>, WeightError> {
-        let mut opened = self.lock();
-        if let Some(m) = opened.get(path) {
-            return Ok(m.clone());
+    /// The shard holding `name`, fetched if it is remote and mapped once; the path is for errors.
+    fn shard(&self, name: &str) -> Result<(PathBuf, Arc<Mmap>), WeightError> {
+        let shard = self.shard_name(name)?;
+        let location = self.store.location(shard);
+        if let Some(m) = self.lock().get(&location) {
+            return Ok((location, m.clone()));
         }
-        let mmap = Arc::new(map(path)?);
-        opened.insert(path.to_path_buf(), mmap.clone());
+        // Outside the lock: a download takes long, and other shards may be read meanwhile.
+        let path = self.store.fetch(shard)?;
+        let mut opened = self.lock();
+        if let Some(m) = opened.get(&location) {
+            return Ok((location, m.clone()));
+        }
+        let mmap = Arc::new(map(&path)?);
+        opened.insert(location.clone(), mmap.clone());
         tracing::debug!(shard = %path.display(), "opened shard");
-        Ok(mmap)
+        Ok((location, mmap))
     }
 }
 
@@ -235,8 +331,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn read(&self, name: &str) -> Result<HostTensor, WeightError> {
-        let path = self.shard_path(name)?;
-        let mmap = self.shard(path)?;
+        let (path, mmap) = self.shard(name)?;
         let tensors = SafeTensors::deserialize(&mmap[..]).map_err(|e| WeightError::BadSafetensors {
             path: path.clone(),
             reason: e.to_string(),
@@ -299,6 +394,40 @@ impl WeightSource for SafetensorsSource {
                 byte_len: (end - start) as u64,
             })?;
         header.file.read_exact_at(at, buf)
+    }
+
+    fn fetch_tensors(&self, names: &[String]) -> Result<(), WeightError> {
+        for shard in self.shards_for(names.iter().map(String::as_str)) {
+            self.store.fetch(&shard)?;
+        }
+        Ok(())
+    }
+
+    fn prefetch_stored(&self, ranges: &[StoredRange]) -> Result<(), WeightError> {
+        // Per shard: its header, and the file ranges asked of it.
+        type Asked = (Arc<Header>, Vec<(u64, u64)>);
+        let mut by_shard: BTreeMap<&str, Asked> = BTreeMap::new();
+        for r in ranges {
+            let shard = self.shard_name(&r.name)?;
+            if !by_shard.contains_key(shard) {
+                by_shard.insert(shard, (self.header(&r.name)?, Vec::new()));
+            }
+            if let Some((header, list)) = by_shard.get_mut(shard) {
+                let (start, _) = header.info(&r.name)?.data_offsets;
+                // A hint only: a range that overflows is left for the read to refuse.
+                if let Some(at) = header
+                    .data_start
+                    .checked_add(start as u64)
+                    .and_then(|a| a.checked_add(r.offset))
+                {
+                    list.push((at, r.len));
+                }
+            }
+        }
+        for (header, list) in by_shard.values() {
+            header.file.prefetch(list)?;
+        }
+        Ok(())
     }
 }
 
