@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of everything Corolla reads from peers and
-# files: see README "Fuzzing". Installs cargo-fuzz once into $COROLLA_TOOLS.
+# files: see docs/ARCHITECTURE.md "Fuzzing". Installs cargo-fuzz once into $COROLLA_TOOLS.
 #
 #   scripts/fuzz.sh ci                 build every target, run each for $FUZZ_SECONDS (30) on its
 #                                      committed corpus; fails on any crash, OOM or timeout

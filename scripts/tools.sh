@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Puts the web build tools on PATH, installing them once into $COROLLA_TOOLS (default
-# ~/.cache/corolla/tools): the wasm32 target, the wasm-bindgen CLI whose version equals the
-# wasm-bindgen crate in Cargo.lock (it also runs the browser-side unit tests), and with
-# COROLLA_NEED_TRUNK=1 Trunk 0.21.14 (the newest that builds with this toolchain; Trunk cannot
-# download tools here). Source it: `. scripts/tools.sh`.
+# ~/.cache/corolla/tools): the wasm32 target and the wasm-bindgen CLI whose version equals the
+# wasm-bindgen crate in Cargo.lock (it builds the page's glue and runs the browser-side unit
+# tests). Source it: `. scripts/tools.sh`.
 set -euo pipefail
 
 COROLLA_TOOLS="${COROLLA_TOOLS:-$HOME/.cache/corolla/tools}"
@@ -11,7 +10,7 @@ export PATH="$COROLLA_TOOLS/bin:$PATH"
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _wbg="$(awk '/^name = "wasm-bindgen"$/{getline; gsub(/version = |"/, ""); print; exit}' "$_root/Cargo.lock")"
 
-# Both tools ship with fat LTO and one codegen unit; a plain optimised build installs several
+# wasm-bindgen-cli ships with fat LTO and one codegen unit; a plain optimised build installs several
 # times faster and runs just as well for this.
 _fast_install() {
   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=0 \
@@ -23,8 +22,4 @@ rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown \
 if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$_wbg" ]; then
   echo "installing wasm-bindgen-cli $_wbg into $COROLLA_TOOLS (once, a few minutes)" >&2
   _fast_install wasm-bindgen-cli --version "$_wbg"
-fi
-if [ "${COROLLA_NEED_TRUNK:-0}" = 1 ] && [ "$(trunk --version 2>/dev/null | awk '{print $2}')" != "0.21.14" ]; then
-  echo "installing trunk 0.21.14 into $COROLLA_TOOLS (once, ~10 minutes)" >&2
-  _fast_install trunk --version 0.21.14
 fi

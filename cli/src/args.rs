@@ -169,6 +169,12 @@ pub struct GenerateArgs {
     /// Penalise tokens already present (HF's repetition_penalty; 1 = off).
     #[arg(long, default_value_t = 1.0)]
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty (-2..2; 0 = off): lowers every token already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty (-2..2; 0 = off): lowers a token by each time it was generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -263,7 +269,7 @@ pub struct DemoArgs {
     /// Address the local swarm and the page listen on; 0.0.0.0 shares them with the LAN.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: std::net::IpAddr,
-    /// The built chat page (`trunk build --release` writes it to dist/).
+    /// The built chat page (`scripts/build-web.sh` writes it to dist/).
     #[arg(long, default_value = "dist")]
     pub web_root: PathBuf,
     /// How many servers share the model's blocks.

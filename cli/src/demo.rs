@@ -82,6 +82,8 @@ fn terminal(args: DemoArgs, path: std::path::PathBuf) -> Result<()> {
                 top_k: None,
                 top_p: Some(args.top_p),
                 repetition_penalty: 1.0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
                 seed: args.seed.wrapping_add(turn),
             },
             stop_ids: files.stop_ids.clone(),

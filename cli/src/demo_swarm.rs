@@ -16,7 +16,7 @@ use crate::args::DemoArgs;
 pub fn run(args: &DemoArgs, model: &Path) -> Result<()> {
     if !args.web_root.join("index.html").exists() {
         bail!(
-            "no chat page at {}: build it with `trunk build --release` (scripts/demo.sh does it for you) or give --web-root",
+            "no chat page at {}: build it with `scripts/build-web.sh` (scripts/demo.sh does it for you) or give --web-root",
             args.web_root.display()
         );
     }

@@ -32,7 +32,7 @@ pub mod weights;
 pub use config::ModelConfig;
 pub use error::ModelError;
 
-/// The default CPU backend (burn's pure-Rust `flex`, see the README for why).
+/// The default CPU backend (burn's pure-Rust `flex`, see docs/ARCHITECTURE.md for why).
 pub type Cpu = burn::backend::Flex;
 /// The CPU backend with autodiff, for gradients.
 pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;

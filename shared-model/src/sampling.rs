@@ -12,6 +12,12 @@ pub struct SamplingParams {
     pub top_p: Option<f32>,
     /// HF's `repetition_penalty`: 1.0 leaves logits alone.
     pub repetition_penalty: f32,
+    /// OpenAI's `presence_penalty` (-2..2): subtracted from the logit of every token this
+    /// sampler has already picked. 0 leaves logits alone.
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty` (-2..2): subtracted once for every time this sampler has
+    /// picked the token. 0 leaves logits alone.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -32,6 +38,10 @@ pub enum SamplingError {
     TopK,
     #[error("repetition penalty must be a finite number > 0, got {0}")]
     RepetitionPenalty(f32),
+    #[error("presence penalty must be within -2..2, got {0}")]
+    PresencePenalty(f32),
+    #[error("frequency penalty must be within -2..2, got {0}")]
+    FrequencyPenalty(f32),
 }
 
 impl SamplingParams {
@@ -41,6 +51,8 @@ impl SamplingParams {
             top_k: None,
             top_p: None,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -60,6 +72,12 @@ impl SamplingParams {
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
         }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
         Ok(())
     }
 
@@ -73,19 +91,40 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// How often each token was picked (for the presence and frequency penalties, which, as
+    /// OpenAI's and vLLM's, count the generated tokens only, not the prompt).
+    picked: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            picked: Default::default(),
+        })
     }
 
     /// Picks the next token. `history` (prompt and generated tokens) feeds the repetition
-    /// penalty. `logits` is modified in place.
+    /// penalty; the tokens this sampler picked before feed the presence and frequency
+    /// penalties. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let token = self.pick(logits, history);
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.picked.entry(token).or_default() += 1;
+        }
+        token
+    }
+
+    fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
+        for (&t, &count) in &self.picked {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * count as f32 + p.presence_penalty;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = vec![false; logits.len()];
             for &t in history {
@@ -163,6 +202,36 @@ mod tests {
             temperature,
             seed: 7,
             ..SamplingParams::greedy()
+        }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_what_was_picked() {
+        let greedy = |presence, frequency| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..SamplingParams::greedy()
+            })
+            .unwrap();
+            // The prompt's tokens (the history) are not penalised: token 0 stays first.
+            (0..4)
+                .map(|_| s.sample(&mut vec![1.0, 0.5, 0.0], &[0, 0, 0]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(greedy(0.0, 0.0), [0, 0, 0, 0]);
+        // Presence: once picked, 0 drops to 0.0 and 1 (0.5) wins, then 2 (0.0 ties 0, first wins).
+        assert_eq!(greedy(1.0, 0.0), [0, 1, 0, 0]);
+        // Frequency: each pick of 0 costs 0.3 more: 1.0, 0.7 then 0.4 < 0.5.
+        assert_eq!(greedy(0.0, 0.3), [0, 0, 1, 0]);
+        // Negative values favour repeating.
+        assert_eq!(greedy(-2.0, -2.0), [0, 0, 0, 0]);
+        for bad in [2.5, -3.0, f32::NAN] {
+            let p = SamplingParams {
+                presence_penalty: bad,
+                ..SamplingParams::greedy()
+            };
+            assert!(matches!(p.validate(), Err(SamplingError::PresencePenalty(_))), "{bad}");
         }
     }
 

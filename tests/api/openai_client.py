@@ -17,6 +17,8 @@ KEY = os.environ.get("API_KEY", "unused")
 MODEL = os.environ.get("MODEL", "")
 PROMPT = os.environ.get("PROMPT", "")
 MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "16"))
+PRESENCE = float(os.environ.get("PRESENCE", "0"))
+FREQUENCY = float(os.environ.get("FREQUENCY", "0"))
 
 
 def client(key=KEY):
@@ -68,6 +70,15 @@ def checks():
         "object": whole.object,
     }
     out["stream"] = chat_stream(c, True)
+    penalized = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        presence_penalty=PRESENCE,
+        frequency_penalty=FREQUENCY,
+    )
+    out["penalized"] = penalized.choices[0].message.content
     # Many at once: each gets the same greedy reply.
     results = [None] * 4
 

@@ -1,8 +1,9 @@
 //! `corolla api` through the official OpenAI Python client (tests/api/openai_client.py, in the
 //! venv scripts/test.sh makes: COROLLA_OPENAI_PYTHON) over a real swarm on 127.0.0.1: a relay
 //! and two SmolLM2 servers. Greedy replies, streamed and whole, equal `corolla generate --chat
-//! --temperature 0`; errors raise the client's matching exceptions; a client that disconnects
-//! mid-stream frees the servers' sessions and caches; with a block range uncovered, 503.
+//! --temperature 0` (also with presence and frequency penalties); errors raise the client's
+//! matching exceptions; a client that disconnects mid-stream frees the servers' sessions and
+//! caches; with a block range uncovered, 503.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -29,13 +30,18 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("api/openai_client.py")
 }
 
-/// What `corolla generate --chat --temperature 0` prints for the prompt.
-fn native_text() -> String {
+/// The presence and frequency penalties of the penalised chat.
+const PRESENCE: &str = "0.5";
+const FREQUENCY: &str = "1.5";
+
+/// What `corolla generate --chat --temperature 0` prints for the prompt (with `extra`).
+fn native_text(extra: &[&str]) -> String {
     let out = Command::new(bin("corolla"))
         .args(["generate", "--model"])
         .arg(smollm2())
         .args(["--chat", "--prompt", PROMPT, "--temperature", "0"])
         .args(["--max-new-tokens", &MAX_TOKENS.to_string()])
+        .args(extra)
         .output()
         .expect("corolla runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -51,7 +57,9 @@ fn client_command(mode: &str, base: &str, model: &str) -> Command {
         .env("API_KEY", KEY)
         .env("MODEL", model)
         .env("PROMPT", PROMPT)
-        .env("MAX_TOKENS", MAX_TOKENS.to_string());
+        .env("MAX_TOKENS", MAX_TOKENS.to_string())
+        .env("PRESENCE", PRESENCE)
+        .env("FREQUENCY", FREQUENCY);
     cmd
 }
 
@@ -97,7 +105,14 @@ async fn loads(client: &Client, swarm: &Swarm) -> Vec<(usize, u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_clients_chat_through_the_swarm() {
-    let expected = tokio::task::spawn_blocking(native_text).await.expect("native");
+    let expected = tokio::task::spawn_blocking(|| native_text(&[])).await.expect("native");
+    let penalized = tokio::task::spawn_blocking(|| {
+        native_text(&["--presence-penalty", PRESENCE, "--frequency-penalty", FREQUENCY])
+    })
+    .await
+    .expect("native");
+    // Otherwise the check below could not tell a penalty applied from one ignored.
+    assert_ne!(penalized, expected, "the penalties change this reply");
     let mut swarm = Swarm::start("api");
     let model = smollm2();
     swarm.server(&model, "0:15", &["--http-listen", "127.0.0.1:0"]);
@@ -132,6 +147,11 @@ async fn openai_clients_chat_through_the_swarm() {
     assert_eq!(checks["chat"]["text"], expected.as_str(), "whole chat");
     assert_eq!(checks["chat"]["object"], "chat.completion");
     assert_eq!(checks["stream"]["text"], expected.as_str(), "streamed chat");
+    assert_eq!(
+        checks["penalized"],
+        penalized.as_str(),
+        "presence and frequency penalties"
+    );
     assert_eq!(checks["stream"]["first_role"], "assistant");
     assert_eq!(
         checks["stream"]["objects"],

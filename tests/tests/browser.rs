@@ -30,7 +30,7 @@ fn web_dist() -> PathBuf {
     let dist = std::env::var_os("COROLLA_WEB_DIST").map_or_else(|| repo().join("dist"), PathBuf::from);
     assert!(
         dist.join("index.html").is_file(),
-        "the chat page is not built at {}: run `trunk build --release` (scripts/test.sh does)",
+        "the chat page is not built at {}: run `scripts/build-web.sh` (scripts/test.sh does)",
         dist.display()
     );
     dist

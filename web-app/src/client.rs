@@ -288,6 +288,8 @@ impl Chat {
             top_k: None,
             top_p: Some(settings.top_p),
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: settings.seed,
         })?;
         let started = Instant::now();

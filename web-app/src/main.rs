@@ -1,4 +1,5 @@
-//! The chat page. Built for wasm32 with Trunk (see `Trunk.toml`); natively it only says so.
+//! The chat page. Built for wasm32 by `scripts/build-web.sh` (or Trunk, `Trunk.toml`); natively
+//! it only says so.
 
 #[cfg(target_arch = "wasm32")]
 mod app;
@@ -21,7 +22,7 @@ mod wasm_tests;
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() {
-    eprintln!("the web app runs in a browser: build it with `trunk build --release` (see README)");
+    eprintln!("the web app runs in a browser: build it with `scripts/build-web.sh` (see docs/ARCHITECTURE.md)");
     std::process::exit(2);
 }
 

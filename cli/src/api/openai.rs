@@ -130,12 +130,6 @@ fn refuse_unsupported(c: &Common) -> Result<(), ApiError> {
             Some(v) if !(-2.0..=2.0).contains(&v) => {
                 return Err(ApiError::bad(param, format!("{param} = {v} is outside -2..2")));
             }
-            Some(v) if v != 0.0 => {
-                return Err(ApiError::bad(
-                    param,
-                    format!("{param} is not supported by this sampler (0 only); it has a repetition penalty instead"),
-                ));
-            }
             _ => {}
         }
     }
@@ -213,6 +207,8 @@ pub fn generation(c: &Common) -> Result<Generation, ApiError> {
         top_k: None,
         top_p: (top_p < 1.0).then_some(top_p as f32),
         repetition_penalty: 1.0,
+        presence_penalty: c.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0) as f32,
         seed,
     };
     sampling
@@ -453,7 +449,8 @@ mod tests {
             (json!({"top_p": 0}), "top_p"),
             (json!({"max_tokens": 0}), "max_tokens"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
-            (json!({"frequency_penalty": 0.5}), "frequency_penalty"),
+            (json!({"frequency_penalty": 2.5}), "frequency_penalty"),
+            (json!({"presence_penalty": -3}), "presence_penalty"),
             (json!({"tools": [{"type": "function"}]}), "tools"),
         ] {
             let e = base(extra.clone());

@@ -147,7 +147,7 @@ pub enum HubError {
         revision: String,
     },
     #[error(
-        "the Hub refused {url} ({status}): the model may be gated or private; accept its terms on the Hub and set HF_TOKEN"
+        "the Hub refused {url} ({status}): the model may not exist, or be gated or private (accept its terms on the Hub and set HF_TOKEN)"
     )]
     Denied { url: String, status: u16 },
     #[error("{url}: {reason}")]

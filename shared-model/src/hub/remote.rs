@@ -18,7 +18,7 @@ const MERGE_GAP: u64 = 4096;
 /// A merged range is at most this long.
 const MAX_MERGED: u64 = 1 << 20;
 /// Requests in flight at once while prefetching.
-const PARALLEL: usize = 8;
+const PARALLEL: usize = 16;
 /// A range file larger than this is not trusted to be ours, and is started afresh.
 const MAX_RANGE_FILE: u64 = 256 << 20;
 const MAGIC: &[u8] = b"corolla-ranges/1\n";
@@ -81,10 +81,16 @@ impl Http {
             let etag = header("X-Linked-Etag").or_else(|| header("ETag")).unwrap_or_default();
             let commit = header("X-Repo-Commit").unwrap_or_default();
             // The Hub's own answer names the size when it redirects (`X-Linked-Size`); a direct
-            // answer has it in `Content-Range`.
+            // answer has it in `Content-Range`, or, from a server that ignores ranges, in
+            // `Content-Length` (its body is then left unread).
             let size = header("X-Linked-Size")
                 .and_then(|s| s.parse().ok())
                 .or_else(|| header("Content-Range").and_then(|r| parse_content_range(&r).map(|(_, _, t)| t)))
+                .or_else(|| {
+                    (response.status() == 200)
+                        .then(|| header("Content-Length").and_then(|s| s.parse().ok()))
+                        .flatten()
+                })
                 .ok_or_else(|| HubError::Http {
                     url: url.clone(),
                     reason: "no X-Linked-Size or Content-Range: the endpoint does not answer as the Hub".into(),
