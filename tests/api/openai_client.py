@@ -17,6 +17,7 @@ KEY = os.environ.get("API_KEY", "unused")
 MODEL = os.environ.get("MODEL", "")
 PROMPT = os.environ.get("PROMPT", "")
 MAX_TOKENS = int(os.environ.get("MAX_TOKENS", "16"))
+PENALTY_PROMPT = os.environ.get("PENALTY_PROMPT", "")
 PRESENCE = float(os.environ.get("PRESENCE", "0"))
 FREQUENCY = float(os.environ.get("FREQUENCY", "0"))
 
@@ -72,7 +73,7 @@ def checks():
     out["stream"] = chat_stream(c, True)
     penalized = c.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": PROMPT}],
+        messages=[{"role": "user", "content": PENALTY_PROMPT}],
         temperature=0,
         max_tokens=MAX_TOKENS,
         presence_penalty=PRESENCE,

@@ -30,16 +30,18 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("api/openai_client.py")
 }
 
+/// A prompt whose greedy reply repeats tokens (", "), so the penalties change it.
+const PENALTY_PROMPT: &str = "Count from 1 to 10, separated by commas.";
 /// The presence and frequency penalties of the penalised chat.
 const PRESENCE: &str = "0.5";
 const FREQUENCY: &str = "1.5";
 
 /// What `corolla generate --chat --temperature 0` prints for the prompt (with `extra`).
-fn native_text(extra: &[&str]) -> String {
+fn native_text(prompt: &str, extra: &[&str]) -> String {
     let out = Command::new(bin("corolla"))
         .args(["generate", "--model"])
         .arg(smollm2())
-        .args(["--chat", "--prompt", PROMPT, "--temperature", "0"])
+        .args(["--chat", "--prompt", prompt, "--temperature", "0"])
         .args(["--max-new-tokens", &MAX_TOKENS.to_string()])
         .args(extra)
         .output()
@@ -58,6 +60,7 @@ fn client_command(mode: &str, base: &str, model: &str) -> Command {
         .env("MODEL", model)
         .env("PROMPT", PROMPT)
         .env("MAX_TOKENS", MAX_TOKENS.to_string())
+        .env("PENALTY_PROMPT", PENALTY_PROMPT)
         .env("PRESENCE", PRESENCE)
         .env("FREQUENCY", FREQUENCY);
     cmd
@@ -105,14 +108,20 @@ async fn loads(client: &Client, swarm: &Swarm) -> Vec<(usize, u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn openai_clients_chat_through_the_swarm() {
-    let expected = tokio::task::spawn_blocking(|| native_text(&[])).await.expect("native");
-    let penalized = tokio::task::spawn_blocking(|| {
-        native_text(&["--presence-penalty", PRESENCE, "--frequency-penalty", FREQUENCY])
+    let expected = tokio::task::spawn_blocking(|| native_text(PROMPT, &[]))
+        .await
+        .expect("native");
+    let (unpenalized, penalized) = tokio::task::spawn_blocking(|| {
+        let penalties = ["--presence-penalty", PRESENCE, "--frequency-penalty", FREQUENCY];
+        (
+            native_text(PENALTY_PROMPT, &[]),
+            native_text(PENALTY_PROMPT, &penalties),
+        )
     })
     .await
     .expect("native");
     // Otherwise the check below could not tell a penalty applied from one ignored.
-    assert_ne!(penalized, expected, "the penalties change this reply");
+    assert_ne!(penalized, unpenalized, "the penalties change this reply");
     let mut swarm = Swarm::start("api");
     let model = smollm2();
     swarm.server(&model, "0:15", &["--http-listen", "127.0.0.1:0"]);
