@@ -48,6 +48,16 @@ start_server() { # label, extra env
   local t1
   t1=$(date +%s.%N)
   kill $pid; wait $pid 2>/dev/null || true
+  # Where the time went (to stderr): the log's milestones, seconds after launch.
+  python3 - "$work/server-$label.log" "$t0" <<'PY' >&2
+import datetime, re, sys
+t0 = float(sys.argv[2])
+for line in open(sys.argv[1]):
+    m = re.match(r"(\S+Z)\s+\w+\s+\S+: (opened from the Hub|downloading|serving|announced in the DHT)", line)
+    if m:
+        t = datetime.datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp()
+        print(f"  {t - t0:6.2f} s  {m.group(2)} {line.split('file=')[1].split()[0] if 'file=' in line else ''}")
+PY
   python3 - "$work/before.json" "$work/hub.json" "$label" "$t0" "$t1" "$ckpt_bytes" <<'PY'
 import json, sys
 before, after = (json.load(open(p)) for p in sys.argv[1:3])

@@ -42,6 +42,9 @@ def etag(name):
 
 class Hub(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without this, Nagle and delayed ACKs add ~40 ms
+    # to every request.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -104,7 +107,16 @@ class Hub(http.server.BaseHTTPRequestHandler):
 for entry in sorted(os.listdir(ROOT)):
     if os.path.isfile(os.path.join(ROOT, entry)):
         etag(entry)
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client closing a kept-alive connection is not an error.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
+server = Server(("127.0.0.1", 0), Hub)
 with open(STATS_FILE, "w") as f:
     json.dump({}, f)
 with open(PORT_FILE, "w") as f:
