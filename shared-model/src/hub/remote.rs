@@ -46,7 +46,8 @@ impl Http {
         };
         Http {
             no_redirect: builder().redirects(0).build(),
-            follow: builder().build(),
+            // One kept-alive connection per prefetch worker.
+            follow: builder().max_idle_connections_per_host(PARALLEL).build(),
             token: opts.token.clone(),
         }
     }
@@ -141,9 +142,12 @@ impl Http {
         };
         let final_url = response.get_url().to_string();
         let mut bytes = Vec::with_capacity(len as usize);
+        // One byte past the range: reading to the body's end hands the connection back to
+        // ureq's pool (stopping at `len` would cost a new connection per range), and a longer
+        // body than asked is caught below.
         response
             .into_reader()
-            .take(len)
+            .take(len + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(e.to_string()))?;
         if bytes.len() as u64 != len {
