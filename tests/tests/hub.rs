@@ -139,8 +139,8 @@ fn start_hub(hub: Hub) -> String {
     url
 }
 
-/// The shards holding any tensor of blocks `blocks` of the llama fixture.
-fn shards_of(blocks: std::ops::Range<usize>) -> BTreeSet<String> {
+/// The llama fixture's index: tensor name -> shard.
+fn weight_map() -> BTreeMap<String, String> {
     let index: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("llama").join("model.safetensors.index.json")).expect("index"),
     )
@@ -149,8 +149,16 @@ fn shards_of(blocks: std::ops::Range<usize>) -> BTreeSet<String> {
         .as_object()
         .expect("weight_map")
         .iter()
+        .map(|(name, shard)| (name.clone(), shard.as_str().expect("shard").to_string()))
+        .collect()
+}
+
+/// The shards holding any tensor of blocks `blocks` of the llama fixture.
+fn shards_of(blocks: std::ops::Range<usize>) -> BTreeSet<String> {
+    weight_map()
+        .into_iter()
         .filter(|(name, _)| blocks.clone().any(|i| name.starts_with(&format!("model.layers.{i}."))))
-        .map(|(_, shard)| shard.as_str().expect("shard").to_string())
+        .map(|(_, shard)| shard)
         .collect()
 }
 
@@ -162,6 +170,7 @@ fn downloads(served: &[(String, String, Served)]) -> BTreeSet<String> {
         .collect()
 }
 
+#[derive(Clone)]
 struct Env {
     hf_home: PathBuf,
     corolla: PathBuf,
@@ -265,7 +274,10 @@ fn a_server_of_a_hub_model_fetches_only_its_span_and_then_nothing() {
 
     // 3. Offline, with the Hub unreachable: from the cache, and a clear error for the rest.
     let dead = PathBuf::from(format!("http://127.0.0.1:{}", corolla_tests::free_port()));
-    let offline = Env { endpoint: dead, ..env };
+    let offline = Env {
+        endpoint: dead,
+        ..env.clone()
+    };
     let mut vars = offline.vars();
     vars.push(("HF_HUB_OFFLINE", Path::new("1")));
     swarm.server_with_env(Path::new(REPO), "0:2", &[], &vars);
@@ -306,7 +318,7 @@ fn a_server_of_a_hub_model_fetches_only_its_span_and_then_nothing() {
             &golden.len().to_string(),
             "--json",
         ])
-        .envs(env_of(&dir, &url))
+        .envs(env.vars())
         .output()
         .expect("corolla runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -321,25 +333,11 @@ fn a_server_of_a_hub_model_fetches_only_its_span_and_then_nothing() {
 
 /// The shards of the embeddings, final norm and head (not blocks), not yet downloaded.
 fn shards_of_top() -> BTreeSet<String> {
-    let index: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("llama").join("model.safetensors.index.json")).expect("index"),
-    )
-    .expect("index JSON");
     let blocks = shards_of(0..2);
-    index["weight_map"]
-        .as_object()
-        .expect("weight_map")
-        .iter()
+    weight_map()
+        .into_iter()
         .filter(|(name, _)| !name.starts_with("model.layers."))
-        .map(|(_, shard)| shard.as_str().expect("shard").to_string())
+        .map(|(_, shard)| shard)
         .filter(|s| !blocks.contains(s))
         .collect()
-}
-
-fn env_of(dir: &Path, url: &str) -> BTreeMap<&'static str, PathBuf> {
-    BTreeMap::from([
-        ("HF_HOME", dir.join("hf")),
-        ("COROLLA_CACHE", dir.join("corolla")),
-        ("HF_ENDPOINT", PathBuf::from(url)),
-    ])
 }

@@ -406,22 +406,27 @@ fn file_url(endpoint: &str, repo: &str, revision: &str, file: &str) -> String {
     format!("{endpoint}/{repo}/resolve/{}/{file}", revision.replace('/', "%2F"))
 }
 
+/// The Hub id a `--model` names: one spelled as an id that is not an existing path.
+fn hub_id(arg: &Path) -> Option<HubId> {
+    if arg.exists() {
+        None
+    } else {
+        arg.to_str().and_then(HubId::parse)
+    }
+}
+
 /// Opens `--model`: an existing path (a folder or a `.gguf`), else a Hub id.
 pub fn open_model(arg: &Path, opts: &HubOptions) -> Result<ModelFiles, ModelError> {
-    if !arg.exists()
-        && let Some(id) = arg.to_str().and_then(HubId::parse)
-    {
-        return open(&id, opts.clone());
+    match hub_id(arg) {
+        Some(id) => open(&id, opts.clone()),
+        None => ModelFiles::open(arg),
     }
-    ModelFiles::open(arg)
 }
 
 /// The name a `--model` is shown and announced under: a Hub id's repository, else the file's
 /// or folder's name.
 pub fn model_name(arg: &Path) -> String {
-    if !arg.exists()
-        && let Some(id) = arg.to_str().and_then(HubId::parse)
-    {
+    if let Some(id) = hub_id(arg) {
         return id.repo;
     }
     arg.file_stem()
