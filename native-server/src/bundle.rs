@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::http::{HeaderValue, header};
-use shared_model::bundle::{BundleMeta, digest, write_bundle, write_meta_bundle};
+use shared_model::bundle::{
+    BundleMeta, bundle_recipe, digest, digest_file, is_digest, write_bundle_file, write_meta_bundle,
+};
 use shared_model::loader::ModelFiles;
 use swarm::http;
 use swarm::protocol::BundleOffer;
@@ -25,10 +27,13 @@ pub struct ServedBundle {
 /// Builds the bundle and its tensor-free twin, writes them under `dir` (named by digest, so a
 /// restart reuses them) and serves them from there, with range requests; `base_url` is the
 /// URL clients reach `addr` at (a proxy in front of it, say), by default `http://<addr>`.
+/// `variant` names what the server does to the weights on load (quantizing them), which
+/// changes the bundle but not the checkpoint.
 pub async fn serve(
     files: &ModelFiles,
     name: &str,
     fingerprint: &str,
+    variant: &str,
     addr: std::net::SocketAddr,
     base_url: Option<&str>,
     dir: &Path,
@@ -41,11 +46,7 @@ pub async fn serve(
         chat_template: files.chat_template.as_ref(),
         stop_ids: &files.stop_ids,
     };
-    let (bundle_digest, bundle_file, bytes) = {
-        let bundle =
-            write_bundle(&meta, &files.config, files.weights.as_ref()).context("cannot build the client bundle")?;
-        store(dir, &bundle)?
-    };
+    let (bundle_digest, bundle_file, bytes) = full_bundle(&meta, files, variant, dir)?;
     let (meta_digest, meta_file, meta_bytes) = {
         let bundle = write_meta_bundle(&meta, &files.config).context("cannot build the client bundle")?;
         store(dir, &bundle)?
@@ -91,6 +92,59 @@ fn immutable(path: &str, file: PathBuf, digest: &str) -> Result<Router> {
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=31536000, immutable"),
         )))
+}
+
+/// The full bundle's digest, file and size: the file an earlier start wrote for the same
+/// recipe ([`bundle_recipe`]), else one written now, tensor by tensor (never whole in memory).
+fn full_bundle(meta: &BundleMeta<'_>, files: &ModelFiles, variant: &str, dir: &Path) -> Result<(String, PathBuf, u64)> {
+    let recipe = bundle_recipe(meta, &files.config, files.weights.as_ref(), variant)
+        .context("cannot describe the client bundle")?;
+    let note = dir.join("recipes").join(recipe);
+    if let Some(found) = written_before(&note, dir) {
+        tracing::info!(digest = %found.0, bytes = found.2, "reusing the client bundle written before");
+        return Ok(found);
+    }
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(note.parent().unwrap_or(dir))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(".bundle.{}.tmp", std::process::id()));
+    let built = write_bundle_file(meta, &files.config, files.weights.as_ref(), &tmp)
+        .context("cannot build the client bundle")
+        .and_then(|_| digest_file(&tmp).context("cannot digest the client bundle"));
+    let (digest, size) = match built {
+        Ok(found) => found,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let path = dir.join(format!("{digest}.safetensors"));
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+        // Another server of this model wrote (and may be serving) the same content.
+        let _ = std::fs::remove_file(&tmp);
+    } else {
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    // The note last: it promises a complete file.
+    let note_tmp = note.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&note_tmp, format!("{digest} {size}\n"))
+        .with_context(|| format!("cannot write {}", note_tmp.display()))?;
+    std::fs::rename(&note_tmp, &note).with_context(|| format!("cannot write {}", note.display()))?;
+    tracing::info!(%digest, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "built the client bundle");
+    Ok((digest, path, size))
+}
+
+/// The bundle a recipe's note names, if the note is well-formed and its file is still there
+/// with the size the note gives (anything else: build it again).
+fn written_before(note: &Path, dir: &Path) -> Option<(String, PathBuf, u64)> {
+    let text = std::fs::read_to_string(note).ok()?;
+    let (digest, size) = text.trim().split_once(' ')?;
+    let size: u64 = size.parse().ok()?;
+    if !is_digest(digest) {
+        return None;
+    }
+    let path = dir.join(format!("{digest}.safetensors"));
+    (std::fs::metadata(&path).ok()?.len() == size).then(|| (digest.to_string(), path, size))
 }
 
 /// Writes `bytes` to `<dir>/<digest>.safetensors` (atomically; kept if already there) and

@@ -212,6 +212,9 @@ where
                 &files,
                 &model_name,
                 &model_fp,
+                &config
+                    .quant
+                    .map_or_else(String::new, |kind| format!("quantize-on-load={kind:?}")),
                 addr,
                 config.http_url.as_deref(),
                 &cache_dir("served-bundles"),

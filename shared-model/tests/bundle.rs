@@ -224,3 +224,59 @@ fn verified_bundles_match_digest_and_fingerprint() {
         "{err}"
     );
 }
+
+/// A bundle written to a file tensor by tensor has the content (so the digest) of the one
+/// built in memory, reads back as the same model, and its digest from disk equals the digest
+/// of its bytes; dense, quantized-on-load (U8 blocks and `quant.` entries) and every family.
+#[test]
+fn bundle_files_equal_bundles_built_in_memory() {
+    use shared_model::bundle::{digest_file, write_bundle_file};
+    use shared_model::quant::QuantKind;
+    use shared_model::synthetic::QuantizeOnLoad;
+    use shared_model::weights::WeightSource;
+    let dir = std::env::temp_dir().join(format!("corolla-bundle-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for family in ["llama", "bloom", "falcon", "mixtral"] {
+        let files = ModelFiles::open(&fixture(family)).expect("fixture opens");
+        let quantized = QuantizeOnLoad::new(files.weights.clone(), QuantKind::Q4_0);
+        let sources: [(&str, &dyn WeightSource); 2] = [("dense", files.weights.as_ref()), ("q4", &quantized)];
+        for (kind, source) in sources {
+            let meta = meta_of(&files);
+            let path = dir.join(format!("{family}-{kind}.safetensors"));
+            let len = write_bundle_file(&meta, &files.config, source, &path).expect("bundle file");
+            let bytes = std::fs::read(&path).expect("read back");
+            assert_eq!(len, bytes.len() as u64, "{family} {kind}");
+            let want = digest(&write_bundle(&meta, &files.config, source).expect("bundle")).expect("digest");
+            assert_eq!(digest(&bytes).expect("digest"), want, "{family} {kind}");
+            assert_eq!(digest_file(&path).expect("digest file"), (want, len), "{family} {kind}");
+            let bundle = ClientBundle::from_bytes(bytes).expect("the file reads back");
+            if kind == "q4" {
+                let blocks = bundle
+                    .weights
+                    .names()
+                    .iter()
+                    .filter(|n| bundle.weights.stored(n).is_ok_and(|s| s.dtype == "Q4_0"))
+                    .count();
+                assert!(blocks > 0, "{family}: quantized tensors stay quantized");
+            } else {
+                same_outputs(&files, &bundle, &[vec![1, 5, 9, 200]]);
+            }
+            assert!(
+                !dir.join(format!("{family}-{kind}.safetensors.spool")).exists(),
+                "the spool is removed"
+            );
+        }
+    }
+    // A file cut short, or with its header's length past the end, is refused, not read past.
+    let path = dir.join("llama-dense.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 3]).expect("write");
+    let err = digest_file(&cut).expect_err("a cut file").to_string();
+    assert!(err.contains("the file holds"), "{err}");
+    let mut huge = bytes.clone();
+    huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&cut, &huge).expect("write");
+    assert!(digest_file(&cut).is_err());
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}

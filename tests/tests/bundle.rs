@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use corolla_tests::{Swarm, TamperingProxy, bin, csv, fixture, free_port, golden_greedy, has_tensors, temp_dir};
-use shared_model::bundle::digest;
+use shared_model::bundle::{digest, digest_file};
 use shared_model::fingerprint::fingerprint;
 use shared_model::loader::ModelFiles;
 
@@ -67,7 +67,15 @@ fn generate_by_fingerprint_takes_only_a_bundle_that_matches_the_signed_record() 
     let upstream = free_port();
     let proxy = TamperingProxy::start(upstream, flip_a_tensor_byte);
     let listen = format!("127.0.0.1:{upstream}");
-    swarm.server(&model, "0:4", &["--http-listen", &listen, "--http-url", &proxy.url()]);
+    // The servers' own cache, where each writes the bundle it serves.
+    let served = temp_dir("bundle-served");
+    let env = [("COROLLA_CACHE", served.as_path())];
+    swarm.server_with_env(
+        &model,
+        "0:4",
+        &["--http-listen", &listen, "--http-url", &proxy.url()],
+        &env,
+    );
     let out = generate(&swarm.relay_addr, &fp, &cache);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a tampered bundle was used: {stderr}");
@@ -93,7 +101,16 @@ fn generate_by_fingerprint_takes_only_a_bundle_that_matches_the_signed_record() 
 
     // An honest server of the same checkpoint announces the same digest: whichever of the two
     // is tried first, the tokens are golden and the honest bytes are cached under the digest.
-    swarm.server(&model, "0:4", &["--http-listen", "127.0.0.1:0"]);
+    swarm.server_with_env(&model, "0:4", &["--http-listen", "127.0.0.1:0"], &env);
+    // The first server wrote the bundle tensor by tensor; the second, of the same checkpoint,
+    // serves that file without building it again.
+    let logs: Vec<String> = swarm.servers.iter().map(|(p, _)| p.log()).collect();
+    assert!(logs[0].contains("built the client bundle"), "{}", logs[0]);
+    assert!(
+        logs[1].contains("reusing the client bundle written before"),
+        "{}",
+        logs[1]
+    );
     let out = generate(&swarm.relay_addr, &fp, &cache);
     assert_eq!(token_ids(&out), golden);
     let entry = format!("{want}.safetensors");
@@ -102,6 +119,8 @@ fn generate_by_fingerprint_takes_only_a_bundle_that_matches_the_signed_record() 
     // Another server's file: the same content, maybe another header order.
     let cached_digest = || digest(&std::fs::read(&file).expect("cached bundle")).expect("digest");
     assert_eq!(cached_digest(), want);
+    let served_file = served.join("served-bundles").join(&entry);
+    assert_eq!(digest_file(&served_file).expect("the served file").0, want);
 
     // Damaged on disk: checked on load, refused, downloaded again.
     let mut damaged = std::fs::read(&file).expect("cached bundle");

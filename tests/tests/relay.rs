@@ -206,28 +206,41 @@ async fn webrtc_direct_connection_completes_a_ping() {
     client
         .listen_on("/ip4/127.0.0.1/udp/0/webrtc-direct".parse().expect("multiaddr"))
         .expect("listen for the dial's UDP socket");
-    client.dial(addr.clone()).expect("dial the relay");
-
-    let outcome = tokio::time::timeout(STARTUP, async {
-        let mut connected_via: Option<Multiaddr> = None;
-        loop {
-            match client.select_next_some().await {
-                SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
-                    assert_eq!(peer_id, relay_id, "connected to the wrong peer");
-                    connected_via = Some(endpoint.get_remote_address().clone());
+    // The native WebRTC stack now and then never opens the negotiated data channel that carries
+    // the Noise handshake, though DTLS completed (CI saw the dial time out once, on a loaded
+    // machine). What this test checks is that the relay's listener completes connections and
+    // answers over them, so it dials again: the ping must come over one of a few attempts,
+    // each failure printed.
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 0;
+    let (rtt, connected_via) = loop {
+        attempt += 1;
+        client.dial(addr.clone()).expect("dial the relay");
+        let outcome = tokio::time::timeout(STARTUP, async {
+            let mut connected_via: Option<Multiaddr> = None;
+            loop {
+                match client.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                        assert_eq!(peer_id, relay_id, "connected to the wrong peer");
+                        connected_via = Some(endpoint.get_remote_address().clone());
+                    }
+                    SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error.to_string()),
+                    SwarmEvent::Behaviour(ping::Event { peer, result, .. }) if peer == relay_id => match result {
+                        Ok(rtt) => return Ok((rtt, connected_via)),
+                        Err(error) => panic!("ping over WebRTC failed: {error}"),
+                    },
+                    _ => {}
                 }
-                SwarmEvent::OutgoingConnectionError { error, .. } => panic!("cannot dial {addr}: {error}"),
-                SwarmEvent::Behaviour(ping::Event { peer, result, .. }) if peer == relay_id => match result {
-                    Ok(rtt) => return (rtt, connected_via),
-                    Err(error) => panic!("ping over WebRTC failed: {error}"),
-                },
-                _ => {}
             }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no ping answer over WebRTC-direct within {STARTUP:?}"));
+        match outcome {
+            Ok(done) => break done,
+            Err(error) if attempt < ATTEMPTS => eprintln!("dial {attempt} of {addr} failed, dialling again: {error}"),
+            Err(error) => panic!("cannot dial {addr} in {ATTEMPTS} attempts; the last: {error}"),
         }
-    })
-    .await;
-    let (rtt, connected_via) =
-        outcome.unwrap_or_else(|_| panic!("no ping answer over WebRTC-direct within {STARTUP:?}"));
+    };
     let connected_via = connected_via.expect("ping before ConnectionEstablished");
     assert!(
         connected_via.iter().any(|p| p == Protocol::WebRTCDirect),

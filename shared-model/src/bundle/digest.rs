@@ -19,8 +19,12 @@
 //! keep two different bundles from hashing the same concatenation.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use safetensors::SafeTensors;
+use safetensors::tensor::Metadata;
 use sha2::{Digest, Sha256};
 
 use super::BundleError;
@@ -40,6 +44,9 @@ const PREFIX: usize = 8;
 /// tensor ran entirely at the baseline's ~20 MB/s, where 1 MiB pieces run at ~250 MB/s.
 const PIECE: usize = 1 << 20;
 
+/// The largest header a bundle file may have (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
 /// The canonical content digest of a bundle file (full or meta), as 64 hex digits. Fails only
 /// on bytes that are not a valid safetensors file.
 pub fn digest(bytes: &[u8]) -> Result<String, BundleError> {
@@ -51,6 +58,71 @@ pub fn digest(bytes: &[u8]) -> Result<String, BundleError> {
         .checked_add(header_len)
         .and_then(|start| bytes.get(start..))
         .ok_or_else(|| BundleError::Format("header past the end of the file".into()))?;
+    digest_of(&header, |name, (start, end), hasher| {
+        let bytes = data
+            .get(start..end)
+            .ok_or_else(|| BundleError::Format(format!("tensor {name} lies outside the file")))?;
+        for piece in bytes.chunks(PIECE) {
+            hasher.update(piece);
+        }
+        Ok(())
+    })
+}
+
+/// [`digest`] of a bundle file on disk, and its length, reading it piece by piece: a bundle
+/// of a 70B model's embeddings and head is gigabytes, which need not be in memory at once.
+pub fn digest_file(path: &Path) -> Result<(String, u64), BundleError> {
+    let io = |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let format = |reason: String| BundleError::Format(format!("{}: {reason}", path.display()));
+    let mut file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut prefix = [0u8; PREFIX];
+    file.read_exact(&mut prefix).map_err(io)?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_HEADER || PREFIX as u64 + header_len > len {
+        return Err(format(format!("a header of {header_len} bytes in a file of {len}")));
+    }
+    let mut text = vec![0u8; header_len as usize];
+    file.read_exact(&mut text).map_err(io)?;
+    // Deserializing checks that the tensors' offsets follow each other and match their shapes.
+    let header: Metadata = serde_json::from_slice(&text).map_err(|e| format(format!("bad safetensors header: {e}")))?;
+    let data_start = PREFIX as u64 + header_len;
+    let data_len = header
+        .tensors()
+        .values()
+        .map(|info| info.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    if data_start.checked_add(data_len) != Some(len) {
+        return Err(format(format!(
+            "the header describes {data_len} bytes of data, the file holds {}",
+            len - data_start
+        )));
+    }
+    let mut piece = vec![0u8; PIECE];
+    let digest = digest_of(&header, |_, (start, end), hasher| {
+        file.seek(SeekFrom::Start(data_start + start as u64)).map_err(io)?;
+        let mut left = end - start;
+        while left > 0 {
+            let n = left.min(PIECE);
+            file.read_exact(&mut piece[..n]).map_err(io)?;
+            hasher.update(&piece[..n]);
+            left -= n;
+        }
+        Ok(())
+    })?;
+    Ok((digest, len))
+}
+
+/// The canonical form's hash; `data` feeds the hasher a tensor's bytes, given its name and
+/// its `data_offsets`.
+fn digest_of(
+    header: &Metadata,
+    mut data: impl FnMut(&str, (usize, usize), &mut Sha256) -> Result<(), BundleError>,
+) -> Result<String, BundleError> {
     let mut hasher = Sha256::new();
     hasher.update(DOMAIN);
     let put = |hasher: &mut Sha256, part: &[u8]| {
@@ -76,13 +148,11 @@ pub fn digest(bytes: &[u8]) -> Result<String, BundleError> {
             hasher.update((d as u64).to_le_bytes());
         }
         let (start, end) = info.data_offsets;
-        let bytes = data
-            .get(start..end)
-            .ok_or_else(|| BundleError::Format(format!("tensor {name} lies outside the file")))?;
-        hasher.update((bytes.len() as u64).to_le_bytes());
-        for piece in bytes.chunks(PIECE) {
-            hasher.update(piece);
-        }
+        let len = end
+            .checked_sub(start)
+            .ok_or_else(|| BundleError::Format(format!("tensor {name} ends before it starts")))?;
+        hasher.update((len as u64).to_le_bytes());
+        data(&name, (start, end), &mut hasher)?;
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -23,8 +23,10 @@ use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::{HostTensor, StoredTensor, WeightError, WeightSource, copy_range};
 
 mod digest;
+mod file;
 
-pub use digest::{DIGEST_HEX_LEN, digest, is_digest};
+pub use digest::{DIGEST_HEX_LEN, digest, digest_file, is_digest};
+pub use file::{bundle_recipe, write_bundle_file};
 
 /// Bumped when the layout below changes; clients refuse other versions.
 ///
@@ -57,6 +59,13 @@ pub enum BundleError {
     /// It belongs to another model than the one asked for.
     #[error("it is a bundle of model {got}, not of {want}")]
     WrongModel { got: String, want: String },
+    /// A bundle file could not be written or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn bad(field: &'static str, reason: impl ToString) -> BundleError {
@@ -122,6 +131,31 @@ fn write_bundle_parts(
     config: &ModelConfig,
     source: Option<&dyn WeightSource>,
 ) -> Result<Vec<u8>, ModelError> {
+    let mut metadata = bundle_metadata(meta)?;
+    let mut tensors = Vec::new();
+    if let Some(source) = source {
+        for name in client_tensor_names(config, source) {
+            let tensor = read_client_tensor(source, name)?;
+            if let Some(value) = &tensor.quant {
+                metadata.insert(format!("{QUANT_PREFIX}{}", tensor.name), value.clone());
+            }
+            tensors.push((tensor.name.clone(), tensor.dtype, tensor.shape.clone(), tensor.bytes()));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|err| ModelError::Invalid(format!("tensor {name}: {err}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Invalid(format!("bundle: {e}")))
+}
+
+/// The bundle's text parts, as its safetensors metadata (without the `quant.` entries, which
+/// come with the tensors).
+fn bundle_metadata(meta: &BundleMeta<'_>) -> Result<HashMap<String, String>, ModelError> {
     let mut metadata = HashMap::new();
     metadata.insert(KEY_FORMAT.to_string(), BUNDLE_FORMAT.to_string());
     metadata.insert(KEY_NAME.to_string(), meta.name.to_string());
@@ -146,52 +180,71 @@ fn write_bundle_parts(
         metadata.insert(KEY_TEMPLATE_BOS.to_string(), bos.to_string());
         metadata.insert(KEY_TEMPLATE_EOS.to_string(), eos.to_string());
     }
+    Ok(metadata)
+}
 
-    struct Entry {
-        name: String,
-        dtype: Dtype,
-        shape: Vec<usize>,
-        bytes: Vec<u8>,
-    }
-    let mut entries = Vec::new();
-    let names = source.map_or_else(Vec::new, |s| client_tensor_names(config, s));
-    for (source, name) in names.into_iter().filter_map(|n| source.map(|s| (s, n))) {
-        let quant = if source.names().contains(&name) {
-            source.read_quant(&name)?
-        } else {
-            None
-        };
-        match quant {
-            Some(q) => {
-                let [rows, cols] = q.shape();
-                metadata.insert(format!("{QUANT_PREFIX}{name}"), format!("{:?},{rows},{cols}", q.kind()));
-                entries.push(Entry {
-                    name,
-                    dtype: Dtype::U8,
-                    shape: vec![q.raw().len()],
-                    bytes: q.raw().to_vec(),
-                });
-            }
-            None => {
-                let t = source.read(&name)?;
-                entries.push(Entry {
-                    name,
-                    dtype: Dtype::F32,
-                    shape: t.shape.clone(),
-                    bytes: t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                });
-            }
+/// One client tensor as the bundle stores it.
+struct BundleTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// The `quant.<name>` metadata value of a quantized tensor (`KIND,ROWS,COLS`).
+    quant: Option<String>,
+    data: TensorData,
+}
+
+/// A tensor's data as read: written out as it is, without a second copy in bytes.
+enum TensorData {
+    Raw(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+impl BundleTensor {
+    fn byte_len(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(bytes) => bytes.len(),
+            TensorData::F32(values) => values.len() * 4,
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = entries
-        .iter()
-        .map(|e| {
-            safetensors::tensor::TensorView::new(e.dtype, e.shape.clone(), &e.bytes)
-                .map(|v| (e.name.clone(), v))
-                .map_err(|err| ModelError::Invalid(format!("tensor {}: {err}", e.name)))
-        })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::Invalid(format!("bundle: {e}")))
+
+    fn bytes(&self) -> Vec<u8> {
+        match &self.data {
+            TensorData::Raw(bytes) => bytes.clone(),
+            TensorData::F32(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Reads a client tensor in the precision the bundle keeps: quantized blocks as their raw
+/// bytes, anything else as f32.
+fn read_client_tensor(source: &dyn WeightSource, name: String) -> Result<BundleTensor, ModelError> {
+    let quant = if source.names().contains(&name) {
+        source.read_quant(&name)?
+    } else {
+        None
+    };
+    Ok(match quant {
+        Some(q) => {
+            let [rows, cols] = q.shape();
+            BundleTensor {
+                quant: Some(format!("{:?},{rows},{cols}", q.kind())),
+                dtype: Dtype::U8,
+                shape: vec![q.raw().len()],
+                data: TensorData::Raw(q.raw().to_vec()),
+                name,
+            }
+        }
+        None => {
+            let t = source.read(&name)?;
+            BundleTensor {
+                quant: None,
+                dtype: Dtype::F32,
+                shape: t.shape.clone(),
+                data: TensorData::F32(t.data),
+                name,
+            }
+        }
+    })
 }
 
 /// A bundle read back: the client's model parts, with tensors held in memory.
