@@ -86,7 +86,7 @@ if r.get("failure"):
 print(f"page: {r['text']!r} on {r['device']}, time to first token {r['ttft']} (after the bundle), {len(r['tokens'])} tokens")
 PY
 reply_ms="$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["total_ms"])' "$result")"
-add "page open to whole reply (16 tokens)" "$(echo "$reply_ms / 1000" | bc -l)"
+add "page open to whole reply (max 16 tokens)" "$(echo "$reply_ms / 1000" | bc -l)"
 
 total="$(since "$t0")"
 echo
