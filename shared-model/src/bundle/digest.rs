@@ -154,7 +154,12 @@ fn digest_of(
         hasher.update((len as u64).to_le_bytes());
         data(&name, (start, end), &mut hasher)?;
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(hasher))
+}
+
+/// A finished sha256 as lowercase hex, as digests and recipes are written.
+pub(super) fn hex(hasher: Sha256) -> String {
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `text` has a digest's form (64 lowercase hex digits), as a record must carry it.

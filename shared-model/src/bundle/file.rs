@@ -137,7 +137,7 @@ pub fn bundle_recipe(
     source: &dyn WeightSource,
     variant: &str,
 ) -> Result<String, ModelError> {
-    use sha2::{Digest, Sha256};
+    use sha2::{Digest as _, Sha256};
     let mut hasher = Sha256::new();
     let mut put = |part: &[u8]| {
         hasher.update((part.len() as u64).to_le_bytes());
@@ -158,5 +158,5 @@ pub fn bundle_recipe(
         put(format!("{:?}", stored.shape).as_bytes());
         put(&stored.byte_len.to_le_bytes());
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(super::digest::hex(hasher))
 }
