@@ -110,6 +110,12 @@ pub struct BenchArgs {
     /// Tokens of the timed prefill (0 skips it).
     #[arg(long, default_value_t = 2048)]
     pub prefill: usize,
+    /// Concurrent sessions of the batched-decode measurement, each with the first --cached
+    /// tokens cached (comma-separated; e.g. 1,8,32,64): one step of every session as one
+    /// batched forward (the server's continuous batching) beside the same steps one session
+    /// at a time. Empty skips it.
+    #[arg(long, value_delimiter = ',')]
+    pub sessions: Vec<usize>,
     /// Timed repetitions of each measurement.
     #[arg(long, default_value_t = 20)]
     pub iters: usize,

@@ -84,6 +84,22 @@ impl OnBackend for Job<'_> {
                 "warmup_ms": warmup_ms,
             }));
         }
+        let cached = args.cached.first().copied().unwrap_or(0);
+        for &sessions in &args.sessions {
+            ensure!(sessions > 0, "--sessions must be positive");
+            let (batched, one_by_one) = time_batched_decode(&span, &config, cached, sessions, args, &device)?;
+            out.emit(json!({
+                "what": "batched_decode",
+                "sessions": sessions,
+                "cached": cached,
+                "blocks": args.blocks,
+                "iters": args.iters,
+                "batched_ms_per_step": batched,
+                "one_by_one_ms_per_step": one_by_one,
+                "batched_tokens_per_s": sessions as f64 * 1e3 / batched,
+                "one_by_one_tokens_per_s": sessions as f64 * 1e3 / one_by_one,
+            }));
+        }
         if args.prefill > 0 {
             let (per_step, warmup_ms) = time_prefill(&span, &config, args, &device)?;
             out.emit(json!({
@@ -227,6 +243,53 @@ fn time_decode<B: Backend>(
     }
     B::sync(device).ok();
     Ok((per_step, warmup, ms(start) / args.iters as f64))
+}
+
+/// Mean time of one decode step of `sessions` sessions (each with `cached` tokens cached) run
+/// as one batched forward, and of the same steps run one session at a time, each waiting for
+/// the device as a server's reply does.
+fn time_batched_decode<B: Backend>(
+    span: &BlockSpan<B>,
+    config: &ModelConfig,
+    cached: usize,
+    sessions: usize,
+    args: &BenchArgs,
+    device: &B::Device,
+) -> Result<(f64, f64)> {
+    let x = random::<B, 3>([1, 1, config.hidden_size], device);
+    let caches = || -> Result<Vec<_>> {
+        (0..sessions)
+            .map(|_| filled_cache(span, config, cached, device))
+            .collect()
+    };
+    let batched = |n: usize| -> Result<f64> {
+        let mut caches = caches()?;
+        B::sync(device).ok();
+        let start = Instant::now();
+        for _ in 0..n {
+            let steps = caches.iter_mut().map(|c| (x.clone(), c)).collect();
+            span.forward_batch(steps, span.range())?;
+            B::sync(device).ok();
+        }
+        Ok(ms(start) / n as f64)
+    };
+    let one_by_one = |n: usize| -> Result<f64> {
+        let mut caches = caches()?;
+        B::sync(device).ok();
+        let start = Instant::now();
+        for _ in 0..n {
+            for cache in &mut caches {
+                span.forward(x.clone(), cache)?;
+                B::sync(device).ok();
+            }
+        }
+        Ok(ms(start) / n as f64)
+    };
+    for _ in 0..args.warmup {
+        batched(args.iters)?;
+        one_by_one(args.iters)?;
+    }
+    Ok((batched(args.iters)?, one_by_one(args.iters)?))
 }
 
 /// Mean time of a prefill of `--prefill` tokens into an empty cache, and the warm-up's total.

@@ -131,6 +131,20 @@ pub struct ServerArgs {
     /// Long prompts, replays and stateless requests run this many tokens (per row) at a time.
     #[arg(long, default_value_t = 1024)]
     pub chunk_tokens: usize,
+    /// Most tokens of one batched forward: the steps of many sessions (decodes, prefill
+    /// chunks) run as one pass through the blocks, up to this many tokens [default: twice
+    /// --chunk-tokens, so a prefill chunk and the decodes beside it go together].
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Milliseconds a batch may wait for the steps of sessions that stepped in the last second
+    /// before it runs (more sessions a forward, each step later); 0 runs whatever is ready the
+    /// moment the device frees.
+    #[arg(long, default_value_t = 0)]
+    pub batch_wait_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (sessions, cache, steps and tokens,
+    /// batch sizes, latencies, errors by kind, connections), e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Most connections; at the limit a new one replaces the oldest of a peer that holds
     /// nothing here.
     #[arg(long, default_value_t = 1024)]
@@ -218,6 +232,9 @@ pub struct ServerConfig {
     pub compute_slots: usize,
     pub max_requests_per_peer: usize,
     pub chunk_tokens: usize,
+    pub max_batch_tokens: usize,
+    pub batch_wait: Duration,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_pending_streams: usize,
@@ -286,6 +303,7 @@ impl ServerArgs {
             ("--compute-slots", self.compute_slots as u64),
             ("--max-requests-per-peer", self.max_requests_per_peer as u64),
             ("--chunk-tokens", self.chunk_tokens as u64),
+            ("--max-batch-tokens", self.max_batch_tokens.unwrap_or(1) as u64),
             ("--max-connections", u64::from(self.max_connections)),
             ("--max-connections-per-peer", u64::from(self.max_connections_per_peer)),
             ("--max-pending-streams", self.max_pending_streams as u64),
@@ -299,6 +317,9 @@ impl ServerArgs {
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             bail!("{flag} must be at least 1");
+        }
+        if self.batch_wait_ms > 1000 {
+            bail!("--batch-wait-ms must be at most 1000 (a batch waits for sessions that stepped in the last second)");
         }
         let swarm_key = self.swarm_key.as_deref().map(SwarmKey::read).transpose()?;
         let listen = if self.listen.is_empty() && swarm_key.is_some() {
@@ -345,6 +366,9 @@ impl ServerArgs {
             compute_slots: self.compute_slots,
             max_requests_per_peer: self.max_requests_per_peer,
             chunk_tokens: self.chunk_tokens,
+            max_batch_tokens: self.max_batch_tokens.unwrap_or(2 * self.chunk_tokens),
+            batch_wait: Duration::from_millis(self.batch_wait_ms),
+            metrics_listen: self.metrics_listen,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
             max_pending_streams: self.max_pending_streams,

@@ -1,18 +1,17 @@
-//! Running the blocks for a peer: on the blocking pool, under a compute slot, one chunk of a
-//! long request at a time, so other peers' requests interleave with it instead of waiting for
-//! the whole of it.
+//! Running the blocks for a peer: a backward on the blocking pool under a compute slot; a
+//! forward one chunk of a long request at a time through the batcher, so other peers' steps
+//! interleave with it (and share its forwards) instead of waiting for the whole of it.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use burn::prelude::*;
 use libp2p::PeerId;
 use shared_model::cache::SpanCache;
-use shared_model::layers::lora::LoraSpan;
 use swarm::protocol::{ErrorKind, ProtocolError};
 
 use crate::admission::Admission;
-use crate::hosted::{Hosted, refuse};
+use crate::batch::Batcher;
+use crate::hosted::refuse;
 
 /// Runs `work` (over `tokens` positions) on the blocking pool under one compute slot of `peer`.
 pub async fn blocking<T: Send + 'static>(
@@ -30,12 +29,7 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// A step's input and what it runs with.
-pub struct Step<B: Backend> {
-    pub x: Tensor<B, 3>,
-    pub blocks: Range<usize>,
-    pub prompts: Option<Arc<Tensor<B, 3>>>,
-    pub adapter: Option<Arc<LoraSpan<B>>>,
-}
+pub type Step<B> = crate::batch::Work<B>;
 
 /// How a chunked step ended.
 pub struct Chunked<B: Backend> {
@@ -47,11 +41,12 @@ pub struct Chunked<B: Backend> {
 }
 
 /// Runs `step` through the blocks, extending `cache`, `chunk` tokens (per row) at a time, each
-/// chunk under its own compute slot.
+/// chunk in a batch of its own (with other sessions' steps: see [`crate::batch`]) for the
+/// session `session` of `peer`.
 pub async fn chunked<B: Backend>(
-    hosted: &Arc<Hosted<B>>,
-    admission: &Arc<Admission>,
+    batcher: &Batcher<B>,
     peer: PeerId,
+    session: u64,
     mut cache: SpanCache<B>,
     step: Step<B>,
     chunk: usize,
@@ -65,48 +60,33 @@ where
     let mut at = 0;
     while at < new {
         let len = chunk.min(new - at);
-        let x = step.x.clone().narrow(1, at, len);
-        let (hosted, blocks, prompts, adapter) = (
-            hosted.clone(),
-            step.blocks.clone(),
-            step.prompts.clone(),
-            step.adapter.clone(),
-        );
-        let slot = match admission.compute(peer, len * step.x.dims()[0]).await {
-            Ok(slot) => slot,
-            Err(e) => {
-                return Chunked {
-                    cache: Some(cache),
-                    output: Err(e),
-                    partial: at > 0,
-                };
-            }
+        let work = Step {
+            x: if len == new {
+                step.x.clone()
+            } else {
+                step.x.clone().narrow(1, at, len)
+            },
+            blocks: step.blocks.clone(),
+            prompts: step.prompts.clone(),
+            adapter: step.adapter.clone(),
         };
-        let ran = tokio::task::spawn_blocking(move || {
-            let out = hosted
-                .span
-                .forward_blocks_prompted(x, &mut cache, blocks, prompts.as_deref(), adapter.as_deref(), |_, _| {})
-                .map_err(|e| refuse(ErrorKind::BadRequest, e.to_string()));
-            (cache, out)
-        })
-        .await;
-        drop(slot);
-        match ran {
-            Ok((back, Ok(y))) => {
+        let done = batcher.run(peer, session, cache, work).await;
+        match (done.cache, done.output) {
+            (Some(back), Ok(y)) => {
                 cache = back;
                 outputs.push(y);
             }
-            Ok((back, Err(e))) => {
+            (Some(back), Err(e)) => {
                 return Chunked {
                     cache: Some(back),
                     output: Err(e),
                     partial: at > 0,
                 };
             }
-            Err(e) => {
+            (None, output) => {
                 return Chunked {
                     cache: None,
-                    output: Err(refuse(ErrorKind::Internal, format!("the computation failed: {e}"))),
+                    output: output.and_then(|_| Err(refuse(ErrorKind::Internal, "the session cache was lost"))),
                     partial: true,
                 };
             }

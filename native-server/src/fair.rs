@@ -32,14 +32,41 @@ struct Waiter {
     grant: oneshot::Sender<Lease>,
 }
 
+/// The virtual clock of start-time fair queueing: what [`FairPool`] orders its waiters by,
+/// and what the batcher (`crate::batch`) orders queued steps by.
+#[derive(Debug, Default)]
+pub struct FairTags {
+    /// The start tag of the request served last.
+    vtime: f64,
+    /// Each peer's last finish tag (entries behind `vtime` are dropped: such a peer is as new).
+    finish: HashMap<PeerId, f64>,
+}
+
+impl FairTags {
+    /// Tags a request of `peer` weighing `cost`: (start, finish).
+    pub fn tag(&mut self, peer: PeerId, cost: f64) -> (f64, f64) {
+        let start = self.vtime.max(self.finish.get(&peer).copied().unwrap_or(0.0));
+        let finish = start + cost.max(0.0);
+        self.finish.insert(peer, finish);
+        (start, finish)
+    }
+
+    /// Records that the request tagged to start at `start` is being served.
+    pub fn served(&mut self, start: f64) {
+        self.vtime = self.vtime.max(start);
+        // Bounded by the peers with requests ahead of the clock.
+        if self.finish.len() > 256 {
+            let vtime = self.vtime;
+            self.finish.retain(|_, f| *f > vtime);
+        }
+    }
+}
+
 struct State {
     free: u64,
     next_seq: u64,
     waiters: Vec<Waiter>,
-    /// The start tag of the request granted last.
-    vtime: f64,
-    /// Each peer's last finish tag (entries behind `vtime` are dropped: such a peer is as new).
-    finish: HashMap<PeerId, f64>,
+    tags: FairTags,
     /// Granted leases, for the server's load report.
     leased: u32,
 }
@@ -67,8 +94,7 @@ impl FairPool {
                 free: capacity,
                 next_seq: 0,
                 waiters: Vec::new(),
-                vtime: 0.0,
-                finish: HashMap::new(),
+                tags: FairTags::default(),
                 leased: 0,
             }),
         })
@@ -107,9 +133,7 @@ impl FairPool {
             let mut state = self.lock();
             let seq = state.next_seq;
             state.next_seq += 1;
-            let start = state.vtime.max(state.finish.get(&peer).copied().unwrap_or(0.0));
-            let finish = start + cost.max(0.0);
-            state.finish.insert(peer, finish);
+            let (start, finish) = state.tags.tag(peer, cost);
             state.waiters.push(Waiter {
                 seq,
                 peer,
@@ -164,15 +188,11 @@ impl FairPool {
                         let waiter = state.waiters.swap_remove(i);
                         state.free -= amount;
                         state.leased += 1;
-                        state.vtime = state.vtime.max(waiter.start);
+                        state.tags.served(waiter.start);
                         granted.push(waiter);
                     }
                     _ => break,
                 }
-            }
-            if state.finish.len() > 256 {
-                let vtime = state.vtime;
-                state.finish.retain(|_, f| *f > vtime);
             }
         }
         // Sent outside the lock: a lease whose waiter gave up is dropped here, which returns

@@ -36,8 +36,10 @@ where
         Ok((t, memory)) => (HeadResponse::Tensor(t), Some(memory)),
         Err(e) => (HeadResponse::Error(e), None),
     };
+    ctx.metrics.request("head");
     if let HeadResponse::Error(e) = &response {
         tracing::debug!(%peer, error = %e, "head request refused");
+        ctx.metrics.error(e.kind);
     }
     let limits = ctx.admission.limits();
     if let Err(e) = io::write(

@@ -5,6 +5,7 @@
 pub mod admission;
 mod announce;
 mod args;
+mod batch;
 mod bundle;
 mod compute;
 pub mod cost;
@@ -15,6 +16,7 @@ mod head;
 mod hosted;
 mod io;
 pub mod memory;
+mod metrics;
 mod serve;
 mod session;
 mod span_choice;

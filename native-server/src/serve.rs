@@ -23,10 +23,12 @@ use swarm::protocol::{HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSIO
 use crate::admission::{Admission, ServerLimits, Ticket};
 use crate::announce::Announcer;
 use crate::args::{BackendKind, ServerConfig};
+use crate::batch::{BatchConfig, Batcher};
 use crate::cost::CostModel;
 use crate::head::HeadParts;
 use crate::hosted::Hosted;
 use crate::memory::Ceiling;
+use crate::metrics::ServerMetrics;
 use crate::span_choice;
 
 /// Runs the server until `shutdown` resolves.
@@ -70,6 +72,9 @@ pub struct Context<B: Backend> {
     pub head: Option<Arc<HeadParts<B>>>,
     /// Test-only lies (feature `fault-injection`); none otherwise.
     pub faults: crate::faults::Faults,
+    /// Every forward through the blocks goes through it.
+    pub batcher: Arc<Batcher<B>>,
+    pub metrics: Arc<ServerMetrics>,
 }
 
 /// How many blocks to serve: `--blocks`, `--num-blocks`, or as many as the GPU holds.
@@ -325,33 +330,67 @@ where
         serves_head: head.is_some(),
         adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
         load: None,
+        model_blocks: files.config.num_layers as u32,
         numerics: match config.quant {
             Some(q) => format!("{}+{q:?}", config.dtype.name()).to_ascii_lowercase(),
             None => config.dtype.name().to_string(),
         },
     };
     check_own_record(&keypair, &template, config.announce_ttl)?;
+    let net = {
+        let client = client.clone();
+        swarm::metrics::NetCollector::new(move || client.net_stats())
+    };
+    let metrics = Arc::new(ServerMetrics::new(Some(net)));
+    let hosted = Arc::new(Hosted {
+        span,
+        fingerprint: model_fp.clone(),
+        device,
+        limits: admission.limits().wire,
+        adapters,
+    });
+    let batcher = Batcher::new(
+        hosted.clone(),
+        admission.clone(),
+        metrics.clone(),
+        BatchConfig {
+            max_tokens: config.max_batch_tokens,
+            wait: config.batch_wait,
+            // Every queued step belongs to a session or a request that admission let in.
+            max_queued: (admission.limits().max_sessions as usize + config.max_pending_streams).max(64),
+            chunk_tokens: config.chunk_tokens,
+        },
+    );
     let ctx = Arc::new(Context {
-        hosted: Arc::new(Hosted {
-            span,
-            fingerprint: model_fp.clone(),
-            device,
-            limits: admission.limits().wire,
-            adapters,
-        }),
+        hosted,
         admission: admission.clone(),
         cost,
         head,
         faults: config.faults.clone(),
+        batcher: batcher.clone(),
+        metrics: metrics.clone(),
     });
     // Everything is loaded: the checkpoint's mapped pages need not stay resident.
     drop(files);
 
     let mut tasks = vec![
+        tokio::spawn(batcher.serve()),
         accept(&ctx, &client, INFERENCE_PROTOCOL, Handler::Session)?,
         accept(&ctx, &client, SPAN_PROTOCOL, Handler::Span)?,
         accept(&ctx, &client, HEAD_PROTOCOL, Handler::Head)?,
     ];
+    if let Some(addr) = config.metrics_listen {
+        let refresh = {
+            let (metrics, admission) = (metrics.clone(), admission.clone());
+            move || metrics.refresh(&admission.load())
+        };
+        let router = swarm::metrics::router(metrics.registry(), refresh);
+        let (task, bound) = swarm::metrics::listen(addr, router)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(address = %bound, "serving metrics at /metrics");
+        tasks.push(task);
+    }
     let announcer = Arc::new(Announcer {
         client: client.clone(),
         keypair: keypair.clone(),

@@ -40,8 +40,10 @@ pub async fn serve<B: Backend>(ctx: Arc<Context<B>>, peer: PeerId, mut stream: S
 where
     B::Device: Send + Sync,
 {
+    ctx.metrics.request("session");
     if let Err(e) = run(&ctx, peer, &mut stream, ticket).await {
         tracing::debug!(%peer, error = %e, "session ended with an error");
+        ctx.metrics.error(e.kind);
         let limits = &ctx.admission.limits().wire;
         // Best effort, and short: the peer may be the reason it failed.
         let _ = io::write(
@@ -106,6 +108,7 @@ where
     .await
     .map_err(io_refusal)?;
 
+    let session = ctx.batcher.session_id();
     // Never more than the session was charged for.
     let mut cache: Option<SpanCache<B>> = Some(SpanCache::with_max_len(opened.blocks.len(), pad, opened.max_length));
     loop {
@@ -162,7 +165,8 @@ where
         let Some(c) = cache.take() else {
             return Err(refuse(ErrorKind::Internal, "session cache lost"));
         };
-        let (back, response, fatal) = run_step(ctx, peer, &opened, c, &hidden, &mut memory).await;
+        let stepping = std::time::Instant::now();
+        let (back, response, fatal) = run_step(ctx, peer, session, &opened, c, &hidden, &mut memory).await;
         drop(hidden);
         let Some(back) = back else {
             return Err(refuse(ErrorKind::Internal, "session cache lost"));
@@ -177,9 +181,14 @@ where
                 }
             }
             Err(e) if fatal => return Err(e),
-            Err(e) => SessionResponse::Error(e),
+            Err(e) => {
+                ctx.metrics.error(e.kind);
+                SessionResponse::Error(e)
+            }
         };
         reply(ctx, stream, &response).await?;
+        ctx.metrics.steps.inc();
+        ctx.metrics.step_seconds.observe(stepping.elapsed().as_secs_f64());
         drop(memory);
     }
 }
@@ -262,6 +271,7 @@ fn open<B: Backend>(ctx: &Context<B>, request: SessionRequest) -> Result<(Opened
 async fn run_step<B: Backend>(
     ctx: &Arc<Context<B>>,
     peer: PeerId,
+    session: u64,
     opened: &Opened<B>,
     cache: SpanCache<B>,
     hidden: &WireTensor,
@@ -326,7 +336,7 @@ where
         adapter: opened.adapter.clone(),
     };
     let computing = std::time::Instant::now();
-    let ran = compute::chunked(&ctx.hosted, &ctx.admission, peer, cache, step, ctx.cost.chunk_tokens()).await;
+    let ran = compute::chunked(&ctx.batcher, peer, session, cache, step, ctx.cost.chunk_tokens()).await;
     tracing::debug!(
         %peer,
         new,

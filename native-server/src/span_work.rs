@@ -29,8 +29,10 @@ where
         Ok(done) => done,
         Err(e) => (SpanResponse::Error(e), None),
     };
+    ctx.metrics.request("span");
     if let SpanResponse::Error(e) = &response {
         tracing::debug!(%peer, error = %e, "span request refused");
+        ctx.metrics.error(e.kind);
     }
     let limits = ctx.admission.limits();
     // The reply's memory stays reserved until it is written.
@@ -112,7 +114,8 @@ where
             // The request's own cache, allocated once for the whole sequence and gone with it.
             let cache = SpanCache::with_max_len(blocks.len(), pad, seq);
             let computing = std::time::Instant::now();
-            let ran = compute::chunked(&ctx.hosted, &ctx.admission, peer, cache, step, ctx.cost.chunk_tokens()).await;
+            let session = ctx.batcher.session_id();
+            let ran = compute::chunked(&ctx.batcher, peer, session, cache, step, ctx.cost.chunk_tokens()).await;
             tracing::debug!(%peer, batch, seq, bytes = memory.bytes(), compute_ms = computing.elapsed().as_secs_f64() * 1e3, "forward");
             SpanResponse::Tensor(ctx.faults.output(to_wire(ran.output?, reply_dtype)))
         }

@@ -29,6 +29,11 @@ use swarm::limits::{ConnectionPolicy, Connections, MemoryCeiling, NetStats, Prot
 use swarm::private::{self, Gate, SwarmKey};
 use swarm::rt::Instant;
 
+mod metrics;
+mod monitor;
+use metrics::RelayMetrics;
+use monitor::Monitor;
+
 /// Command line of the `relay` binary.
 #[derive(Debug, clap::Parser)]
 #[command(
@@ -104,6 +109,10 @@ pub struct Cli {
     /// /corolla/v1/bootstrap.json, and the chat page if --web-root is given.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (connections, reservations, circuits,
+    /// DHT records), e.g. 127.0.0.1:9465.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The built chat page (Trunk's `dist/` folder), served at / by --http-listen.
     #[arg(long, value_name = "DIR", requires = "http_listen")]
     pub web_root: Option<PathBuf>,
@@ -130,6 +139,7 @@ pub struct RelayConfig {
     pub stats_interval: Duration,
     pub record_ttl: Duration,
     pub http_listen: Option<std::net::SocketAddr>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub web_root: Option<PathBuf>,
     pub swarm_key: Option<SwarmKey>,
     /// Only these peers may connect, if set.
@@ -237,6 +247,7 @@ impl TryFrom<Cli> for RelayConfig {
             stats_interval: Duration::from_secs(cli.stats_interval_secs),
             record_ttl: Duration::from_secs(cli.record_ttl_secs.max(1)),
             http_listen: cli.http_listen,
+            metrics_listen: cli.metrics_listen,
             web_root: cli.web_root,
             swarm_key,
             allow_peers: (!cli.allow_peer.is_empty()).then_some(cli.allow_peer),
@@ -491,14 +502,29 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
     }
 
     let browser_addrs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut monitor = Monitor::new();
     let http = match config.http_listen {
-        Some(addr) => Some(start_http(addr, config.web_root.as_deref(), browser_addrs.clone()).await?),
+        Some(addr) => Some(start_http(addr, config.web_root.as_deref(), browser_addrs.clone(), monitor.text()).await?),
+        None => None,
+    };
+    let (relay_metrics, registry) = RelayMetrics::new(&stats);
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let router = swarm::metrics::router(Arc::new(registry), || {});
+            let (task, bound) = swarm::metrics::listen(addr, router)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!(address = %bound, "serving metrics at /metrics");
+            Some(task)
+        }
         None => None,
     };
 
     let mut listen_addrs: BTreeSet<Multiaddr> = BTreeSet::new();
     let shutdown = std::pin::pin!(shutdown);
     let mut shutdown = shutdown;
+    let mut monitor_tick = tokio::time::interval(MONITOR_REFRESH);
+    monitor_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stats_tick = tokio::time::interval(config.stats_interval);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_stats = stats.snapshot();
@@ -528,6 +554,11 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                     tracing::info!(%peer, "no proof of the swarm key in time: disconnecting");
                     swarm.close_connection(id);
                 }
+                continue;
+            }
+            _ = monitor_tick.tick(), if config.http_listen.is_some() => {
+                let connected: HashSet<PeerId> = swarm.connected_peers().copied().collect();
+                monitor.refresh(swarm.behaviour_mut().kad.store_mut(), |p| connected.contains(p));
                 continue;
             }
             _ = stats_tick.tick() => {
@@ -584,6 +615,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 num_established,
                 ..
             } => {
+                monitor.on_connected(peer_id);
                 if config.swarm_key.is_some() {
                     gate.update(|g| g.on_established(connection_id, peer_id, &endpoint, Instant::now()));
                 }
@@ -597,6 +629,7 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
                 ..
             } => {
                 gate.update(|g| g.on_closed(connection_id));
+                monitor.on_closed(peer_id, num_established);
                 tracing::debug!(%peer_id, ?cause, num_established, "connection closed");
             }
             SwarmEvent::IncomingConnectionError {
@@ -604,13 +637,19 @@ pub async fn run(config: RelayConfig, shutdown: impl Future<Output = ()>) -> any
             } => {
                 tracing::debug!(%send_back_addr, %error, "incoming connection failed");
             }
-            SwarmEvent::Behaviour(event) => on_behaviour_event(&mut swarm, &mut protection, event),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer, result: Ok(rtt), ..
+            })) => monitor.on_ping(peer, rtt),
+            SwarmEvent::Behaviour(event) => on_behaviour_event(&mut swarm, &mut protection, &relay_metrics, event),
             _ => {}
         }
     }
     log_stats(&stats.snapshot());
     tracing::info!("relay shutting down");
     if let Some(task) = http {
+        task.abort();
+    }
+    if let Some(task) = metrics_task {
         task.abort();
     }
     Ok(())
@@ -630,12 +669,29 @@ fn set_browser_addrs(out: &Mutex<Vec<String>>, listen: &BTreeSet<Multiaddr>, ext
     }
 }
 
-/// Serves `/corolla/v1/bootstrap.json` (the browsers' way into the swarm) and the page.
+/// How often the monitor's state is rebuilt from the DHT store.
+const MONITOR_REFRESH: Duration = Duration::from_secs(2);
+
+/// Serves `/corolla/v1/bootstrap.json` (the browsers' way into the swarm), the monitor's
+/// `/corolla/v1/state`, and the page.
 async fn start_http(
     addr: std::net::SocketAddr,
     web_root: Option<&Path>,
     browser_addrs: Arc<Mutex<Vec<String>>>,
+    state: monitor::StateText,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let state = move || {
+        let text = state.lock().map(|g| g.clone()).unwrap_or_default();
+        async move {
+            (
+                [
+                    (axum::http::header::CACHE_CONTROL, "no-cache"),
+                    (axum::http::header::CONTENT_TYPE, "application/json"),
+                ],
+                text.as_ref().clone(),
+            )
+        }
+    };
     let bootstrap = move || {
         let relays = browser_addrs.lock().map(|g| g.clone()).unwrap_or_default();
         async move {
@@ -645,7 +701,9 @@ async fn start_http(
             )
         }
     };
-    let mut router = axum::Router::new().route("/corolla/v1/bootstrap.json", axum::routing::get(bootstrap));
+    let mut router = axum::Router::new()
+        .route("/corolla/v1/bootstrap.json", axum::routing::get(bootstrap))
+        .route(swarm::monitor::STATE_PATH, axum::routing::get(state));
     router = match web_root {
         Some(root) => {
             if !root.join("index.html").is_file() {
@@ -739,7 +797,12 @@ impl RelayProtection {
     }
 }
 
-fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, protection: &mut RelayProtection, event: BehaviourEvent) {
+fn on_behaviour_event(
+    swarm: &mut Swarm<Behaviour>,
+    protection: &mut RelayProtection,
+    metrics: &RelayMetrics,
+    event: BehaviourEvent,
+) {
     match event {
         BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
             tracing::debug!(%peer_id, agent = %info.agent_version, addrs = ?info.listen_addrs, "identified peer");
@@ -753,6 +816,7 @@ fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, protection: &mut RelayProtec
         }
         BehaviourEvent::Relay(event) => {
             protection.on_relay_event(&event, |peer| swarm.is_connected(peer));
+            count_relay_event(metrics, protection, &event);
             on_relay_event(event);
         }
         BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
@@ -766,6 +830,25 @@ fn on_behaviour_event(swarm: &mut Swarm<Behaviour>, protection: &mut RelayProtec
         }
         _ => {}
     }
+}
+
+fn count_relay_event(metrics: &RelayMetrics, protection: &RelayProtection, event: &relay::Event) {
+    use relay::Event as E;
+    match event {
+        E::ReservationReqAccepted { renewed: true, .. } => metrics.reservation("renewed"),
+        E::ReservationReqAccepted { .. } => metrics.reservation("accepted"),
+        E::ReservationReqDenied { .. } => metrics.reservation("denied"),
+        E::CircuitReqAccepted { .. } => metrics.circuit("accepted"),
+        E::CircuitReqDenied { .. } => metrics.circuit("denied"),
+        E::CircuitClosed { error: None, .. } => metrics.circuit("closed"),
+        E::CircuitClosed { .. } => metrics.circuit("failed"),
+        _ => {}
+    }
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    metrics.reservations.set(count(protection.reservations.len()));
+    metrics
+        .circuits
+        .set(count(protection.circuits.values().map(Vec::len).sum()));
 }
 
 fn on_relay_event(event: relay::Event) {

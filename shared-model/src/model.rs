@@ -10,6 +10,7 @@ use crate::cache::SpanCache;
 use crate::checkpoint::{self, LM_HEAD};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::layers::attention::AttentionPart;
 use crate::layers::block::Block;
 use crate::layers::linear::{Linear, to_device};
 use crate::layers::lora::LoraSpan;
@@ -326,6 +327,91 @@ impl<B: Backend> BlockSpan<B> {
         }
         cache.len += new;
         Ok(h)
+    }
+
+    /// Checks one session's step for [`Self::forward_batch`] (blocks, shape, context, the
+    /// cache's room) without running it: a server answers a bad step alone, not its batch.
+    pub fn check_batch_step(
+        &self,
+        dims: [usize; 3],
+        cache: &SpanCache<B>,
+        blocks: &Range<usize>,
+    ) -> Result<(), ModelError> {
+        self.check_step(dims, cache, blocks, None, None)
+    }
+
+    /// The steps of several sessions over the same `blocks`, as one forward per block:
+    /// norms, projections and MLPs run once over every session's tokens (a decode step is
+    /// bound by reading the weights, so `n` sessions cost about what one does), attention
+    /// runs per session over its own cache, padding and positions. Each output equals what
+    /// [`Self::forward_blocks`] gives that session alone. Sessions may differ in rows, new
+    /// tokens (a prefill chunk beside decodes), cached length and padding; deep prompts and
+    /// LoRA are not batched (run those alone).
+    ///
+    /// Every step is checked before any work, so an error leaves every cache untouched.
+    ///
+    /// # Shapes
+    /// - `steps[i].0`: `[rows_i, new_i, hidden]`, `rows_i` equal to its cache's batch
+    /// - returns `[rows_i, new_i, hidden]` for each step, in order
+    pub fn forward_batch(
+        &self,
+        steps: Vec<(Tensor<B, 3>, &mut SpanCache<B>)>,
+        blocks: Range<usize>,
+    ) -> Result<Vec<Tensor<B, 3>>, ModelError> {
+        for (x, cache) in &steps {
+            self.check_step(x.dims(), cache, &blocks, None, None)?;
+        }
+        if steps.len() == 1 {
+            let mut steps = steps;
+            let Some((x, cache)) = steps.pop() else {
+                return Ok(Vec::new());
+            };
+            return Ok(vec![self.forward_blocks(x, cache, blocks, |_, _| {})?]);
+        }
+        let Some(first) = steps.first() else {
+            return Ok(Vec::new());
+        };
+        let device = first.0.device();
+        let hidden = self.config.hidden_size;
+        let mut shapes = Vec::with_capacity(steps.len());
+        let mut contexts = Vec::with_capacity(steps.len());
+        let mut flat = Vec::with_capacity(steps.len());
+        let mut caches = Vec::with_capacity(steps.len());
+        for (x, cache) in steps {
+            let [rows, new, _] = x.dims();
+            let layout = SeqLayout {
+                pad: cache.pad.clone(),
+                past: cache.len,
+                new,
+            };
+            contexts.push(StepContext::with_tiling(&self.config, &layout, self.tiling, &device));
+            shapes.push([rows, new]);
+            flat.push(x.reshape([1, rows * new, hidden]));
+            caches.push(cache);
+        }
+        let mut h = Tensor::cat(flat, 1);
+        let local = blocks.start - self.range.start..blocks.end - self.range.start;
+        for (layer, block) in self.blocks[local].iter().enumerate() {
+            let mut parts: Vec<AttentionPart<'_, B>> = caches
+                .iter_mut()
+                .zip(&contexts)
+                .zip(&shapes)
+                .map(|((cache, ctx), &shape)| AttentionPart {
+                    shape,
+                    ctx,
+                    cache: &mut cache.layers[layer],
+                })
+                .collect();
+            h = block.forward_parts(h, &mut parts)?;
+        }
+        let mut outputs = Vec::with_capacity(shapes.len());
+        let mut at = 0;
+        for (cache, [rows, new]) in caches.into_iter().zip(shapes) {
+            cache.len += new;
+            outputs.push(h.clone().narrow(1, at, rows * new).reshape([rows, new, hidden]));
+            at += rows * new;
+        }
+        Ok(outputs)
     }
 
     /// [`Self::forward_blocks_prompted`] in chunks of at most `chunk_tokens` positions along the

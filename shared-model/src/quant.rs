@@ -187,6 +187,9 @@ impl QuantMatrix {
     }
 
     /// `y = x W^T` for `n` input rows: `x` is `[n, cols]`, the result `[n, rows]`.
+    ///
+    /// Each weight row is read once for all `n` inputs (a batch of decode steps costs about
+    /// one step's memory traffic); every output is the same dot product as for one input.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         debug_assert_eq!(x.len(), n * cols);
@@ -194,24 +197,38 @@ impl QuantMatrix {
         let rb = self.row_bytes();
         let kind = self.kind;
         let simd = simd::available();
-        let mut out = vec![0f32; n * rows];
+        let blocks = cols / BLOCK;
+        let dot_row = |row: &[u8], t: usize| {
+            let xt = &x[t * cols..(t + 1) * cols];
+            let st = &block_sums[t * blocks..(t + 1) * blocks];
+            if simd {
+                simd::dot(kind, row, xt, st)
+            } else {
+                dot(kind, row, xt, st)
+            }
+        };
         // Rows in chunks so each task streams a contiguous run of weights.
         let chunk = 64;
-        out.par_chunks_mut(rows).enumerate().for_each(|(t, y)| {
-            let xt = &x[t * cols..(t + 1) * cols];
-            let st = &block_sums[t * cols / BLOCK..(t + 1) * cols / BLOCK];
-            y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-                for (i, yv) in ys.iter_mut().enumerate() {
-                    let r = c * chunk + i;
-                    let row = &self.data[r * rb..(r + 1) * rb];
-                    *yv = if simd {
-                        simd::dot(kind, row, xt, st)
-                    } else {
-                        dot(kind, row, xt, st)
-                    };
+        // `[rows, n]`: each task writes its own rows' outputs, for every input.
+        let mut by_row = vec![0f32; rows * n];
+        by_row.par_chunks_mut(chunk * n).enumerate().for_each(|(c, ys)| {
+            for (i, y) in ys.chunks_mut(n).enumerate() {
+                let r = c * chunk + i;
+                let row = &self.data[r * rb..(r + 1) * rb];
+                for (t, yv) in y.iter_mut().enumerate() {
+                    *yv = dot_row(row, t);
                 }
-            });
+            }
         });
+        if n == 1 {
+            return by_row;
+        }
+        let mut out = vec![0f32; n * rows];
+        for (r, y) in by_row.chunks_exact(n).enumerate() {
+            for (t, &v) in y.iter().enumerate() {
+                out[t * rows + r] = v;
+            }
+        }
         out
     }
 }
@@ -433,6 +450,9 @@ mod tests {
                         "{kind:?} [{t},{r}]: {a} vs {e}"
                     );
                 }
+                // A row of a batch is exactly that row alone (batched decode = unbatched).
+                let alone = m.matmul(&x[t * cols..(t + 1) * cols], 1);
+                assert_eq!(alone, y[t * rows..(t + 1) * rows], "{kind:?} row {t}");
             }
             // The portable kernel agrees with the SIMD one.
             let sums: Vec<f32> = x[..cols].chunks(BLOCK).map(|c| c.iter().sum()).collect();

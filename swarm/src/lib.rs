@@ -8,6 +8,9 @@ pub mod dht_store;
 pub mod http;
 pub mod identity;
 pub mod limits;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod metrics;
+pub mod monitor;
 pub mod node;
 pub mod private;
 pub mod protocol;

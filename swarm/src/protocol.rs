@@ -287,6 +287,10 @@ pub struct ServerInfo {
     /// clients compare outputs only between servers that compute alike.
     #[serde(default)]
     pub numerics: String,
+    /// How many blocks the whole model has (0: not said, by servers before this field): a
+    /// monitor tells a model with its last blocks uncovered from a shorter one.
+    #[serde(default)]
+    pub model_blocks: u32,
 }
 
 #[cfg(test)]
@@ -312,6 +316,7 @@ impl ServerInfo {
             adapters: Vec::new(),
             load: None,
             numerics: "f32".into(),
+            model_blocks: 0,
         }
     }
 }

@@ -91,6 +91,8 @@ pub enum RecordError {
     TooFarAhead { expires_at_ms: u64, limit_ms: u64 },
     #[error("span {start}..{end} is not inside a model of {blocks} blocks")]
     Span { start: u32, end: u32, blocks: u32 },
+    #[error("the record says the model has {said} blocks, not {blocks}")]
+    ModelBlocks { said: u32, blocks: u32 },
     #[error("throughput {0} tokens/s is not plausible")]
     Throughput(f64),
     #[error("client bundle offer: {0}")]
@@ -203,7 +205,18 @@ fn check_info(info: &ServerInfo, expect: &Expect<'_>) -> Result<(), RecordError>
             limit_ms,
         });
     }
-    let blocks = expect.num_blocks.unwrap_or(MAX_BLOCKS);
+    let blocks = match (expect.num_blocks, info.model_blocks) {
+        (Some(n), _) => n,
+        (None, 0) => MAX_BLOCKS,
+        (None, n) => n.min(MAX_BLOCKS),
+    };
+    let said = info.model_blocks;
+    if said != 0 && (said > MAX_BLOCKS || said != blocks) {
+        return Err(RecordError::ModelBlocks {
+            said,
+            blocks: blocks.min(MAX_BLOCKS),
+        });
+    }
     if info.start >= info.end || info.end > blocks {
         return Err(RecordError::Span {
             start: info.start,
@@ -372,6 +385,11 @@ mod tests {
             check(&|i| (i.start, i.end) = (2, 2)),
             Err(RecordError::Span { .. })
         ));
+        assert!(matches!(
+            check(&|i| i.model_blocks = 9),
+            Err(RecordError::ModelBlocks { said: 9, blocks: 8 })
+        ));
+        assert!(check(&|i| i.model_blocks = 8).is_ok(), "the model's own count");
         assert!(matches!(
             check(&|i| (i.start, i.end) = (4, 9)),
             Err(RecordError::Span { .. })

@@ -57,6 +57,7 @@ fn info(peer: &str, model: &str, start: u32, end: u32) -> ServerInfo {
         adapters: Vec::new(),
         load: None,
         numerics: "f32".into(),
+        model_blocks: 0,
     }
 }
 

@@ -70,6 +70,56 @@ impl<B: Backend> Attention<B> {
         cache: &mut LayerCache<B>,
         lora: Option<&BlockLora<B>>,
     ) -> Result<Tensor<B, 3>, CacheError> {
+        let qkv = add_delta(self.qkv.forward(x.clone()), x, lora.and_then(|l| l.qkv.as_ref()));
+        let y = self.attend(qkv, ctx, cache)?;
+        Ok(add_delta(
+            self.out.forward(y.clone()),
+            y,
+            lora.and_then(|l| l.out.as_ref()),
+        ))
+    }
+
+    /// The steps of several sessions at once: one projection of q/k/v and one of the output
+    /// for every token of every part (the weights are read once for all of them), attention
+    /// per part over its own cache and positions.
+    ///
+    /// # Shapes
+    /// - `x`: `[1, tokens, hidden]`, the parts' tokens one after another (part `i` holds
+    ///   `rows x new` of them, row-major)
+    /// - returns `[1, tokens, hidden]`
+    pub fn forward_parts(
+        &self,
+        x: Tensor<B, 3>,
+        parts: &mut [AttentionPart<'_, B>],
+    ) -> Result<Tensor<B, 3>, CacheError> {
+        let qkv = self.qkv.forward(x);
+        let width = qkv.dims()[2];
+        let mut at = 0;
+        let mut ys = Vec::with_capacity(parts.len());
+        for part in parts.iter_mut() {
+            let [rows, new] = part.shape;
+            let n = rows * new;
+            let own = qkv.clone().narrow(1, at, n).reshape([rows, new, width]);
+            let y = self.attend(own, part.ctx, part.cache)?;
+            let y_width = y.dims()[2];
+            ys.push(y.reshape([1, n, y_width]));
+            at += n;
+        }
+        let y = Tensor::cat(ys, 1);
+        Ok(self.out.forward(y))
+    }
+
+    /// Rotary positions, the cache append and attention itself, between the projections.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch, new, (heads + 2 kv_heads) head_dim]`
+    /// - returns `[batch, new, heads * head_dim]`
+    fn attend(
+        &self,
+        qkv: Tensor<B, 3>,
+        ctx: &StepContext<B>,
+        cache: &mut LayerCache<B>,
+    ) -> Result<Tensor<B, 3>, CacheError> {
         let AttentionConfig {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -77,8 +127,7 @@ impl<B: Backend> Attention<B> {
             ..
         } = self.config;
         let group = nh / nkv;
-        let [b, t, _] = x.dims();
-        let qkv = add_delta(self.qkv.forward(x.clone()), x, lora.and_then(|l| l.qkv.as_ref()));
+        let [b, t, _] = qkv.dims();
         let fused = match &ctx.rope {
             Some((cos, sin)) => crate::kernels::rope_split(&qkv, cos, sin, nh, nkv, hd),
             None => None,
@@ -96,16 +145,14 @@ impl<B: Backend> Attention<B> {
             }
         };
         let (k, v) = cache.append(k.swap_dims(1, 2), v.swap_dims(1, 2))?;
-        let out_lora = lora.and_then(|l| l.out.as_ref());
         if let Some(tile) = ctx.tile() {
-            let y = tiled_attention(q, k, v, ctx, tile);
-            return Ok(add_delta(self.out.forward(y.clone()), y, out_lora));
+            return Ok(tiled_attention(q, k, v, ctx, tile));
         }
         if ctx.mask.is_none()
             && ctx.alibi.is_none()
             && let Some(y) = crate::kernels::decode_attention(&q, &k, &v)
         {
-            return Ok(self.out.forward(y));
+            return Ok(y);
         }
         let s = k.dims()[2];
 
@@ -137,13 +184,20 @@ impl<B: Backend> Attention<B> {
             }
         };
         let probs = probs.reshape([b, nkv, group * t, s]);
-        let y = crate::kernels::matmul(&probs, &v)
+        Ok(crate::kernels::matmul(&probs, &v)
             .unwrap_or_else(|| probs.matmul(v))
             .reshape([b, nkv, group, t, hd])
             .permute([0, 3, 1, 2, 4])
-            .reshape([b, t, nh * hd]);
-        Ok(add_delta(self.out.forward(y.clone()), y, out_lora))
+            .reshape([b, t, nh * hd]))
     }
+}
+
+/// One session's part of a batched step: its tokens' shape, positions and cache.
+pub struct AttentionPart<'a, B: Backend> {
+    /// `[rows, new]`.
+    pub shape: [usize; 2],
+    pub ctx: &'a StepContext<B>,
+    pub cache: &'a mut LayerCache<B>,
 }
 
 /// Attention over the key tiles of [`StepContext::key_tiles`] with an online softmax. The

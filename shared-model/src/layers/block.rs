@@ -1,7 +1,7 @@
 use burn::backend::Autodiff;
 use burn::prelude::*;
 
-use super::attention::{Attention, AttentionWeights};
+use super::attention::{Attention, AttentionPart, AttentionWeights};
 use super::lora::BlockLora;
 use super::mlp::{Mlp, MlpWeights};
 use super::norm::{Norm, NormWeights};
@@ -121,6 +121,35 @@ impl<B: Backend> Block<B> {
                 };
                 let attn = self.attention.forward_lora(attn_in, ctx, cache, lora)?;
                 Ok(self.mlp.forward_lora(mlp_in, lora) + attn + x)
+            }
+        }
+    }
+
+    /// The steps of several sessions in one pass (see [`Attention::forward_parts`]): norms,
+    /// projections and the MLP run once over every part's tokens.
+    ///
+    /// # Shapes
+    /// - `x`: `[1, tokens, hidden]`, the parts' tokens one after another
+    /// - returns `[1, tokens, hidden]`
+    pub fn forward_parts(
+        &self,
+        x: Tensor<B, 3>,
+        parts: &mut [AttentionPart<'_, B>],
+    ) -> Result<Tensor<B, 3>, CacheError> {
+        let attn_in = self.attn_norm.forward(x.clone());
+        match &self.wiring {
+            Wiring::Sequential { mlp_norm } => {
+                let attn = self.attention.forward_parts(attn_in, parts)?;
+                let (h, mlp_in) = mlp_norm.forward_residual(x, attn);
+                Ok(h + self.mlp.forward(mlp_in))
+            }
+            Wiring::Parallel { mlp_norm } => {
+                let mlp_in = match mlp_norm {
+                    Some(norm) => norm.forward(x.clone()),
+                    None => attn_in.clone(),
+                };
+                let attn = self.attention.forward_parts(attn_in, parts)?;
+                Ok(self.mlp.forward(mlp_in) + attn + x)
             }
         }
     }

@@ -8,7 +8,7 @@ pub mod mlp;
 pub mod norm;
 pub mod positions;
 
-pub use attention::{Attention, AttentionWeights};
+pub use attention::{Attention, AttentionPart, AttentionWeights};
 pub use block::{Block, BlockWeights};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpWeights};
