@@ -220,19 +220,22 @@ pub fn step_bytes(config: &ModelConfig, shape: &StepShape) -> u64 {
     };
     // A CPU matmul of more than one row packs a slice of its right-hand side (the weight) per
     // call, at most a few cache-sized panels (one row is a matrix-vector product, which packs
-    // nothing); the batched attention products may run two at once.
-    let pack = |k: usize, n: usize| {
-        if tokens > 1 {
+    // nothing, and a projection of a few rows runs a row at a time); the batched attention
+    // products may run two at once.
+    let pack_above = |rows: usize, k: usize, n: usize| {
+        if tokens > rows {
             mul(&[k.min(PACK_DEPTH), n, e]).min(PACK_CAP)
         } else {
             0
         }
     };
+    let apart = crate::layers::linear::CPU_ROWS_APART;
+    let pack = |k: usize, n: usize| pack_above(1, k, n);
     let widest = [
-        pack(w.hidden, qkv_width),
-        pack(w.q, w.hidden),
-        pack(w.hidden, if w.gated { 2 * w.inter } else { w.inter }),
-        pack(w.inter, w.hidden),
+        pack_above(apart, w.hidden, qkv_width),
+        pack_above(apart, w.q, w.hidden),
+        pack_above(apart, w.hidden, if w.gated { 2 * w.inter } else { w.inter }),
+        pack_above(apart, w.inter, w.hidden),
         2 * pack(config.attention.head_dim, keys),
         2 * pack(keys, config.attention.head_dim),
     ]

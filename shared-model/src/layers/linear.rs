@@ -134,7 +134,7 @@ impl<B: Backend> Linear<B> {
 /// Up to this many rows, a dense product on the CPU backend runs a row at a time (measured on
 /// `corolla bench --shape llama-8b --sessions`: 2 rows 163 vs 409 ms, 4 rows 336 vs 373 ms, 8
 /// rows 717 vs 461 ms).
-const CPU_ROWS_APART: usize = 4;
+pub(crate) const CPU_ROWS_APART: usize = 4;
 
 fn on_cpu<B: Backend>() -> bool {
     std::any::TypeId::of::<B>() == std::any::TypeId::of::<crate::Cpu>()
