@@ -275,6 +275,24 @@ pub fn golden_greedy(family: &str) -> (Vec<u32>, Vec<u32>) {
     (row[..prompt_len].to_vec(), row[prompt_len..].to_vec())
 }
 
+/// Fixture `family`'s golden rows (`golden.safetensors`): the prompts (`input_ids`) and the
+/// greedy rows, prompt included (`generated`).
+pub fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let bytes = fs::read(fixture(family).join("golden.safetensors")).expect("golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid golden");
+    let rows = |name: &str| -> Vec<Vec<u32>> {
+        let t = st.tensor(name).expect("tensor");
+        let cols = t.shape()[1];
+        let flat: Vec<u32> = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
+            .collect();
+        flat.chunks(cols).map(<[u32]>::to_vec).collect()
+    };
+    (rows("input_ids"), rows("generated"))
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; a process started right after binds it).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -9,23 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Swarm, bin, csv, fixture, free_port, token_ids};
-
-fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let bytes = std::fs::read(fixture(family).join("golden.safetensors")).expect("golden");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid golden");
-    let rows = |name: &str| -> Vec<Vec<u32>> {
-        let t = st.tensor(name).expect("tensor");
-        let cols = t.shape()[1];
-        let flat: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
-            .collect();
-        flat.chunks(cols).map(<[u32]>::to_vec).collect()
-    };
-    (rows("input_ids"), rows("generated"))
-}
+use corolla_tests::{Swarm, bin, csv, fixture, free_port, golden_rows, token_ids};
 
 fn generate(model: &Path, args: &[String], peers: Option<&str>) -> serde_json::Value {
     let mut cmd = Command::new(bin("corolla"));

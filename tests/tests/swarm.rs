@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, wait_for_file_lines};
+use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, golden_rows, wait_for_file_lines};
 
 /// `corolla generate` through a test swarm.
 trait Generate {
@@ -28,22 +28,6 @@ impl Generate for Swarm {
         assert!(out.status.success(), "corolla failed: {stderr}");
         (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
     }
-}
-
-fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let bytes = std::fs::read(fixture(family).join("golden.safetensors")).expect("golden");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid golden");
-    let rows = |name: &str| -> Vec<Vec<u32>> {
-        let t = st.tensor(name).expect("tensor");
-        let cols = t.shape()[1];
-        let flat: Vec<u32> = t
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
-            .collect();
-        flat.chunks(cols).map(<[u32]>::to_vec).collect()
-    };
-    (rows("input_ids"), rows("generated"))
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
