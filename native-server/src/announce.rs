@@ -2,7 +2,8 @@
 //! task of its own renews the records every third of `--announce-ttl`, so no request ever
 //! waits on a DHT query.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
@@ -10,7 +11,7 @@ use libp2p::{Multiaddr, PeerId};
 use swarm::dht;
 use swarm::node::{Client, InboundEvent};
 use swarm::protocol::{PROTOCOL_VERSION, ServerInfo, ServerLoad};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::admission::Admission;
 
@@ -22,16 +23,68 @@ pub struct Announcer {
     pub client: Client,
     /// The node's identity key, which signs every record.
     pub keypair: libp2p::identity::Keypair,
-    /// The info without addresses, load and expiry (filled in per announcement).
-    pub template: ServerInfo,
-    pub ttl: Duration,
-    pub relay_only: bool,
-    pub admission: Arc<Admission>,
+    /// The info without addresses, load and expiry (filled in per announcement); its span
+    /// changes when the server moves.
+    template: Mutex<ServerInfo>,
+    ttl: Duration,
+    relay_only: bool,
+    admission: Arc<Admission>,
     /// Written with the announced addresses after the first announcement.
-    pub addr_file: Option<std::path::PathBuf>,
+    addr_file: Option<std::path::PathBuf>,
+    /// While the server moves with nothing loaded: no announcements.
+    paused: AtomicBool,
+    /// Announce now (the span changed).
+    now: Notify,
 }
 
 impl Announcer {
+    pub fn new(
+        client: Client,
+        keypair: libp2p::identity::Keypair,
+        template: ServerInfo,
+        ttl: Duration,
+        relay_only: bool,
+        admission: Arc<Admission>,
+        addr_file: Option<std::path::PathBuf>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            keypair,
+            template: Mutex::new(template),
+            ttl,
+            relay_only,
+            admission,
+            addr_file,
+            paused: AtomicBool::new(false),
+            now: Notify::new(),
+        })
+    }
+
+    fn template(&self) -> ServerInfo {
+        self.template.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Announces `start..end` from now on, at once.
+    pub fn set_span(&self, start: usize, end: usize) {
+        {
+            let mut t = self.template.lock().unwrap_or_else(|e| e.into_inner());
+            t.start = start as u32;
+            t.end = end as u32;
+        }
+        self.paused.store(false, Ordering::Release);
+        self.now.notify_one();
+    }
+
+    /// Stops announcing (the span is being unloaded) until [`Self::set_span`], and withdraws
+    /// the server from the model's providers.
+    pub async fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+        let model = self.template().model;
+        if let Err(e) = tokio::time::timeout(ANNOUNCE_TIMEOUT, dht::withdraw(&self.client, &model)).await {
+            tracing::debug!(error = %e, "withdrawal timed out");
+        }
+    }
+
     /// The current info: addresses, free cache and load now, expiring one TTL from now.
     pub async fn info(&self) -> ServerInfo {
         let (addrs, relayed) = announce_addrs(&self.client, self.client.peer_id(), self.relay_only).await;
@@ -50,7 +103,7 @@ impl Announcer {
             expires_at_ms: dht::now_ms() + self.ttl.as_millis() as u64,
             load: Some(load),
             protocol: PROTOCOL_VERSION,
-            ..self.template.clone()
+            ..self.template()
         }
     }
 
@@ -59,7 +112,13 @@ impl Announcer {
         let mut tick = tokio::time::interval(self.ttl / 3);
         let mut announced_once = false;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.now.notified() => {}
+            }
+            if self.paused.load(Ordering::Acquire) {
+                continue;
+            }
             let info = self.info().await;
             if info.addrs.is_empty() {
                 // Not reachable yet (a relay circuit still being set up): try again soon.

@@ -141,6 +141,16 @@ pub struct ServerArgs {
     /// moment the device frees.
     #[arg(long, default_value_t = 0)]
     pub batch_wait_ms: u64,
+    /// Rebalancing: about every SECS seconds (a random period of this mean), move to other
+    /// blocks if that raises the swarm's weakest block enough (see --balance-quality). On by
+    /// default (60) for a server that chose its own blocks; with --blocks, only when given.
+    #[arg(long, value_name = "SECS")]
+    pub balance_period: Option<f64>,
+    /// Move only if the weakest block's throughput now, over what it would be after the move
+    /// (with every other server moving to its best place too), is below Q: 0.75 moves when the
+    /// weakest block would gain a third; 0 never moves.
+    #[arg(long, value_name = "Q", default_value_t = 0.75)]
+    pub balance_quality: f64,
     /// Serve Prometheus metrics at http://ADDR/metrics (sessions, cache, steps and tokens,
     /// batch sizes, latencies, errors by kind, connections), e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -209,6 +219,18 @@ pub struct ServerArgs {
     pub faults: crate::faults::FaultArgs,
 }
 
+/// When and how readily the server moves to other blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Balance {
+    /// The mean of the random wait between checks.
+    pub period: Duration,
+    /// `--balance-quality`, above 0.
+    pub quality: f64,
+}
+
+/// Petals' mean period between rebalancing checks.
+const DEFAULT_BALANCE_PERIOD: f64 = 60.0;
+
 /// A validated server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -235,6 +257,8 @@ pub struct ServerConfig {
     pub max_batch_tokens: usize,
     pub batch_wait: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Rebalancing, when on.
+    pub balance: Option<Balance>,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_pending_streams: usize,
@@ -321,6 +345,19 @@ impl ServerArgs {
         if self.batch_wait_ms > 1000 {
             bail!("--batch-wait-ms must be at most 1000 (a batch waits for sessions that stepped in the last second)");
         }
+        if let Some(p) = self.balance_period
+            && !(p.is_finite() && (0.1..=86_400.0).contains(&p))
+        {
+            bail!("--balance-period must be 0.1 to 86400 seconds");
+        }
+        if !(self.balance_quality.is_finite() && self.balance_quality >= 0.0) {
+            bail!("--balance-quality must be a number, at least 0 (0 never moves)");
+        }
+        let balance =
+            (self.balance_quality > 0.0 && (blocks.is_none() || self.balance_period.is_some())).then(|| Balance {
+                period: Duration::from_secs_f64(self.balance_period.unwrap_or(DEFAULT_BALANCE_PERIOD)),
+                quality: self.balance_quality,
+            });
         let swarm_key = self.swarm_key.as_deref().map(SwarmKey::read).transpose()?;
         let listen = if self.listen.is_empty() && swarm_key.is_some() {
             // QUIC cannot carry the key; WebRTC-direct waits for a proof of it.
@@ -369,6 +406,7 @@ impl ServerArgs {
             max_batch_tokens: self.max_batch_tokens.unwrap_or(2 * self.chunk_tokens),
             batch_wait: Duration::from_millis(self.batch_wait_ms),
             metrics_listen: self.metrics_listen,
+            balance,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
             max_pending_streams: self.max_pending_streams,
@@ -411,7 +449,39 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::*;
+
+    fn config(extra: &[&str]) -> Result<ServerConfig> {
+        let mut argv = vec!["server", "--model", "m", "--initial-peers", "/ip4/127.0.0.1/tcp/1"];
+        argv.extend_from_slice(extra);
+        ServerArgs::try_parse_from(argv)?.validate()
+    }
+
+    #[test]
+    fn rebalancing_is_on_for_servers_that_chose_their_blocks() {
+        let auto = config(&["--num-blocks", "2"]).expect("valid");
+        let balance = auto.balance.expect("on by default");
+        assert_eq!(balance.period, Duration::from_secs(60));
+        assert_eq!(balance.quality, 0.75);
+        // --blocks fixes the span unless a period is asked for.
+        assert!(config(&["--blocks", "0:2"]).expect("valid").balance.is_none());
+        let asked = config(&["--blocks", "0:2", "--balance-period", "1.5"]).expect("valid");
+        assert_eq!(asked.balance.map(|b| b.period), Some(Duration::from_millis(1500)));
+        assert!(
+            config(&["--num-blocks", "2", "--balance-quality", "0"])
+                .expect("valid")
+                .balance
+                .is_none()
+        );
+        for bad in [
+            &["--num-blocks", "2", "--balance-period", "0"][..],
+            &["--num-blocks", "2", "--balance-period", "NaN"],
+            &["--num-blocks", "2", "--balance-quality", "-1"],
+            &["--num-blocks", "2", "--balance-quality", "inf"],
+        ] {
+            assert!(config(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn byte_counts_take_binary_suffixes() {

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
@@ -107,6 +107,8 @@ pub struct Batcher<B: Backend> {
     queue: Mutex<Queue<B>>,
     wake: Notify,
     next_session: AtomicU64,
+    /// Once set (the span is no longer served), every step is answered with it.
+    retired: OnceLock<ProtocolError>,
 }
 
 impl<B: Backend> Batcher<B>
@@ -132,6 +134,7 @@ where
             }),
             wake: Notify::new(),
             next_session: AtomicU64::new(0),
+            retired: OnceLock::new(),
         })
     }
 
@@ -151,6 +154,12 @@ where
         let (tx, rx) = oneshot::channel();
         {
             let mut queue = self.lock();
+            if let Some(e) = self.retired.get() {
+                return Done {
+                    cache: Some(cache),
+                    output: Err(e.clone()),
+                };
+            }
             if queue.jobs.len() >= self.config.max_queued {
                 drop(queue);
                 return Done {
@@ -184,6 +193,24 @@ where
             cache: None,
             output: Err(refuse(ErrorKind::Internal, "the computation failed")),
         })
+    }
+
+    /// What steps are answered with since [`Self::retire`].
+    pub fn retired(&self) -> Option<ProtocolError> {
+        self.retired.get().cloned()
+    }
+
+    /// Answers every queued and future step with `error`: the span is no longer served (the
+    /// server moved). Steps already in a running batch finish.
+    pub fn retire(&self, error: ProtocolError) {
+        let jobs = {
+            let mut queue = self.lock();
+            let _ = self.retired.set(error.clone());
+            std::mem::take(&mut queue.jobs)
+        };
+        for job in jobs {
+            job.answer(Err(error.clone()));
+        }
     }
 
     /// Forms and runs batches until the task is dropped.

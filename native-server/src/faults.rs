@@ -36,6 +36,9 @@ pub struct FaultArgs {
     /// Seed of the choice of outputs to corrupt.
     #[arg(long, default_value_t = 1)]
     pub fault_seed: u64,
+    /// Move (rebalance) as if memory held one span only: unload the old blocks first.
+    #[arg(long)]
+    pub no_room_for_two_spans: bool,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -49,6 +52,7 @@ impl FaultArgs {
             corrupt_kind: self.corrupt_kind,
             delay: Duration::from_millis(self.delay_steps_ms),
             claim_throughput: self.claim_throughput,
+            one_span: self.no_room_for_two_spans,
             state: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(self.fault_seed | 1)),
         })
     }
@@ -61,6 +65,7 @@ pub struct Faults {
     corrupt_kind: CorruptKind,
     delay: Duration,
     claim_throughput: Option<f64>,
+    one_span: bool,
     state: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -68,6 +73,11 @@ impl Faults {
     /// The throughput to announce for a measured `throughput`.
     pub fn announced(&self, throughput: f64) -> f64 {
         self.claim_throughput.unwrap_or(throughput)
+    }
+
+    /// Whether a move must unload the old span first, whatever memory is free.
+    pub fn one_span_only(&self) -> bool {
+        self.one_span
     }
 
     /// Waits as long as a session step should be late.

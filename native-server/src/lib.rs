@@ -5,6 +5,7 @@
 pub mod admission;
 mod announce;
 mod args;
+mod balance;
 mod batch;
 mod bundle;
 mod compute;
@@ -17,6 +18,7 @@ mod hosted;
 mod io;
 pub mod memory;
 mod metrics;
+mod relocate;
 mod serve;
 mod session;
 mod span_choice;

@@ -74,3 +74,11 @@ pub fn physical_memory() -> Option<u64> {
 pub fn default_request_memory() -> u64 {
     physical_memory().map_or(1 << 30, |m| (m / 4).clamp(256 << 20, 32 << 30))
 }
+
+/// Memory the machine can still give this process without swapping, if the OS says.
+pub fn available_memory() -> Option<u64> {
+    let mut system = sysinfo::System::new();
+    system.refresh_memory();
+    let free = system.available_memory();
+    (free > 0).then_some(free)
+}

@@ -35,6 +35,12 @@ pub struct ServerMetrics {
     pub requests: Family<Labels, Counter>,
     /// Errors answered, by kind.
     pub errors: Family<Labels, Counter>,
+    /// Moves to other blocks (rebalancing), by how they went: `both` (the new span loaded
+    /// beside the old), `drained` (the old span drained first) or `failed`.
+    pub moves: Family<Labels, Counter>,
+    /// The span served now.
+    pub span_start: Gauge,
+    pub span_end: Gauge,
     gauges: Gauges,
 }
 
@@ -79,6 +85,9 @@ impl ServerMetrics {
             step_seconds: seconds(),
             requests: Family::default(),
             errors: Family::default(),
+            moves: Family::default(),
+            span_start: Gauge::default(),
+            span_end: Gauge::default(),
             gauges: Gauges::default(),
         };
         registry.register(
@@ -114,6 +123,17 @@ impl ServerMetrics {
         );
         registry.register("requests", "Requests by protocol", metrics.requests.clone());
         registry.register("errors", "Errors answered, by kind", metrics.errors.clone());
+        registry.register(
+            "span_moves",
+            "Moves to other blocks (rebalancing), by outcome",
+            metrics.moves.clone(),
+        );
+        registry.register("span_start", "First block served", metrics.span_start.clone());
+        registry.register(
+            "span_end",
+            "End (exclusive) of the blocks served",
+            metrics.span_end.clone(),
+        );
         let g = &metrics.gauges;
         for (name, help, gauge) in [
             ("sessions", "Open inference sessions", &g.sessions),
@@ -176,6 +196,15 @@ impl ServerMetrics {
 
     pub fn error(&self, kind: ErrorKind) {
         self.errors.get_or_create(&vec![("kind", kind_label(kind))]).inc();
+    }
+
+    pub fn moved(&self, outcome: &'static str) {
+        self.moves.get_or_create(&vec![("outcome", outcome)]).inc();
+    }
+
+    pub fn span(&self, blocks: &std::ops::Range<usize>) {
+        self.span_start.set(blocks.start as i64);
+        self.span_end.set(blocks.end as i64);
     }
 
     /// One batched forward of `steps` steps and `tokens` tokens that took `took`.

@@ -2,7 +2,7 @@
 //! protocol's handler under [`Admission`], and announce in the background until shutdown.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -18,7 +18,10 @@ use shared_model::progress::LoadBar;
 use swarm::dht;
 use swarm::limits::{MemoryCeiling, Protect};
 use swarm::node::{self, NodeConfig};
-use swarm::protocol::{HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, SPAN_PROTOCOL, ServerInfo};
+use swarm::protocol::{
+    HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, SPAN_PROTOCOL, ServerInfo,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, ServerLimits, Ticket};
 use crate::announce::Announcer;
@@ -75,6 +78,130 @@ pub struct Context<B: Backend> {
     /// Every forward through the blocks goes through it.
     pub batcher: Arc<Batcher<B>>,
     pub metrics: Arc<ServerMetrics>,
+    /// Cancelled when this span stops being served: its idle sessions end.
+    pub retired: CancellationToken,
+    /// The batcher's task, which ends with the context (and frees the span with it).
+    batching: tokio::task::AbortHandle,
+}
+
+impl<B: Backend> Context<B> {
+    /// Stops serving this span: queued and future steps, and idle sessions, are answered with
+    /// `error` (their clients fail over).
+    pub fn retire(&self, error: ProtocolError) {
+        self.batcher.retire(error);
+        self.retired.cancel();
+    }
+}
+
+impl<B: Backend> Drop for Context<B> {
+    fn drop(&mut self) {
+        self.batching.abort();
+    }
+}
+
+/// What every span the server serves shares: the flags, the device, the model's identity, the
+/// head service, the budgets and the metrics. A move to other blocks builds a new
+/// [`Context`] from it.
+pub struct Shared<B: Backend> {
+    pub config: ServerConfig,
+    pub device: B::Device,
+    pub fingerprint: String,
+    pub model: shared_model::ModelConfig,
+    pub head: Option<Arc<HeadParts<B>>>,
+    pub admission: Arc<Admission>,
+    pub metrics: Arc<ServerMetrics>,
+}
+
+impl<B: Backend> Shared<B>
+where
+    B::Device: Send + Sync,
+{
+    /// Loads blocks `blocks` from `source` (with their LoRA adapters) and builds their context;
+    /// its batcher starts at once. Blocking: call from a blocking thread inside the runtime.
+    pub fn context(
+        &self,
+        files: &ModelFiles,
+        source: &dyn shared_model::weights::WeightSource,
+        blocks: std::ops::Range<usize>,
+    ) -> Result<Arc<Context<B>>> {
+        let span = BlockSpan::<B>::load(&files.config, source, blocks.clone(), &self.device)
+            .context("cannot load the blocks")?;
+        let (adapters, lora_rank) = load_adapters::<B>(&self.config, files, blocks.clone(), &self.device)?;
+        let limits = self.admission.limits();
+        let cost = CostModel::new(
+            &files.config,
+            blocks.len(),
+            self.config.dtype.bytes(),
+            limits.chunk_tokens,
+            lora_rank,
+            span.attention_tiling(),
+        );
+        let hosted = Arc::new(Hosted {
+            span,
+            fingerprint: self.fingerprint.clone(),
+            device: self.device.clone(),
+            limits: limits.wire,
+            adapters,
+        });
+        let batcher = Batcher::new(
+            hosted.clone(),
+            self.admission.clone(),
+            self.metrics.clone(),
+            BatchConfig {
+                max_tokens: self.config.max_batch_tokens,
+                wait: self.config.batch_wait,
+                // Every queued step belongs to a session or a request that admission let in.
+                max_queued: (limits.max_sessions as usize + self.config.max_pending_streams).max(64),
+                chunk_tokens: self.config.chunk_tokens,
+            },
+        );
+        let batching = tokio::spawn(batcher.clone().serve()).abort_handle();
+        Ok(Arc::new(Context {
+            hosted,
+            admission: self.admission.clone(),
+            cost,
+            head: self.head.clone(),
+            faults: self.config.faults.clone(),
+            batcher,
+            metrics: self.metrics.clone(),
+            retired: CancellationToken::new(),
+            batching,
+        }))
+    }
+
+    /// Opens the model again and loads `blocks` (downloading their shards for a Hub model):
+    /// a move's new span. Refuses if the checkpoint on disk is no longer the one served.
+    pub fn reload(&self, blocks: std::ops::Range<usize>) -> Result<Arc<Context<B>>> {
+        let files = open_files(&self.config)?;
+        let fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
+        if fp != self.fingerprint {
+            bail!(
+                "the model on disk changed (fingerprint {fp}, serving {}): not loading other blocks of it",
+                self.fingerprint
+            );
+        }
+        let names = span_tensor_names(&files.config, files.weights.as_ref(), blocks.clone());
+        let source = LoadBar::fetch_and_wrap(
+            &files.weights,
+            &names,
+            &format!("blocks {}..{}", blocks.start, blocks.end),
+        )
+        .context("cannot download the blocks")?;
+        let ctx = self.context(&files, source.as_ref(), blocks)?;
+        source.finish();
+        Ok(ctx)
+    }
+}
+
+/// The model's files as the flags say: opened (from the Hub if named so), quantized on load
+/// as `--quant` says.
+fn open_files(config: &ServerConfig) -> Result<ModelFiles> {
+    let hub = shared_model::hub::HubOptions::from_env(cache_dir("hub-samples"));
+    let mut files = shared_model::hub::open_model(&config.model, &hub)
+        .with_context(|| format!("cannot open model {}", config.model.display()))?;
+    // Dense reads stay as stored, so the fingerprint is the unquantized model's.
+    crate::args::apply_quant(config.quant, &mut files);
+    Ok(files)
 }
 
 /// How many blocks to serve: `--blocks`, `--num-blocks`, or as many as the GPU holds.
@@ -201,11 +328,7 @@ where
 {
     // Before any tensor exists: burn fixes a device's float type at its first tensor.
     config.dtype.apply::<B>(&device)?;
-    let hub = shared_model::hub::HubOptions::from_env(cache_dir("hub-samples"));
-    let mut files = shared_model::hub::open_model(&config.model, &hub)
-        .with_context(|| format!("cannot open model {}", config.model.display()))?;
-    // Dense reads stay as stored, so the fingerprint is the unquantized model's.
-    crate::args::apply_quant(config.quant, &mut files);
+    let files = open_files(&config)?;
     let model_fp = fingerprint(&files.config, files.weights.as_ref()).context("cannot fingerprint the model")?;
     let model_name = shared_model::hub::model_name(&config.model);
 
@@ -239,9 +362,9 @@ where
         .listen
         .iter()
         .all(|a| a.iter().any(|p| p == Protocol::P2pCircuit));
+    let admission = Admission::new(limits);
     // Peers that hold a session or a request here keep their connections when a flood fills
-    // the connection limit (the admission is set once the span is loaded).
-    let admission_cell: Arc<OnceLock<Arc<Admission>>> = Arc::default();
+    // the connection limit.
     let mut node_config = NodeConfig::new(keypair.clone());
     node_config.listen = config.listen.clone();
     node_config.bootstrap = config.initial_peers.clone();
@@ -257,8 +380,8 @@ where
     node_config.connections.max_per_peer = config.max_connections_per_peer.min(config.max_connections);
     node_config.connections.memory_ceiling = Some(MemoryCeiling::Bytes(ceiling.total() as usize));
     node_config.connections.protect = {
-        let cell = admission_cell.clone();
-        Protect::new(move |peer| cell.get().is_some_and(|a| a.holds(peer)))
+        let admission = admission.clone();
+        Protect::new(move |peer| admission.holds(peer))
     };
     let (client, inbound, event_loop) = node::start(node_config)?;
     let event_loop = tokio::spawn(event_loop.run());
@@ -272,11 +395,9 @@ where
     // Downloads (a Hub model's shards of this span) first, then loading: two bars, in turn.
     let source = LoadBar::fetch_and_wrap(&files.weights, &names, &format!("blocks {start}..{end}"))
         .context("cannot download the blocks")?;
-    let span =
-        BlockSpan::<B>::load(&files.config, source.as_ref(), start..end, &device).context("cannot load the blocks")?;
     let head = if config.serve_head {
         Some(Arc::new(HeadParts {
-            embeddings: Embeddings::load(&files.config, source.as_ref(), &device)
+            embeddings: Embeddings::<B>::load(&files.config, source.as_ref(), &device)
                 .context("cannot load the embeddings for head service")?,
             head: LmHead::load(&files.config, source.as_ref(), &device)
                 .context("cannot load the LM head for head service")?,
@@ -284,21 +405,28 @@ where
     } else {
         None
     };
+    let net = {
+        let client = client.clone();
+        swarm::metrics::NetCollector::new(move || client.net_stats())
+    };
+    let metrics = Arc::new(ServerMetrics::new(Some(net)));
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        device: device.clone(),
+        fingerprint: model_fp.clone(),
+        model: files.config.clone(),
+        head,
+        admission: admission.clone(),
+        metrics: metrics.clone(),
+    });
+    let ctx = shared.context(&files, source.as_ref(), start..end)?;
     source.finish();
-    let (adapters, lora_rank) = load_adapters::<B>(&config, &files, start..end, &device)?;
-    let throughput = measure_throughput(&span, &device)?;
+    let throughput = measure_throughput(&ctx.hosted.span, &device)?;
     tracing::info!(%peer_id, start, end, throughput, fingerprint = %model_fp, quant = ?config.quant, "serving");
+    metrics.span(&(start..end));
 
-    let elem = config.dtype.bytes();
-    let cost = CostModel::new(
-        &files.config,
-        end - start,
-        elem,
-        limits.chunk_tokens,
-        lora_rank,
-        span.attention_tiling(),
-    );
     ceiling.log();
+    let limits = admission.limits();
     tracing::info!(
         max_sessions = limits.max_sessions,
         max_sessions_per_peer = limits.max_sessions_per_peer,
@@ -309,8 +437,6 @@ where
         chunk_tokens = limits.chunk_tokens,
         "budgets"
     );
-    let admission = Admission::new(limits);
-    let _ = admission_cell.set(admission.clone());
     let template = ServerInfo {
         peer_id: peer_id.to_string(),
         model: model_fp.clone(),
@@ -327,8 +453,8 @@ where
         addrs: Vec::new(),
         expires_at_ms: 0,
         bundle: bundle.map(|b| b.offer),
-        serves_head: head.is_some(),
-        adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
+        serves_head: ctx.head.is_some(),
+        adapters: ctx.hosted.adapters.iter().map(|(n, _)| n.clone()).collect(),
         load: None,
         model_blocks: files.config.num_layers as u32,
         numerics: match config.quant {
@@ -337,47 +463,14 @@ where
         },
     };
     check_own_record(&keypair, &template, config.announce_ttl)?;
-    let net = {
-        let client = client.clone();
-        swarm::metrics::NetCollector::new(move || client.net_stats())
-    };
-    let metrics = Arc::new(ServerMetrics::new(Some(net)));
-    let hosted = Arc::new(Hosted {
-        span,
-        fingerprint: model_fp.clone(),
-        device,
-        limits: admission.limits().wire,
-        adapters,
-    });
-    let batcher = Batcher::new(
-        hosted.clone(),
-        admission.clone(),
-        metrics.clone(),
-        BatchConfig {
-            max_tokens: config.max_batch_tokens,
-            wait: config.batch_wait,
-            // Every queued step belongs to a session or a request that admission let in.
-            max_queued: (admission.limits().max_sessions as usize + config.max_pending_streams).max(64),
-            chunk_tokens: config.chunk_tokens,
-        },
-    );
-    let ctx = Arc::new(Context {
-        hosted,
-        admission: admission.clone(),
-        cost,
-        head,
-        faults: config.faults.clone(),
-        batcher: batcher.clone(),
-        metrics: metrics.clone(),
-    });
     // Everything is loaded: the checkpoint's mapped pages need not stay resident.
     drop(files);
+    let current = Arc::new(Current::new(ctx));
 
     let mut tasks = vec![
-        tokio::spawn(batcher.serve()),
-        accept(&ctx, &client, INFERENCE_PROTOCOL, Handler::Session)?,
-        accept(&ctx, &client, SPAN_PROTOCOL, Handler::Span)?,
-        accept(&ctx, &client, HEAD_PROTOCOL, Handler::Head)?,
+        accept(&current, &admission, &client, INFERENCE_PROTOCOL, Handler::Session)?,
+        accept(&current, &admission, &client, SPAN_PROTOCOL, Handler::Span)?,
+        accept(&current, &admission, &client, HEAD_PROTOCOL, Handler::Head)?,
     ];
     if let Some(addr) = config.metrics_listen {
         let refresh = {
@@ -391,25 +484,62 @@ where
         tracing::info!(address = %bound, "serving metrics at /metrics");
         tasks.push(task);
     }
-    let announcer = Arc::new(Announcer {
-        client: client.clone(),
-        keypair: keypair.clone(),
+    let announcer = Announcer::new(
+        client.clone(),
+        keypair.clone(),
         template,
-        ttl: config.announce_ttl,
+        config.announce_ttl,
         relay_only,
         admission,
-        addr_file: config.addr_file.clone(),
-    });
+        config.addr_file.clone(),
+    );
     tasks.push(tokio::spawn(announcer.clone().answer_info(inbound)));
-    tasks.push(tokio::spawn(announcer.run()));
+    tasks.push(tokio::spawn(announcer.clone().run()));
+    let balancing = match config.balance {
+        Some(balance) => {
+            let relocator = Arc::new(crate::relocate::Relocator {
+                current: current.clone(),
+                shared,
+                announcer,
+            });
+            let rebalance = crate::balance::run(relocator, client.clone(), balance, model_fp.clone());
+            futures::future::Either::Left(rebalance)
+        }
+        None => futures::future::Either::Right(futures::future::pending()),
+    };
 
-    shutdown.await;
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        result = balancing => result,
+    };
     let _ = tokio::time::timeout(Duration::from_secs(5), dht::withdraw(&client, &model_fp)).await;
     for task in tasks {
         task.abort();
     }
     event_loop.abort();
-    Ok(())
+    outcome
+}
+
+/// The context new streams get: the span served now, or none while a move reloads.
+pub struct Current<B: Backend> {
+    ctx: RwLock<Option<Arc<Context<B>>>>,
+}
+
+impl<B: Backend> Current<B> {
+    pub fn new(ctx: Arc<Context<B>>) -> Self {
+        Self {
+            ctx: RwLock::new(Some(ctx)),
+        }
+    }
+
+    pub fn get(&self) -> Option<Arc<Context<B>>> {
+        self.ctx.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `ctx` in place (none: new streams are refused) and returns what was there.
+    pub fn set(&self, ctx: Option<Arc<Context<B>>>) -> Option<Arc<Context<B>>> {
+        std::mem::replace(&mut *self.ctx.write().unwrap_or_else(|e| e.into_inner()), ctx)
+    }
 }
 
 /// The LoRA adapters of `--adapters` and the largest fused rank.
@@ -451,10 +581,11 @@ enum Handler {
 }
 
 /// Accepts `protocol`'s streams: each is admitted as a pending stream (or dropped at once) and
-/// served in a task of its own. The loop itself never waits on anything else, so streams are
-/// never dropped for lack of a reader.
+/// served in a task of its own, on the span served when it arrived. The loop itself never
+/// waits on anything else, so streams are never dropped for lack of a reader.
 fn accept<B: Backend>(
-    ctx: &Arc<Context<B>>,
+    current: &Arc<Current<B>>,
+    admission: &Arc<Admission>,
     client: &node::Client,
     protocol: libp2p::StreamProtocol,
     handler: Handler,
@@ -463,12 +594,18 @@ where
     B::Device: Send + Sync,
 {
     let mut incoming = client.accept(protocol)?;
-    let ctx = ctx.clone();
+    let (current, admission) = (current.clone(), admission.clone());
     Ok(tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
-            match ctx.admission.stream(peer) {
+            let Some(ctx) = current.get() else {
+                // Moving to other blocks, none loaded: the peer's client tries elsewhere.
+                tracing::debug!(%peer, ?handler, "stream refused while moving");
+                drop(stream);
+                continue;
+            };
+            match admission.stream(peer) {
                 Ok(ticket) => {
-                    tokio::spawn(handle(ctx.clone(), handler, peer, stream, ticket));
+                    tokio::spawn(handle(ctx, handler, peer, stream, ticket));
                 }
                 Err(e) => {
                     tracing::debug!(%peer, ?handler, error = %e, "stream refused");

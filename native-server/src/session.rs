@@ -112,7 +112,17 @@ where
     // Never more than the session was charged for.
     let mut cache: Option<SpanCache<B>> = Some(SpanCache::with_max_len(opened.blocks.len(), pad, opened.max_length));
     loop {
-        let len = match io::read_len(stream, max, limits.session_timeout).await {
+        let read = tokio::select! {
+            read = io::read_len(stream, max, limits.session_timeout) => read,
+            // The span moved while the session idled: its client fails over.
+            () = ctx.retired.cancelled() => {
+                return Err(ctx
+                    .batcher
+                    .retired()
+                    .unwrap_or_else(|| refuse(ErrorKind::WrongSpan, "this server no longer serves these blocks")));
+            }
+        };
+        let len = match read {
             Ok(len) => len,
             Err(e) if e.is_closed() => return Ok(()),
             Err(IoError::Timeout { .. }) => return Err(refuse(ErrorKind::Closed, "session idle for too long")),

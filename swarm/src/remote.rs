@@ -166,6 +166,24 @@ impl RemoteChain {
         Ok(())
     }
 
+    /// Takes note that `peer` failed blocks `start..end`: banned, unless it moved to other
+    /// blocks (rebalancing: it answers `WrongSpan` and its record, read again, agrees).
+    async fn failed(&mut self, peer: &PeerId, start: usize, end: usize, e: &SessionError) {
+        let moved = matches!(e, SessionError::Remote { error, .. } if error.kind == ErrorKind::WrongSpan);
+        if moved && self.refresh().await.is_ok() {
+            let name = peer.to_string();
+            let still_claims = self
+                .servers
+                .iter()
+                .any(|s| s.peer_id == name && s.start as usize <= start && end <= s.end as usize);
+            if !still_claims {
+                tracing::info!(%peer, start, end, "server moved to other blocks");
+                return;
+            }
+        }
+        self.ban(peer);
+    }
+
     fn ban(&mut self, peer: &PeerId) {
         let entry = self.bans.entry(peer.to_string()).or_insert((Instant::now(), 0));
         entry.1 += 1;
@@ -216,6 +234,24 @@ impl RemoteChain {
             });
         }
         out
+    }
+
+    /// [`Self::plan`], waiting up to [`HEAL_WAIT`] (looking again, with backoff) while no
+    /// server covers the blocks: mid-generation, servers that moved or joined soon cover what
+    /// a failed one held.
+    async fn plan_patiently(&mut self, start: usize, end: usize) -> Result<Vec<Hop>, SessionError> {
+        let deadline = Instant::now() + HEAL_WAIT;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match self.plan(start, end).await {
+                Err(SessionError::NoRoute { gap, .. }) if Instant::now() + pause < deadline => {
+                    tracing::info!(start, end, ?gap, wait = ?pause, "no server covers these blocks now; waiting for the swarm");
+                    crate::rt::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn plan(&mut self, start: usize, end: usize) -> Result<Vec<Hop>, SessionError> {
@@ -284,13 +320,18 @@ impl RemoteChain {
         start: usize,
         end: usize,
         history: &[HostTensor],
+        patient: bool,
     ) -> Result<Vec<ActiveHop>, SessionError> {
         let spec = self.spec.clone().ok_or(SessionError::Protocol {
             peer: self.client.peer_id(),
         })?;
         let mut last = String::from("no candidate");
         for _ in 0..=self.config.max_failovers {
-            let route = self.plan(start, end).await?;
+            let route = if patient {
+                self.plan_patiently(start, end).await?
+            } else {
+                self.plan(start, end).await?
+            };
             let mut hops = Vec::new();
             let mut pieces: Vec<HostTensor> = history.to_vec();
             let mut failed = None;
@@ -320,18 +361,18 @@ impl RemoteChain {
                         pieces = outputs;
                     }
                     Err(e) => {
-                        failed = Some((hop.peer.clone(), e));
+                        failed = Some((hop.clone(), e));
                         break;
                     }
                 }
             }
             match failed {
                 None => return Ok(hops),
-                Some((peer, e)) => {
+                Some((hop, e)) => {
                     last = e.to_string();
-                    if let Ok(peer) = peer.parse() {
+                    if let Ok(peer) = hop.peer.parse() {
                         tracing::warn!(%peer, error = %e, "server failed while the session was being set up");
-                        self.ban(&peer);
+                        self.failed(&peer, hop.start, hop.end, &e).await;
                     }
                     for hop in hops {
                         hop.session.close().await;
@@ -374,7 +415,8 @@ impl RemoteChain {
             deep_prompts: self.config.deep_prompts.clone(),
             adapter: self.config.adapter.clone(),
         });
-        self.hops = self.connect(0, self.config.num_layers, &[]).await?;
+        // A swarm without a route now fails at once: the user hears of it.
+        self.hops = self.connect(0, self.config.num_layers, &[], false).await?;
         tracing::info!(route = ?self.route(), "session route");
         Ok(())
     }
@@ -434,7 +476,7 @@ impl RemoteChain {
                             last: e.to_string(),
                         });
                     }
-                    self.ban(&peer);
+                    self.failed(&peer, start, end, &e).await;
                     // The failed server's session is dropped, not closed: it may not answer.
                     let replaced = self.replace_hop(i).await?;
                     let k = replaced.hops;
@@ -503,7 +545,7 @@ impl RemoteChain {
     async fn replace_hop(&mut self, i: usize) -> Result<Replaced, SessionError> {
         let (start, end) = (self.hops[i].session.start, self.hops[i].session.end);
         let history = std::mem::take(&mut self.hops[i].history);
-        match self.connect(start, end, &history).await {
+        match self.connect(start, end, &history, true).await {
             Ok(replacement) => {
                 let hops = replacement.len();
                 let old = self.hops.splice(i..=i, replacement).next();
@@ -536,6 +578,8 @@ struct Replaced {
 
 /// How many times a busy server is asked again before it counts as failed.
 const BUSY_RETRIES: u32 = 4;
+/// How long a failover waits for some server to cover the failed one's blocks.
+const HEAL_WAIT: Duration = Duration::from_secs(30);
 /// How many times a server that refused a connection (or a stream) is dialed again when a
 /// session opens.
 const DIAL_RETRIES: u32 = 4;

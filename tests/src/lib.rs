@@ -221,19 +221,32 @@ impl Swarm {
 
     /// [`Swarm::server`] with these environment variables set for the server.
     pub fn server_with_env(&mut self, model: &Path, blocks: &str, extra: &[&str], env: &[(&str, &Path)]) -> String {
+        let mut args = vec!["--blocks", blocks];
+        args.extend_from_slice(extra);
+        self.start_server("server", model, &args, env)
+    }
+
+    /// Starts workspace binary `binary` as a server of `model` with `args` (which say where
+    /// its blocks are), waits until it is announced, and returns its peer id.
+    pub fn start_server(&mut self, binary: &str, model: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
         let n = self.servers.len();
         let addr_file = self.dir.join(format!("server{n}.addrs"));
-        let mut cmd = Command::new(bin("server"));
+        let mut cmd = Command::new(bin(binary));
         cmd.arg("--model")
             .arg(model)
-            .args(["--blocks", blocks, "--initial-peers", &self.relay_addr])
+            .args(["--initial-peers", &self.relay_addr])
             .args(["--addr-file"])
             .arg(&addr_file)
-            .args(extra)
+            .args(args)
             .envs(env.iter().map(|(k, v)| (*k, *v)));
-        if !extra.contains(&"--listen") {
+        if !args.contains(&"--listen") {
             cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
         }
+        let blocks = args
+            .iter()
+            .position(|a| *a == "--blocks")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(|| "auto".to_string(), |b| b.replace(':', "-"));
         let proc = Proc::spawn(&format!("server{n}-{blocks}"), &mut cmd);
         let addrs = wait_for_file_lines(&addr_file, 1, STARTUP);
         let peer = addrs[0]
@@ -244,6 +257,126 @@ impl Swarm {
         self.servers.push((proc, peer.clone()));
         peer
     }
+}
+
+/// The relay's swarm monitor, `GET /corolla/v1/state` on 127.0.0.1:`port`.
+pub fn monitor_state(port: u16) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("relay HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /corolla/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).expect("a body");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// `GET /metrics` (Prometheus text) from a `--metrics-listen` on 127.0.0.1:`port`.
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("application/openmetrics-text"), "{out}");
+    out
+}
+
+/// The value of the metrics sample named exactly `name` (labels included), if there is one.
+pub fn try_sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// [`try_sample`], which must be there.
+pub fn sample(text: &str, name: &str) -> f64 {
+    try_sample(text, name).unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+}
+
+/// Polls [`monitor_state`] until `ok` holds for it, or fails after `within`.
+pub fn wait_for_state(
+    port: u16,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = monitor_state(port);
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: never happened; last state {s:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A copy of fixture `family` (a Llama-layout checkpoint) with `layers` blocks: its blocks
+/// repeated in order, so spans and moves have room. Its golden tokens are not the fixture's:
+/// compare with a local run.
+pub fn deep_fixture(family: &str, layers: usize) -> PathBuf {
+    let source = fixture(family);
+    let dir = temp_dir(&format!("{family}-{layers}-layers"));
+    let config_path = source.join("config.json");
+    let text =
+        fs::read_to_string(&config_path).unwrap_or_else(|e| panic!("cannot read {}: {e}", config_path.display()));
+    let mut config: serde_json::Value = serde_json::from_str(&text).expect("the fixture's config is JSON");
+    let have = config["num_hidden_layers"].as_u64().expect("num_hidden_layers") as usize;
+    config["num_hidden_layers"] = serde_json::json!(layers);
+    fs::write(dir.join("config.json"), config.to_string()).expect("write config");
+    for entry in fs::read_dir(&source).expect("fixture dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !name.ends_with(".safetensors") && !name.ends_with(".json")
+            || name.starts_with("model")
+            || name.starts_with("golden")
+            || name == "config.json"
+        {
+            continue;
+        }
+        fs::copy(&path, dir.join(&name)).expect("copy");
+    }
+    let shards: Vec<Vec<u8>> = fs::read_dir(&source)
+        .expect("fixture dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("model") && n.ends_with(".safetensors"))
+        })
+        .map(|p| fs::read(&p).expect("shard"))
+        .collect();
+    let parsed: Vec<safetensors::SafeTensors<'_>> = shards
+        .iter()
+        .map(|b| safetensors::SafeTensors::deserialize(b).expect("valid shard"))
+        .collect();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for st in &parsed {
+        for (name, view) in st.tensors() {
+            match name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+                Some((i, rest)) => {
+                    let i: usize = i.parse().expect("a layer index");
+                    for copy in (i..layers).step_by(have) {
+                        tensors.push((format!("model.layers.{copy}.{rest}"), view.clone()));
+                    }
+                }
+                None => tensors.push((name, view)),
+            }
+        }
+    }
+    let bytes = safetensors::serialize(tensors, None).expect("serialize");
+    fs::write(dir.join("model.safetensors"), bytes).expect("write weights");
+    dir
 }
 
 /// The real model, SmolLM2-135M-Instruct Q4_1 (`scripts/test.sh` fetches it).

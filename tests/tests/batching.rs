@@ -4,12 +4,11 @@
 //! (`--metrics-listen`) show forwards of more than one session, and every session's cache is
 //! given back afterwards. The relay's metrics count the server's connection and record.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Swarm, bin, csv, fixture, free_port, golden_rows, token_ids};
+use corolla_tests::{Swarm, bin, csv, fixture, free_port, golden_rows, sample, scrape, token_ids};
 
 fn generate(model: &Path, args: &[String], peers: Option<&str>) -> serde_json::Value {
     let mut cmd = Command::new(bin("corolla"));
@@ -24,27 +23,6 @@ fn generate(model: &Path, args: &[String], peers: Option<&str>) -> serde_json::V
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
-
-/// `GET /metrics` over plain HTTP/1.1.
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(out.contains("application/openmetrics-text"), "{out}");
-    out
-}
-
-/// The value of the sample named exactly `name` (labels included).
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 
 fn check(family: &str) {

@@ -2,35 +2,9 @@
 //! spans, names, versions, coverage, health), and turns broken when the only server of some
 //! blocks dies (kill -9).
 
-use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use corolla_tests::{Swarm, fixture, free_port};
-
-fn state(port: u16) -> serde_json::Value {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("relay HTTP");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /corolla/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).expect("a body");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
-
-/// Polls the state until `ok` holds for it, or fails after `within`.
-fn wait_for(port: u16, within: Duration, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = state(port);
-        if ok(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{what}: never happened; last state {s:#}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use corolla_tests::{Swarm, fixture, free_port, wait_for_state as wait_for};
 
 #[test]
 fn the_state_follows_the_servers_and_breaks_when_a_span_dies() {

@@ -95,6 +95,14 @@ pub(super) fn memory_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
     Some(client.properties().memory.max_page_size * 4)
 }
 
+pub(super) fn free_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
+    let total = memory_bytes::<B>(device)?;
+    let device = (device as &dyn Any).downcast_ref::<burn_cubecl::cubecl::cuda::CudaDevice>()?;
+    let client = <CudaRuntime as burn_cubecl::cubecl::Runtime>::client(device);
+    let usage = client.memory_usage().ok()?;
+    Some(total.saturating_sub(usage.bytes_reserved))
+}
+
 pub(super) fn cache_compiled_kernels(dir: &std::path::Path) {
     use burn_cubecl::cubecl::config::cache::CacheConfig;
     use burn_cubecl::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};

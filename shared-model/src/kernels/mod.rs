@@ -155,6 +155,20 @@ pub fn gpu_memory_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
     }
 }
 
+/// Bytes of GPU memory this process has not taken yet (the device's memory less what burn's
+/// allocator holds; other processes' use is not seen), for CUDA devices; `None` otherwise.
+pub fn gpu_free_bytes<B: Backend>(device: &B::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::free_bytes::<B>(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
 /// Keeps compiled GPU kernels (PTX) in `dir`, so a restarted process skips most of the JIT
 /// compilation. Call before the first tensor; does nothing without CUDA, or when cubecl was
 /// already configured (a `cubecl.toml`, an earlier call).
