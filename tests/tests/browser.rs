@@ -3,7 +3,8 @@
 //! SwiftShader; blocks over libp2p WebRTC) checked token for token against
 //! `corolla generate --chat --temperature 0`, also with a server killed mid-reply; the Tune
 //! view training prompts through the swarm, checked against `corolla train`; and the page
-//! refusing a client bundle tampered with on its way.
+//! refusing a client bundle tampered with on its way; and the Monitor view showing the swarm
+//! healthy, then broken when the only server of some blocks dies.
 //!
 //! Needs what `scripts/test.sh` prepares: the page built into `dist/` (or `COROLLA_WEB_DIST`),
 //! `tests/browser/node_modules` (playwright-core), Chromium at /usr/bin/chromium (or
@@ -192,6 +193,62 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
     let device = result["device"].as_str().expect("device");
     assert!(device.starts_with("WebGPU"), "the page did not use WebGPU: {device}");
     assert!(shot.is_file(), "no screenshot at {}", shot.display());
+}
+
+/// The Monitor view draws the relay's `/corolla/v1/state`: healthy with both servers online,
+/// then broken (blocks 15..30 uncovered, their server unreachable) once that server is killed.
+#[test]
+fn the_monitor_view_shows_the_swarm_healthy_then_broken() {
+    let mut swarm = PageSwarm::start("browser-monitor");
+    let first = swarm.server("0:15", &["--public-name", "first"]);
+    let second = swarm.server("15:30", &["--public-name", "second"]);
+    let url = format!("http://127.0.0.1:{}/?view=monitor", swarm.http_port);
+    let (healthy_shot, broken_shot) = (
+        artifacts().join("monitor-healthy.png"),
+        artifacts().join("monitor-broken.png"),
+    );
+    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        ("PAGE_URL", url.as_ref()),
+        ("SERVERS", "2".as_ref()),
+        ("SCREENSHOT_HEALTHY", healthy_shot.as_os_str()),
+        ("SCREENSHOT_BROKEN", broken_shot.as_os_str()),
+        ("TIMEOUT_MS", "60000".as_ref()),
+    ];
+    let result = drive("monitor.mjs", &env, |line| {
+        (line == "PAUSE healthy").then(|| {
+            swarm.servers[1].0.kill9();
+            "go"
+        })
+    });
+    eprintln!("monitor: {result}");
+    let healthy = &result["healthy"];
+    assert_eq!(healthy["health"], "healthy");
+    assert_eq!(numbers(&healthy["blocks"]), vec![1.0; 30], "every block has one server");
+    let rows = healthy["servers"].as_array().expect("server rows");
+    let peers: Vec<&str> = rows.iter().filter_map(|r| r["peer"].as_str()).collect();
+    assert_eq!(peers, [first.as_str(), second.as_str()]);
+    assert!(rows.iter().all(|r| r["state"] == "online"), "{rows:?}");
+    assert!(
+        rows[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("first") && t.contains("0–15")),
+        "{rows:?}"
+    );
+    let broken = &result["broken"];
+    assert_eq!(broken["health"], "broken");
+    let blocks = numbers(&broken["blocks"]);
+    assert_eq!(blocks[..15], [1.0; 15], "{blocks:?}");
+    assert_eq!(blocks[15..], [0.0; 15], "{blocks:?}");
+    let dead = broken["servers"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["peer"] == second.as_str()))
+        .expect("the dead server is listed while its record lives");
+    assert_eq!(dead["state"], "unreachable");
+    assert!(
+        healthy_shot.is_file() && broken_shot.is_file(),
+        "screenshots in {}",
+        artifacts().display()
+    );
 }
 
 /// A private swarm: the page without the key finds no model (its relay connection is dropped

@@ -70,6 +70,8 @@ struct Ui {
     stats: RwSignal<Stats>,
     servers: RwSignal<usize>,
     tune_view: RwSignal<bool>,
+    /// The Monitor view is shown (over either of the others).
+    monitor_view: RwSignal<bool>,
     /// Whether the chat runs with the tuned prompts.
     use_tuned: RwSignal<bool>,
     tune: TuneUi,
@@ -128,6 +130,7 @@ pub fn App() -> impl IntoView {
         stats: RwSignal::new(Stats::default()),
         servers: RwSignal::new(0),
         tune_view: RwSignal::new(params.tune),
+        monitor_view: RwSignal::new(params.monitor),
         use_tuned: RwSignal::new(false),
         tune: TuneUi {
             data: RwSignal::new(String::new()),
@@ -147,19 +150,45 @@ pub fn App() -> impl IntoView {
     };
     let state = SendWrapper::new(Rc::new(State::default()));
 
-    {
+    // The swarm connection and the model load once, when the chat or Tune view first shows
+    // (the Monitor view alone needs neither).
+    let started = Rc::new(Cell::new(false));
+    let ensure_started = {
         let state = state.clone();
         let params = params.clone();
-        spawn_local(async move {
-            if let Err(e) = start(ui, state.clone(), &params).await {
-                ui.status.set(format!("Error: {e}"));
+        SendWrapper::new(Rc::new(move || {
+            if started.replace(true) {
                 return;
             }
-            if params.send && !ui.input.get_untracked().trim().is_empty() {
-                send(ui, state);
-            }
-        });
+            let state = state.clone();
+            let params = params.clone();
+            spawn_local(async move {
+                if let Err(e) = start(ui, state.clone(), &params).await {
+                    ui.status.set(format!("Error: {e}"));
+                    return;
+                }
+                if params.send && !ui.input.get_untracked().trim().is_empty() {
+                    send(ui, state);
+                }
+            });
+        }))
+    };
+    if params.monitor {
+        ui.status.set("Monitor: open Chat or Tune to load a model.".to_string());
+    } else {
+        ensure_started();
     }
+    let show = {
+        let ensure_started = ensure_started.clone();
+        move |tune: bool, monitor: bool| {
+            ui.tune_view.set(tune);
+            ui.monitor_view.set(monitor);
+            if !monitor {
+                ensure_started();
+            }
+        }
+    };
+    let (show_chat, show_tune, show_monitor) = (show.clone(), show.clone(), show);
 
     let on_send = {
         let state = state.clone();
@@ -208,10 +237,14 @@ pub fn App() -> impl IntoView {
             </label>
             <span class="device">"Compute: " <span data-testid="compute-device">{move || ui.device.get()}</span></span>
             <nav>
-                <button data-testid="tab-chat" type="button" class:active=move || !ui.tune_view.get()
-                    on:click=move |_| ui.tune_view.set(false)>"Chat"</button>
-                <button data-testid="tab-tune" type="button" class:active=move || ui.tune_view.get()
-                    on:click=move |_| ui.tune_view.set(true)>"Tune"</button>
+                <button data-testid="tab-chat" type="button"
+                    class:active=move || !ui.tune_view.get() && !ui.monitor_view.get()
+                    on:click=move |_| show_chat(false, false)>"Chat"</button>
+                <button data-testid="tab-tune" type="button"
+                    class:active=move || ui.tune_view.get() && !ui.monitor_view.get()
+                    on:click=move |_| show_tune(true, false)>"Tune"</button>
+                <button data-testid="tab-monitor" type="button" class:active=move || ui.monitor_view.get()
+                    on:click=move |_| show_monitor(false, true)>"Monitor"</button>
             </nav>
         </header>
         <div class="status" data-testid="status">{move || ui.status.get()}</div>
@@ -221,7 +254,8 @@ pub fn App() -> impl IntoView {
                 value=move || ui.progress.get().map_or(0.0, |p| p.0)></progress>
         </Show>
         {tune_view(ui, state.clone())}
-        <main class:hidden=move || ui.tune_view.get()>
+        {crate::monitor::monitor_view(ui.monitor_view)}
+        <main class:hidden=move || ui.tune_view.get() || ui.monitor_view.get()>
             <section class="chat">
                 <div class="messages">
                     <For each=move || ui.messages.get() key=|m| m.id let:m>
@@ -604,7 +638,7 @@ fn tune_view(ui: Ui, state: SendWrapper<Rc<State>>) -> impl IntoView {
         })
     };
     view! {
-        <section class="tune" class:hidden=move || !ui.tune_view.get() data-testid="tune-view">
+        <section class="tune" class:hidden=move || !ui.tune_view.get() || ui.monitor_view.get() data-testid="tune-view">
             <div class="tune-form">
                 <h2>"Prompt tuning"</h2>
                 <p class="hint">

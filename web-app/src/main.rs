@@ -11,6 +11,8 @@ mod client;
 mod compute;
 #[cfg(target_arch = "wasm32")]
 mod fetch;
+#[cfg(target_arch = "wasm32")]
+mod monitor;
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod params;
 #[cfg(target_arch = "wasm32")]

@@ -23,6 +23,8 @@ pub struct PageParams {
     pub remote_head: bool,
     /// `view=tune` opens the Tune view instead of the chat.
     pub tune: bool,
+    /// `view=monitor` opens the Monitor view (and loads no model until the chat is opened).
+    pub monitor: bool,
     /// A private swarm's key as 64 hex digits, from the fragment (`#swarm_key=...`).
     pub swarm_key: Option<String>,
 }
@@ -42,6 +44,7 @@ impl PageParams {
             force_cpu: false,
             remote_head: false,
             tune: false,
+            monitor: false,
             swarm_key: None,
         };
         for pair in search.trim_start_matches('?').split('&').filter(|p| !p.is_empty()) {
@@ -57,7 +60,10 @@ impl PageParams {
                 "model" => out.model = Some(value),
                 "device" => out.force_cpu = value == "cpu",
                 "head" => out.remote_head = value == "remote",
-                "view" => out.tune = value == "tune",
+                "view" => {
+                    out.tune = value == "tune";
+                    out.monitor = value == "monitor";
+                }
                 _ => {}
             }
         }
@@ -117,6 +123,8 @@ mod tests {
         assert_eq!(decode("%E2%82%AC"), "€");
         assert!(PageParams::parse("?view=tune").tune);
         assert!(!PageParams::parse("?view=chat").tune);
+        assert!(PageParams::parse("?view=monitor").monitor);
+        assert!(!PageParams::parse("?view=tune").monitor);
         let key = "ab".repeat(32);
         let p = PageParams::parse("?swarm_key=00").with_fragment(&format!("#x=1&swarm_key={key}"));
         assert_eq!(
