@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::prelude::*;
+use libp2p::Multiaddr;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use swarm::dht;
 use swarm::node::Client;
+use swarm::protocol::ServerInfo;
 
 use crate::args::Balance;
 use crate::relocate::Relocator;
@@ -24,6 +26,10 @@ use crate::span_choice;
 
 /// The longest a check's look at the swarm may take.
 const DISCOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a server not connected to this one gets to answer a dial before it counts as gone.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Addresses tried per server.
+const DIAL_ADDRS: usize = 4;
 
 /// Checks, every random period of mean `balance.period`, whether to move, and moves. Returns
 /// only if a move left the server with nothing to serve.
@@ -42,13 +48,14 @@ where
     loop {
         tokio::time::sleep(balance.period.mul_f64(rng.random_range(0.0..2.0))).await;
         let Some(own) = relocator.span() else { continue };
-        let mut servers = match dht::discover(&client, &fingerprint, Some(num_blocks as u32), DISCOVER_TIMEOUT).await {
+        let listed = match dht::discover(&client, &fingerprint, Some(num_blocks as u32), DISCOVER_TIMEOUT).await {
             Ok(servers) => servers,
             Err(e) => {
                 tracing::debug!(error = %e, "rebalancing: cannot read the swarm; trying later");
                 continue;
             }
         };
+        let mut servers = reachable(&client, listed, &me).await;
         // This server's own record may lag its last move: what it serves is what counts.
         let Some(index) = servers.iter().position(|s| s.peer_id == me) else {
             tracing::debug!("rebalancing: this server's record is not in the DHT yet");
@@ -78,6 +85,30 @@ where
         );
         relocator.move_to(start).await?;
     }
+}
+
+/// The servers among `servers` that this one can reach now: those it is connected to, and
+/// those that answer a dial (all dialed at once, [`DIAL_TIMEOUT`] each). A server that died
+/// keeps a live record until it expires, and must not count as covering its blocks meanwhile.
+async fn reachable(client: &Client, servers: Vec<ServerInfo>, me: &str) -> Vec<ServerInfo> {
+    let checks = servers.into_iter().map(|s| async move {
+        if s.peer_id == me {
+            return Some(s);
+        }
+        for addr in s
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .take(DIAL_ADDRS)
+        {
+            if let Ok(Ok(())) = tokio::time::timeout(DIAL_TIMEOUT, client.dial(addr)).await {
+                return Some(s);
+            }
+        }
+        tracing::debug!(peer = %s.peer_id, "rebalancing: a listed server does not answer; not counted");
+        None
+    });
+    futures::future::join_all(checks).await.into_iter().flatten().collect()
 }
 
 /// A seed of its own for each server and start: servers must not draw the same periods.
