@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::prelude::*;
+use futures::StreamExt;
 use libp2p::Multiaddr;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -30,6 +31,8 @@ const DISCOVER_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// Addresses tried per server.
 const DIAL_ADDRS: usize = 4;
+/// Servers dialed at once (a model may list hundreds).
+const MAX_DIALS: usize = 32;
 
 /// Checks, every random period of mean `balance.period`, whether to move, and moves. Returns
 /// only if a move left the server with nothing to serve.
@@ -88,7 +91,7 @@ where
 }
 
 /// The servers among `servers` that this one can reach now: those it is connected to, and
-/// those that answer a dial (all dialed at once, [`DIAL_TIMEOUT`] each). A server that died
+/// those that answer a dial ([`MAX_DIALS`] at once, [`DIAL_TIMEOUT`] each). A server that died
 /// keeps a live record until it expires, and must not count as covering its blocks meanwhile.
 async fn reachable(client: &Client, servers: Vec<ServerInfo>, me: &str) -> Vec<ServerInfo> {
     let checks = servers.into_iter().map(|s| async move {
@@ -108,7 +111,11 @@ async fn reachable(client: &Client, servers: Vec<ServerInfo>, me: &str) -> Vec<S
         tracing::debug!(peer = %s.peer_id, "rebalancing: a listed server does not answer; not counted");
         None
     });
-    futures::future::join_all(checks).await.into_iter().flatten().collect()
+    futures::stream::iter(checks)
+        .buffer_unordered(MAX_DIALS)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
 }
 
 /// A seed of its own for each server and start: servers must not draw the same periods.

@@ -326,8 +326,10 @@ impl RemoteChain {
             peer: self.client.peer_id(),
         })?;
         let mut last = String::from("no candidate");
-        for _ in 0..=self.config.max_failovers {
-            let route = if patient {
+        for attempt in 0..=self.config.max_failovers {
+            // After a server failed here, a gap it leaves is the swarm healing, not a swarm
+            // without the blocks: wait for it as a failover does.
+            let route = if patient || attempt > 0 {
                 self.plan_patiently(start, end).await?
             } else {
                 self.plan(start, end).await?

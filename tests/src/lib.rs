@@ -259,30 +259,29 @@ impl Swarm {
     }
 }
 
-/// The relay's swarm monitor, `GET /corolla/v1/state` on 127.0.0.1:`port`.
-pub fn monitor_state(port: u16) -> serde_json::Value {
+/// `GET path` over plain HTTP/1.1 from 127.0.0.1:`port`: the whole response, which must be a 200.
+pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("relay HTTP");
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("HTTP on port {port}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /corolla/v1/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "GET {path}: {out}");
+    out
+}
+
+/// The relay's swarm monitor, `GET /corolla/v1/state` on 127.0.0.1:`port`.
+pub fn monitor_state(port: u16) -> serde_json::Value {
+    let out = http_get(port, "/corolla/v1/state");
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b).expect("a body");
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
 /// `GET /metrics` (Prometheus text) from a `--metrics-listen` on 127.0.0.1:`port`.
 pub fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = http_get(port, "/metrics");
     assert!(out.contains("application/openmetrics-text"), "{out}");
     out
 }
