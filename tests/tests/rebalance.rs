@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corolla_tests::{
-    Swarm, bin, csv, deep_fixture, free_port, golden_rows, monitor_state, sample, scrape, try_sample, wait_for_state,
+    Swarm, bin, csv, deep_fixture, free_port, golden_rows, sample, scrape, try_sample, wait_for_state,
 };
 
 /// Blocks of the model the tests run: room for spans of 3 to move in.
@@ -361,5 +361,4 @@ fn generations_under_churn_give_the_undisturbed_tokens() {
         "{n} generations, {joins} joins, {leaves} clean leaves, {kills} kill -9 in {:?}",
         started.elapsed()
     );
-    let _ = monitor_state(port);
 }
