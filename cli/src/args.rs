@@ -190,6 +190,15 @@ pub struct GenerateArgs {
     /// Never stop before --max-new-tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Speculative decoding: draft up to K tokens by prompt lookup (n-grams of the context)
+    /// and check them in one step of K + 1 positions; 0 turns it off. Greedy output stays
+    /// the same, and so does sampling's distribution.
+    #[arg(long, default_value_t = 0, value_name = "K", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub speculative: u16,
+    /// Draft with this small model (same tokenizer; a folder, `.gguf` or Hub id, run on
+    /// this machine) instead of prompt lookup.
+    #[arg(long, value_name = "MODEL", requires = "speculative")]
+    pub draft: Option<PathBuf>,
     /// Print one JSON object {"prompt_ids", "token_ids", "text"} instead of streaming text.
     #[arg(long)]
     pub json: bool,

@@ -339,6 +339,7 @@ fn time_model<B: Backend>(
             sampling: SamplingParams::default(),
             stop_ids: Vec::new(),
             ignore_eos: true,
+            speculative: 0,
         };
         let mut blocks = LocalBlocks::new(&spans)?;
         let mut times = Vec::with_capacity(tokens);

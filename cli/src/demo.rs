@@ -88,6 +88,7 @@ fn terminal(args: DemoArgs, path: std::path::PathBuf) -> Result<()> {
             },
             stop_ids: files.stop_ids.clone(),
             ignore_eos: false,
+            speculative: 0,
         };
         let mut stream = tokenizer.stream(true);
         let mut stdout = std::io::stdout().lock();

@@ -4,10 +4,11 @@ use std::ops::ControlFlow;
 use anyhow::{Context, Result, bail};
 use burn::prelude::Backend;
 use burn::prelude::{Tensor, TensorData};
-use shared_model::generate::{GenerateParams, LocalBlocks, generate_with_prefix};
+use shared_model::generate::{GenerateParams, LocalBlocks, generate_drafted};
 use shared_model::layers::lora::LoraAdapter;
 use shared_model::loader::ModelFiles;
 use shared_model::sampling::SamplingParams;
+use shared_model::speculative::{Drafter, ModelDrafter, PromptLookup};
 use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
 use std::path::Path;
@@ -56,6 +57,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         sampling,
         stop_ids: files.stop_ids.clone(),
         ignore_eos: args.ignore_eos,
+        speculative: usize::from(args.speculative),
     };
     let backend = args.backend;
     let prompts = match &args.prompts {
@@ -200,10 +202,17 @@ struct Timing {
     ms_per_token: Option<f64>,
     /// Each token's time since the previous one (the first: since the start).
     token_ms: Vec<f64>,
+    /// Speculative decoding (`--speculative`): mean draft tokens accepted per decode step
+    /// (0 without speculation).
+    accepted_per_step: f64,
+    /// Accepted draft tokens over those proposed (`None` when none were proposed).
+    acceptance_rate: Option<f64>,
+    /// Steps through the blocks after the prompt's.
+    decode_steps: usize,
 }
 
 impl Timing {
-    fn new(start: std::time::Instant, stamps: &[std::time::Instant]) -> Self {
+    fn new(start: std::time::Instant, stamps: &[std::time::Instant], drafts: &DraftCount) -> Self {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
         let mut last = start;
         let token_ms = stamps
@@ -223,7 +232,37 @@ impl Timing {
                 _ => None,
             },
             token_ms,
+            accepted_per_step: if drafts.steps == 0 {
+                0.0
+            } else {
+                drafts.accepted as f64 / drafts.steps as f64
+            },
+            acceptance_rate: (drafts.proposed > 0).then(|| drafts.accepted as f64 / drafts.proposed as f64),
+            decode_steps: drafts.steps,
         }
+    }
+}
+
+/// Row 0's speculative decoding, counted from its token events.
+#[derive(Default)]
+struct DraftCount {
+    /// Decode steps (the prompt's excluded).
+    steps: usize,
+    proposed: usize,
+    accepted: usize,
+    last_step: Option<usize>,
+}
+
+impl DraftCount {
+    fn add(&mut self, event: &shared_model::generate::TokenEvent) {
+        if self.last_step != Some(event.step) {
+            self.last_step = Some(event.step);
+            if event.step > 0 {
+                self.steps += 1;
+                self.proposed += event.proposed;
+            }
+        }
+        self.accepted += usize::from(event.drafted);
     }
 }
 
@@ -254,6 +293,7 @@ impl OnBackend for Job<'_> {
             blocks = blocks.with_lora(adapter)?;
         }
         let prefix = self.prompts.as_ref().map(|p| upload_prompt::<B>(p, &device));
+        let mut drafter = drafter::<B>(self.files, self.args, &self.params, self.prompt_ids.len(), &device)?;
         emit(
             self.files,
             self.args,
@@ -261,18 +301,45 @@ impl OnBackend for Job<'_> {
             &self.params,
             None,
             |params, on_token| {
-                Ok(generate_with_prefix(
+                Ok(generate_drafted(
                     &model.embeddings,
                     &model.head,
                     &mut blocks,
                     &[self.prompt_ids.clone()],
                     prefix.as_ref(),
                     params,
+                    drafter.as_mut(),
                     on_token,
                 )?)
             },
         )
     }
+}
+
+/// The drafts' source for `--speculative`: `--draft`'s model on `device`, else prompt lookup.
+pub fn drafter<B: Backend>(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    params: &GenerateParams,
+    prompt_len: usize,
+    device: &B::Device,
+) -> Result<Box<dyn Drafter>> {
+    let Some(path) = args.draft.as_ref().filter(|_| params.speculative > 0) else {
+        return Ok(Box::new(PromptLookup::default()));
+    };
+    let mut draft_files = crate::fetch::open_model(path, args.cache_dir.clone())
+        .with_context(|| format!("cannot open the draft model {}", path.display()))?;
+    args.quant.apply(&mut draft_files);
+    let (ours, theirs) = (files.config.vocab_size, draft_files.config.vocab_size);
+    if ours != theirs {
+        bail!(
+            "the draft model {} has a vocabulary of {theirs} tokens, the model {ours}: a draft model must share the tokenizer",
+            path.display()
+        );
+    }
+    let model = crate::fetch::load_local::<B>(&draft_files, device).context("cannot load the draft model")?;
+    let max_len = prompt_len + params.max_new_tokens + params.speculative;
+    Ok(Box::new(ModelDrafter::new(model, &params.sampling, max_len)?))
 }
 
 /// Runs `generate` and prints its tokens: streamed text, or one JSON object at the end.
@@ -297,9 +364,11 @@ pub fn emit(
         let mut write_error = None;
         let start = std::time::Instant::now();
         let mut stamps = Vec::new();
+        let mut drafts = DraftCount::default();
         let out = generate(params, &mut |event| {
             if event.row == 0 {
                 stamps.push(std::time::Instant::now());
+                drafts.add(&event);
             }
             let piece = match stream.as_mut() {
                 Some(s) => s.push(event.token).unwrap_or_default(),
@@ -328,7 +397,7 @@ pub fn emit(
                 prompt_ids,
                 token_ids: &token_ids,
                 text: &text,
-                timing: Timing::new(start, &stamps),
+                timing: Timing::new(start, &stamps, &drafts),
                 verify: verify.map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             };
             writeln!(stdout, "{}", serde_json::to_string(&object)?)?;

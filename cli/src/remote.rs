@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use shared_model::fingerprint::fingerprint;
-use shared_model::generate::{GenerateParams, generate_with_prefix};
+use shared_model::generate::{GenerateParams, generate_drafted};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{Embeddings, LmHead};
 use shared_model::tuning::Prompts;
@@ -161,16 +161,18 @@ pub fn run(
     }
     remote_config.deep_prompts = prompts.as_ref().and_then(|p| p.deep.clone());
     let prefix = prompts.map(|p| crate::generate::upload_prompt::<Cpu>(&p, &device));
-    let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device);
+    let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device.clone());
     let report = blocks.verify_report();
+    let mut drafter = crate::generate::drafter::<Cpu>(files, args, &params, prompt_ids.len(), &device)?;
     let result = emit(files, args, &prompt_ids, &params, Some(report), |params, on_token| {
-        Ok(generate_with_prefix(
+        Ok(generate_drafted(
             &embeddings,
             &head,
             &mut blocks,
             &[prompt_ids.clone()],
             prefix.as_ref(),
             params,
+            drafter.as_mut(),
             on_token,
         )?)
     });

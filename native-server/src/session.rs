@@ -158,7 +158,7 @@ where
             }
             Err(e) => return Err(io_refusal(e)),
         };
-        let (step, hidden) = match request {
+        let (step, hidden, start_from) = match request {
             SessionRequest::Close => return Ok(()),
             SessionRequest::Open { .. } => {
                 drop(memory);
@@ -170,11 +170,24 @@ where
                 .await?;
                 continue;
             }
-            SessionRequest::Step { step, hidden } => (step, hidden),
+            SessionRequest::Step {
+                step,
+                hidden,
+                start_from,
+            } => (step, hidden, start_from),
         };
-        let Some(c) = cache.take() else {
+        let Some(mut c) = cache.take() else {
             return Err(refuse(ErrorKind::Internal, "session cache lost"));
         };
+        if let Some(to) = start_from
+            && let Err(e) = roll_back(&mut c, to)
+        {
+            cache = Some(c);
+            drop(memory);
+            ctx.metrics.error(e.kind);
+            reply(ctx, stream, &SessionResponse::Error(e)).await?;
+            continue;
+        }
         let stepping = std::time::Instant::now();
         let (back, response, fatal) = run_step(ctx, peer, session, &opened, c, &hidden, &mut memory).await;
         drop(hidden);
@@ -212,6 +225,21 @@ async fn reply<B: Backend>(
     io::write(stream, response, limits.wire.max_frame_bytes, limits.write_timeout)
         .await
         .map_err(io_refusal)
+}
+
+/// Rolls the session's cache back to `to` positions (`Step::start_from`): what speculative
+/// decoding rejected is forgotten. Rolling forward is refused; the cache is unchanged then.
+fn roll_back<B: Backend>(cache: &mut SpanCache<B>, to: u64) -> Result<(), ProtocolError> {
+    let len = cache.len;
+    usize::try_from(to)
+        .ok()
+        .and_then(|to| cache.truncate(to).ok())
+        .ok_or_else(|| {
+            refuse(
+                ErrorKind::BadRequest,
+                format!("start_from {to} is past the {len} positions this session holds"),
+            )
+        })
 }
 
 /// Validates `Open` into the session's parameters and the rows' padding.

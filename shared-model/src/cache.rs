@@ -16,6 +16,9 @@ pub enum CacheError {
         values: Vec<usize>,
         expected: Vec<usize>,
     },
+    /// A rollback past what the cache holds.
+    #[error("cannot roll the KV cache back to {to} positions: it holds {len}")]
+    Rollback { to: usize, len: usize },
 }
 
 /// Keys and values of one block for one session.
@@ -185,6 +188,18 @@ impl<B: Backend> LayerCache<B> {
     }
 }
 
+impl<B: Backend> LayerCache<B> {
+    /// Forgets every position from `len` on (speculative decoding's rejected drafts): the
+    /// next append writes over them. The buffers keep their room.
+    pub fn truncate(&mut self, len: usize) -> Result<(), CacheError> {
+        if len > self.len {
+            return Err(CacheError::Rollback { to: len, len: self.len });
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
 impl<B: Backend> Default for LayerCache<B> {
     fn default() -> Self {
         Self::new()
@@ -260,6 +275,20 @@ impl<B: Backend> SpanCache<B> {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Rolls every layer back to the first `len` positions (padding included), as Petals'
+    /// `start_from_position`: a step after it continues from there. Fails, changing nothing,
+    /// past what the cache holds.
+    pub fn truncate(&mut self, len: usize) -> Result<(), CacheError> {
+        if len > self.len || self.layers.iter().any(|l| l.len() < len) {
+            return Err(CacheError::Rollback { to: len, len: self.len });
+        }
+        for layer in &mut self.layers {
+            layer.truncate(len)?;
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Positions allocated over every layer and batch row, for one of K and V.

@@ -10,6 +10,7 @@ use crate::error::ModelError;
 use crate::layers::lora::{LoraAdapter, LoraSpan};
 use crate::model::{BlockSpan, DEFAULT_CHUNK_TOKENS, Embeddings, LmHead, to_host};
 use crate::sampling::{Sampler, SamplingError, SamplingParams};
+use crate::speculative::{self, Draft, Drafter, PromptLookup};
 
 /// Runs hidden states through every block of the model, keeping per-session state.
 pub trait BlockRunner<B: Backend> {
@@ -25,6 +26,10 @@ pub trait BlockRunner<B: Backend> {
     /// - `hidden`: `[batch, new, hidden]`
     /// - returns `[batch, new, hidden]`, the last block's raw output
     fn step(&mut self, hidden: Tensor<B, 3>) -> Result<Tensor<B, 3>, Self::Error>;
+
+    /// Forgets every position from `len` on (padding included), as if only the first `len`
+    /// had been fed: speculative decoding's rejected drafts. The next step continues there.
+    fn rollback(&mut self, len: usize) -> Result<(), Self::Error>;
 }
 
 /// Errors of a local generation.
@@ -141,6 +146,13 @@ impl<B: Backend> BlockRunner<B> for LocalBlocks<'_, B> {
         }
         Ok(h)
     }
+
+    fn rollback(&mut self, len: usize) -> Result<(), GenerateError> {
+        for cache in &mut self.caches {
+            cache.truncate(len).map_err(ModelError::from)?;
+        }
+        Ok(())
+    }
 }
 
 /// What to generate.
@@ -152,6 +164,23 @@ pub struct GenerateParams {
     pub stop_ids: Vec<u32>,
     /// Never stop before `max_new_tokens`.
     pub ignore_eos: bool,
+    /// Draft tokens checked per step (speculative decoding, see [`crate::speculative`]);
+    /// 0 turns it off. The tokens' distribution does not change, nor greedy output.
+    pub speculative: usize,
+}
+
+impl GenerateParams {
+    /// `max_new_tokens` tokens with these sampling settings, stopping at `stop_ids`, without
+    /// speculation.
+    pub fn new(max_new_tokens: usize, sampling: SamplingParams, stop_ids: Vec<u32>) -> Self {
+        Self {
+            max_new_tokens,
+            sampling,
+            stop_ids,
+            ignore_eos: false,
+            speculative: 0,
+        }
+    }
 }
 
 /// One generated token, as it is produced.
@@ -161,6 +190,12 @@ pub struct TokenEvent {
     pub token: u32,
     /// Whether this token ends the row (a stop token).
     pub last: bool,
+    /// Whether it is a draft the model accepted (it came in the same step as the one before).
+    pub drafted: bool,
+    /// The step through the blocks that gave it (0: the prompt's).
+    pub step: usize,
+    /// How many draft tokens this row had checked in that step.
+    pub proposed: usize,
 }
 
 /// Generates up to `max_new_tokens` for each prompt (rows may differ in length: they are
@@ -181,6 +216,7 @@ pub fn generate<B: Backend, R: BlockRunner<B>>(
 
 /// [`generate`] with a trained input prompt (see [`crate::tuning`]) placed before every row's
 /// tokens, right after its left padding. Deep prompts, if any, are the block runner's business.
+/// With `params.speculative > 0`, drafts come from prompt lookup ([`PromptLookup`]).
 ///
 /// # Shapes
 /// - `prefix`: `[prefix_len, hidden]`
@@ -191,6 +227,33 @@ pub fn generate_with_prefix<B: Backend, R: BlockRunner<B>>(
     prompts: &[Vec<u32>],
     prefix: Option<&Tensor<B, 2>>,
     params: &GenerateParams,
+    on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
+) -> Result<Vec<Vec<u32>>, R::Error> {
+    generate_drafted(
+        embeddings,
+        head,
+        blocks,
+        prompts,
+        prefix,
+        params,
+        &mut PromptLookup::default(),
+        on_token,
+    )
+}
+
+/// [`generate_with_prefix`] with drafts from `drafter` (used when `params.speculative > 0`).
+///
+/// # Shapes
+/// - `prefix`: `[prefix_len, hidden]`
+#[allow(clippy::too_many_arguments)]
+pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
+    embeddings: &Embeddings<B>,
+    head: &LmHead<B>,
+    blocks: &mut R,
+    prompts: &[Vec<u32>],
+    prefix: Option<&Tensor<B, 2>>,
+    params: &GenerateParams,
+    drafter: &mut dyn Drafter,
     mut on_token: impl FnMut(TokenEvent) -> ControlFlow<()>,
 ) -> Result<Vec<Vec<u32>>, R::Error> {
     let batch = prompts.len();
@@ -219,6 +282,10 @@ pub fn generate_with_prefix<B: Backend, R: BlockRunner<B>>(
     let prefix_len = prefix.map_or(0, |p| p.dims()[0]);
     blocks.start(pad.clone(), prefix_len + longest + params.max_new_tokens)?;
     let mut input = padded;
+    let mut drafts: Vec<Draft> = vec![Draft::default(); batch];
+    // Positions fed to the blocks so far (padding and prefix included).
+    let mut fed = 0;
+    let mut step = 0;
     let mut first = true;
     loop {
         let x = match prefix {
@@ -228,32 +295,90 @@ pub fn generate_with_prefix<B: Backend, R: BlockRunner<B>>(
         first = false;
         let hidden = blocks.step(x)?;
         let t = hidden.dims()[1];
-        let logits = to_host(head.forward(hidden.narrow(1, t - 1, 1)));
+        fed += t;
+        // Logits of the last real token and of every draft position after it.
+        let k = drafts.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
+        let logits = to_host(head.forward(hidden.narrow(1, t - 1 - k, k + 1)));
         let vocab = logits.shape[2];
-        let mut next = Vec::with_capacity(batch);
-        for row in 0..batch {
-            if done[row] {
-                // Finished rows keep stepping with their last token; nothing is recorded.
-                next.push(vec![*history[row].last().unwrap_or(&pad_id)]);
-                continue;
+        let row_logits = |row: usize| {
+            let data = &logits.data;
+            move |j: usize| data[(row * (k + 1) + j) * vocab..(row * (k + 1) + j + 1) * vocab].to_vec()
+        };
+        let active: Vec<usize> = (0..batch).filter(|&r| !done[r]).collect();
+        // Every row keeps as many drafts as the one that kept fewest: the caches of a batch
+        // roll back together.
+        let limit = if active.len() > 1 && k > 0 {
+            active
+                .iter()
+                .map(|&r| {
+                    let mut trial = samplers[r].clone();
+                    speculative::check(&mut trial, row_logits(r), &history[r], &drafts[r], k).accepted
+                })
+                .min()
+                .unwrap_or(0)
+        } else {
+            k
+        };
+        let mut kept = limit;
+        for &row in &active {
+            let checked = speculative::check(&mut samplers[row], row_logits(row), &history[row], &drafts[row], limit);
+            kept = kept.min(checked.tokens.len() - 1);
+            for (i, &token) in checked.tokens.iter().enumerate() {
+                history[row].push(token);
+                out[row].push(token);
+                let stop = !params.ignore_eos && params.stop_ids.contains(&token);
+                let full = out[row].len() >= params.max_new_tokens;
+                let flow = on_token(TokenEvent {
+                    row,
+                    token,
+                    last: stop || full,
+                    drafted: i < checked.accepted,
+                    step,
+                    proposed: drafts[row].tokens.len(),
+                });
+                if stop || full || flow.is_break() {
+                    done[row] = true;
+                    break;
+                }
             }
-            let mut row_logits = logits.data[row * vocab..(row + 1) * vocab].to_vec();
-            let token = samplers[row].sample(&mut row_logits, &history[row]);
-            history[row].push(token);
-            out[row].push(token);
-            let stop = !params.ignore_eos && params.stop_ids.contains(&token);
-            let full = out[row].len() >= params.max_new_tokens;
-            let flow = on_token(TokenEvent {
-                row,
-                token,
-                last: stop || full,
-            });
-            done[row] = stop || full || flow.is_break();
-            next.push(vec![token]);
         }
         if done.iter().all(|&d| d) {
             return Ok(out);
         }
-        input = next;
+        step += 1;
+        // The last real token and `kept` drafts stay in the caches.
+        if kept < k {
+            fed -= k - kept;
+            blocks.rollback(fed)?;
+        }
+        let made = (0..batch)
+            .filter(|&r| !done[r])
+            .map(|r| out[r].len())
+            .max()
+            .unwrap_or(0);
+        // Room for the drafts and the token after them, within what the caches reserved.
+        let room = params.max_new_tokens.saturating_sub(made + 1);
+        let want = params.speculative.min(room);
+        for row in 0..batch {
+            drafts[row] = if done[row] || want == 0 {
+                Draft::default()
+            } else {
+                let mut d = drafter.draft(row, &history[row], want)?;
+                d.tokens.truncate(want);
+                d
+            };
+        }
+        let width = drafts.iter().map(|d| d.tokens.len()).max().unwrap_or(0) + 1;
+        input = (0..batch)
+            .map(|row| {
+                // Finished rows keep stepping with their last token; nothing is recorded.
+                let last = *history[row].last().unwrap_or(&pad_id);
+                let mut ids = Vec::with_capacity(width);
+                ids.push(last);
+                ids.extend_from_slice(&drafts[row].tokens);
+                ids.resize(width, last);
+                ids
+            })
+            .collect();
     }
 }

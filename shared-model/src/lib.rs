@@ -24,6 +24,7 @@ pub mod precision;
 pub mod progress;
 pub mod quant;
 pub mod sampling;
+pub mod speculative;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod tuning;

@@ -111,14 +111,21 @@ impl Sampler {
     /// penalty; the tokens this sampler picked before feed the presence and frequency
     /// penalties. `logits` is modified in place.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        let token = self.pick(logits, history);
-        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
-            *self.picked.entry(token).or_default() += 1;
-        }
+        let dist = self.distribution(logits, history);
+        let token = self.draw(&dist);
+        self.record(token);
         token
     }
 
-    fn pick(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Whether this sampler always takes the most likely token (and draws no random numbers).
+    pub fn is_greedy(&self) -> bool {
+        self.params.is_greedy()
+    }
+
+    /// What [`Self::sample`] draws from: the next token's distribution after every logits
+    /// processor (penalties, temperature, top-k, top-p); greedy: all the mass on the argmax.
+    /// Changes nothing but `logits`.
+    pub fn distribution(&self, logits: &mut [f32], history: &[u32]) -> Distribution {
         let p = &self.params;
         for (&t, &count) in &self.picked {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -142,7 +149,7 @@ impl Sampler {
             }
         }
         if p.is_greedy() {
-            return argmax(logits);
+            return Distribution::point(argmax(logits));
         }
         let inv_t = 1.0 / p.temperature;
         let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
@@ -171,14 +178,90 @@ impl Sampler {
             let total: f64 = probs.iter().sum();
             probs.iter_mut().for_each(|q| *q /= total);
         }
-        let mut r: f64 = self.rng.random::<f64>();
-        for (i, q) in probs.iter().enumerate() {
+        Distribution {
+            tokens: candidates.into_iter().map(|(t, _)| t).collect(),
+            probs,
+        }
+    }
+
+    /// Draws a token from `dist` with this sampler's random numbers (none when greedy).
+    pub fn draw(&mut self, dist: &Distribution) -> u32 {
+        if self.params.is_greedy() {
+            return dist.tokens.first().copied().unwrap_or(0);
+        }
+        let r = self.uniform();
+        dist.at(r)
+    }
+
+    /// A uniform number in `[0, 1)` from this sampler's stream (speculative sampling's
+    /// acceptance test).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Counts `token` as picked (the presence and frequency penalties): what
+    /// [`Self::sample`] does after its draw, for a token chosen otherwise (an accepted draft).
+    pub fn record(&mut self, token: u32) {
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.picked.entry(token).or_default() += 1;
+        }
+    }
+}
+
+/// A next-token distribution: candidate tokens, most likely first, with their
+/// probabilities (summing to 1); tokens not listed have probability 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Distribution {
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f64>,
+}
+
+impl Distribution {
+    /// All the mass on `token`.
+    pub fn point(token: u32) -> Self {
+        Self {
+            tokens: vec![token],
+            probs: vec![1.0],
+        }
+    }
+
+    /// The probability of `token`.
+    pub fn prob(&self, token: u32) -> f64 {
+        self.tokens
+            .iter()
+            .position(|&t| t == token)
+            .map_or(0.0, |i| self.probs[i])
+    }
+
+    /// The token at cumulative mass `r` (0 <= r < 1): a draw when `r` is uniform.
+    pub fn at(&self, mut r: f64) -> u32 {
+        for (i, q) in self.probs.iter().enumerate() {
             if r < *q {
-                return candidates[i].0;
+                return self.tokens[i];
             }
             r -= q;
         }
-        candidates[probs.len() - 1].0
+        self.tokens.last().copied().unwrap_or(0)
+    }
+
+    /// `max(0, self - other)`, normalised: what speculative sampling draws from when it
+    /// rejects a draft drawn from `other`. `None` when nothing is left (`other` covers `self`).
+    pub fn residual(&self, other: &Distribution) -> Option<Distribution> {
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        let mut probs = Vec::with_capacity(self.tokens.len());
+        for (&t, &p) in self.tokens.iter().zip(&self.probs) {
+            let left = p - other.prob(t);
+            if left > 0.0 {
+                tokens.push(t);
+                probs.push(left);
+            }
+        }
+        let total: f64 = probs.iter().sum();
+        if !(total > 1e-12) {
+            return None;
+        }
+        probs.iter_mut().for_each(|q| *q /= total);
+        Some(Distribution { tokens, probs })
     }
 }
 

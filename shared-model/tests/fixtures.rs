@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
-use shared_model::generate::{GenerateParams, LocalBlocks, generate};
+use shared_model::ModelError;
+use shared_model::generate::{GenerateParams, LocalBlocks, TokenEvent, generate, generate_drafted};
 use shared_model::loader::{LocalModel, ModelFiles};
 use shared_model::model::{BlockSpan, next_token_loss, to_host};
 use shared_model::sampling::SamplingParams;
+use shared_model::speculative::{Draft, Drafter, ModelDrafter, PromptLookup};
 use shared_model::weights::{SafetensorsSource, WeightSource};
 use shared_model::{Cpu, CpuAutodiff};
 
@@ -113,6 +115,7 @@ fn check_family(family: &str) {
         sampling: SamplingParams::greedy(),
         stop_ids: files.stop_ids.clone(),
         ignore_eos: true,
+        speculative: 0,
     };
     let mut blocks = LocalBlocks::new(&model.spans).expect("spans cover the model");
     let out = generate(&model.embeddings, &model.head, &mut blocks, &ids, &params, |_| {
@@ -174,6 +177,227 @@ fn falcon_matches_transformers() {
     check_family("falcon");
 }
 
+/// Proposes each row's known continuation with every third token wrong: drafts are kept,
+/// cut short and rejected in every pattern, and the rows of a batch disagree on how many.
+struct Oracle {
+    /// Each row's whole expected sequence (prompt and generated tokens).
+    rows: Vec<Vec<u32>>,
+    vocab: u32,
+}
+
+impl Drafter for Oracle {
+    fn draft(&mut self, row: usize, history: &[u32], k: usize) -> Result<Draft, ModelError> {
+        let full = &self.rows[row];
+        let from = history.len().min(full.len());
+        let tokens = full[from..(from + k).min(full.len())]
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if (from + i + row) % 3 == 0 {
+                    (t + 1) % self.vocab
+                } else {
+                    t
+                }
+            })
+            .collect();
+        Ok(Draft { tokens, dists: None })
+    }
+}
+
+/// Speculative greedy decoding gives transformers' greedy tokens on every family, whatever
+/// the drafts: prompt lookup, a half-right oracle (rollbacks of every length, rows of a batch
+/// holding each other back), and a draft model (the model itself: everything is accepted).
+#[test]
+fn speculative_greedy_matches_transformers() {
+    for family in ["llama", "mistral", "mixtral", "qwen2", "bloom", "falcon"] {
+        let files = ModelFiles::open(&fixture(family)).expect("fixture opens");
+        let golden = Golden::open(family);
+        let ids = golden.ids("input_ids");
+        let generated = golden.ids("generated");
+        let seq = ids[0].len();
+        let device = Default::default();
+        let model = LocalModel::<Cpu>::load(&files, &device).expect("fixture loads");
+        for k in [1, 4] {
+            let params = GenerateParams {
+                max_new_tokens: generated[0].len() - seq,
+                sampling: SamplingParams::greedy(),
+                stop_ids: files.stop_ids.clone(),
+                ignore_eos: true,
+                speculative: k,
+            };
+            let vocab = files.config.vocab_size as u32;
+            let mut oracle = Oracle {
+                rows: generated.clone(),
+                vocab,
+            };
+            let draft_model = LocalModel::<Cpu>::load(&files, &device).expect("fixture loads");
+            let max_len = generated[0].len() + k;
+            let mut itself = ModelDrafter::new(draft_model, &params.sampling, max_len).expect("drafter");
+            let drafters: [(&str, &mut dyn Drafter); 3] = [
+                ("prompt lookup", &mut PromptLookup::default()),
+                ("oracle", &mut oracle),
+                ("draft model", &mut itself),
+            ];
+            for (name, drafter) in drafters {
+                let mut blocks = LocalBlocks::new(&model.spans).expect("spans cover the model");
+                let mut events: Vec<TokenEvent> = Vec::new();
+                let out = generate_drafted(
+                    &model.embeddings,
+                    &model.head,
+                    &mut blocks,
+                    &ids,
+                    None,
+                    &params,
+                    drafter,
+                    |e| {
+                        events.push(e);
+                        std::ops::ControlFlow::Continue(())
+                    },
+                )
+                .expect("generate");
+                for row in 0..ids.len() {
+                    assert_eq!(out[row], generated[row][seq..], "{family} k={k} {name} row {row}");
+                }
+                let accepted = events.iter().filter(|e| e.drafted).count();
+                let proposed: usize = events
+                    .iter()
+                    .filter(|e| e.row == 0 && !e.drafted)
+                    .map(|e| e.proposed)
+                    .sum();
+                let steps = events.iter().filter(|e| e.row == 0).map(|e| e.step).max().unwrap_or(0);
+                let new = params.max_new_tokens;
+                match name {
+                    "oracle" => assert!(
+                        accepted > 0 && accepted < proposed * ids.len(),
+                        "{family} k={k}: the oracle's drafts are partly kept ({accepted} of {proposed} a row)"
+                    ),
+                    "draft model" => {
+                        assert!(
+                            steps < new - 1 || k == 1 && steps == (new - 1).div_ceil(2),
+                            "{family} k={k}: {steps} steps for {new} tokens"
+                        );
+                        assert_eq!(
+                            accepted,
+                            ids.len() * (new - 1 - steps),
+                            "{family} k={k}: the model's own drafts are all kept"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Speculative sampling draws from the same distribution as plain sampling: 2,000 seeded runs
+/// each of the first four tokens (temperature 0.02, top-k 3: the fixture's logits are close
+/// together) on the llama fixture, drafting with
+/// a colder copy of the model (it is surer than the model of its top token, so drafts are
+/// rejected often and the residual is drawn from too, and it proposes a fourth token the
+/// model cannot take); a
+/// two-sample chi-square test of the sequences' counts at the 0.1% level.
+#[test]
+fn speculative_sampling_keeps_the_distribution() {
+    let files = ModelFiles::open(&fixture("llama")).expect("fixture opens");
+    let device = Default::default();
+    let model = LocalModel::<Cpu>::load(&files, &device).expect("fixture loads");
+    let prompt = vec![vec![3u32, 14, 15, 9, 2]];
+    let runs = 2000;
+    let sample = |seed: u64, speculative: usize, drafter: &mut dyn Drafter| {
+        let params = GenerateParams {
+            max_new_tokens: 4,
+            sampling: SamplingParams {
+                temperature: 0.02,
+                top_k: Some(3),
+                seed,
+                ..SamplingParams::greedy()
+            },
+            stop_ids: vec![],
+            ignore_eos: true,
+            speculative,
+        };
+        let mut blocks = LocalBlocks::new(&model.spans).expect("spans cover the model");
+        let mut accepted = 0;
+        let out = generate_drafted(
+            &model.embeddings,
+            &model.head,
+            &mut blocks,
+            &prompt,
+            None,
+            &params,
+            drafter,
+            |e| {
+                accepted += usize::from(e.drafted);
+                std::ops::ControlFlow::Continue(())
+            },
+        )
+        .expect("generate");
+        (out.into_iter().next().unwrap_or_default(), accepted)
+    };
+    let cold = SamplingParams {
+        temperature: 0.01,
+        top_k: Some(4),
+        ..SamplingParams::greedy()
+    };
+    let mut plain = std::collections::BTreeMap::<Vec<u32>, [u64; 2]>::new();
+    let mut accepted = 0;
+    for i in 0..runs {
+        let (a, _) = sample(i, 0, &mut PromptLookup::default());
+        plain.entry(a).or_default()[0] += 1;
+        let draft_model = LocalModel::<Cpu>::load(&files, &device).expect("fixture loads");
+        let mut drafter = ModelDrafter::new(
+            draft_model,
+            &SamplingParams {
+                seed: i,
+                ..cold.clone()
+            },
+            16,
+        )
+        .expect("drafter");
+        let (b, n) = sample(1_000_000 + i, 3, &mut drafter);
+        accepted += n;
+        plain.entry(b).or_default()[1] += 1;
+    }
+    assert!(
+        accepted > runs as usize / 2 && accepted < 3 * runs as usize,
+        "drafts are both kept and rejected: {accepted} kept in {runs} runs"
+    );
+    // Pool the rare sequences so every cell expects at least 5 of each sample.
+    let mut cells: Vec<[u64; 2]> = Vec::new();
+    let mut rare = [0u64; 2];
+    for counts in plain.values() {
+        if counts[0] + counts[1] >= 10 {
+            cells.push(*counts);
+        } else {
+            rare[0] += counts[0];
+            rare[1] += counts[1];
+        }
+    }
+    if rare[0] + rare[1] > 0 {
+        cells.push(rare);
+    }
+    let n = runs as f64;
+    let chi2: f64 = cells
+        .iter()
+        .map(|c| {
+            let expected = (c[0] + c[1]) as f64 / 2.0;
+            (c[0] as f64 - expected).powi(2) / expected + (c[1] as f64 - expected).powi(2) / expected
+        })
+        .sum();
+    let df = (cells.len() - 1) as f64;
+    // The 99.9% quantile of chi-square(df) (Wilson-Hilferty).
+    let h = 2.0 / (9.0 * df);
+    let bound = df * (1.0 - h + 3.09 * h.sqrt()).powi(3);
+    eprintln!(
+        "speculative sampling: chi-square {chi2:.1}, {df} degrees of freedom, bound {bound:.1}; {accepted} drafts kept in {runs} runs"
+    );
+    assert!(df >= 5.0, "too few distinct sequences to test: {cells:?}");
+    assert!(
+        chi2 < bound,
+        "chi-square {chi2:.1} over {df} degrees of freedom exceeds {bound:.1} ({n} runs each): {cells:?}"
+    );
+}
+
 /// A span of a sharded checkpoint opens exactly the shards that hold its tensors.
 #[test]
 fn sharded_span_opens_only_its_shards() {
@@ -221,6 +445,7 @@ fn left_padding_matches_unpadded_runs() {
             sampling: SamplingParams::greedy(),
             stop_ids: vec![],
             ignore_eos: true,
+            speculative: 0,
         };
         let run = |prompts: &[Vec<u32>]| {
             let mut blocks = LocalBlocks::new(&model.spans).expect("spans");

@@ -500,6 +500,7 @@ fn a_20000_token_prompt_runs_in_chunks_within_a_bounded_peak() {
         sampling: SamplingParams::greedy(),
         stop_ids: Vec::new(),
         ignore_eos: true,
+        speculative: 0,
     };
     let (out, peak) = measure(|| {
         let mut blocks = LocalBlocks::new(&model.spans).expect("spans");

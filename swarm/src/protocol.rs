@@ -39,7 +39,10 @@ pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3")
 /// 5: a server's client bundle is announced with its content digests ([`BundleOffer`],
 /// replacing `client_url`), and bundles name their model; clients check both before using a
 /// download ([`crate::bundles`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+///
+/// 6: `Step::start_from` (KV rollback). A 5 server would ignore it and compute on stale
+/// positions, so it must not be routed to.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +93,15 @@ pub enum SessionRequest {
         adapter: Option<String>,
     },
     /// The next positions: `hidden` is `[batch, new, hidden_size]`.
-    Step { step: u64, hidden: WireTensor },
+    Step {
+        step: u64,
+        hidden: WireTensor,
+        /// Roll the cache back to this many positions per row (padding included) before
+        /// this step, as Petals' `start_from_position`: speculative decoding's rejected
+        /// drafts. At most what the cache holds; the same value again changes nothing.
+        #[serde(default)]
+        start_from: Option<u64>,
+    },
     /// Frees the session's cache now (it is also freed when the stream ends or idles out).
     Close,
 }

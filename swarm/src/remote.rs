@@ -77,6 +77,9 @@ struct ActiveHop {
     history: Vec<HostTensor>,
     /// The most tokens (per row) this server takes in one message.
     chunk: usize,
+    /// Where the server's cache must roll back to before the next step (its history is
+    /// already cut there).
+    rollback: Option<usize>,
 }
 
 /// A session's chain of servers covering every block, driven asynchronously (the browser
@@ -96,6 +99,8 @@ pub struct RemoteChain {
     /// Step times measured of each server used (routing costs, demotion).
     speeds: SpeedBook,
     verifier: verify::Verifier,
+    /// Positions (per row, padding included) the session has sent through every hop.
+    position: usize,
 }
 
 pub mod speed;
@@ -119,6 +124,7 @@ impl RemoteChain {
             train: Vec::new(),
             train_deep: None,
             speeds: SpeedBook::default(),
+            position: 0,
         }
     }
 
@@ -346,6 +352,7 @@ impl RemoteChain {
                         rtt,
                         history: Vec::new(),
                         chunk: self.chunk_limit(),
+                        rollback: None,
                     };
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in &pieces {
@@ -417,6 +424,7 @@ impl RemoteChain {
             deep_prompts: self.config.deep_prompts.clone(),
             adapter: self.config.adapter.clone(),
         });
+        self.position = 0;
         // A swarm without a route now fails at once: the user hears of it.
         self.hops = self.connect(0, self.config.num_layers, &[], false).await?;
         tracing::info!(route = ?self.route(), "session route");
@@ -429,6 +437,7 @@ impl RemoteChain {
     pub async fn step(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
         // Work in token order: each piece goes through every hop before the next starts, so
         // every server sees its inputs in order; (piece, hop it is at).
+        let new = hidden.shape.get(1).copied().unwrap_or(0);
         let mut queue: std::collections::VecDeque<(HostTensor, usize)> = split_tokens(&hidden, self.chunk_limit())
             .into_iter()
             .map(|p| (p, 0))
@@ -497,8 +506,30 @@ impl RemoteChain {
         let output = concat_all(&outputs).ok_or(SessionError::Protocol {
             peer: self.client.peer_id(),
         })?;
+        self.position += new;
         self.move_off_slow_servers().await;
         Ok(output)
+    }
+
+    /// Forgets every position from `len` on: each hop's history is cut there now, and its
+    /// server rolls its cache back with the next step (`Step::start_from`). A failover after
+    /// this replays the cut history, so replacements hold what the others do.
+    pub fn rollback(&mut self, len: usize) -> Result<(), SessionError> {
+        if len > self.position {
+            return Err(SessionError::Rollback {
+                to: len,
+                held: self.position,
+            });
+        }
+        if len == self.position {
+            return Ok(());
+        }
+        for hop in &mut self.hops {
+            truncate_history(&mut hop.history, len);
+            hop.rollback = Some(len);
+        }
+        self.position = len;
+        Ok(())
     }
 
     /// Moves the blocks of each hop whose server measured much slower than it claims
@@ -608,8 +639,10 @@ async fn hop_pieces(
     let mut busy = 0;
     while let Some(p) = pending.pop_front() {
         let sent = Instant::now();
-        match hop.session.step(&p).await {
+        match hop.session.step(&p, hop.rollback).await {
             Ok(out) => {
+                // Rolled back; sending it again would do no harm, but nothing needs it.
+                hop.rollback = None;
                 // Decode steps (one token a row) are what routing compares.
                 if p.shape[1] == 1 {
                     let blocks = hop.session.end - hop.session.start;
@@ -693,6 +726,30 @@ fn split_tokens(t: &HostTensor, chunk: usize) -> Vec<HostTensor> {
     pieces
 }
 
+/// Cuts a hop's input history (pieces `[b, t_i, h]`, in order) to its first `len` tokens.
+fn truncate_history(history: &mut Vec<HostTensor>, len: usize) {
+    let mut seen = 0;
+    let mut keep = 0;
+    while keep < history.len() && seen < len {
+        let piece = &mut history[keep];
+        let t = piece.shape[1];
+        if seen + t > len {
+            let (batch, h) = (piece.shape[0], piece.shape[2]);
+            let n = len - seen;
+            let mut data = Vec::with_capacity(batch * n * h);
+            for row in 0..batch {
+                data.extend_from_slice(&piece.data[row * t * h..(row * t + n) * h]);
+            }
+            *piece = HostTensor::new(vec![batch, n, h], data);
+            seen = len;
+        } else {
+            seen += t;
+        }
+        keep += 1;
+    }
+    history.truncate(keep);
+}
+
 /// All chunks (`[b, t_i, h]`) joined along the token axis in one pass; `None` for no chunks.
 fn concat_all(chunks: &[HostTensor]) -> Option<HostTensor> {
     let first = chunks.first()?;
@@ -752,6 +809,10 @@ impl<B: Backend> BlockRunner<B> for RemoteBlocks<B> {
         let out = handle.block_on(self.chain.step(to_host(hidden)))?;
         Ok(Tensor::from_data(TensorData::new(out.data, out.shape), &self.device))
     }
+
+    fn rollback(&mut self, len: usize) -> Result<(), RemoteError> {
+        Ok(self.chain.rollback(len)?)
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -775,6 +836,33 @@ mod tests {
             assert_eq!(pieces.len(), 7usize.div_ceil(chunk), "chunk {chunk}");
             assert!(pieces.iter().all(|p| p.shape[1] <= chunk && p.shape[0] == 2));
             assert_eq!(concat_all(&pieces).expect("pieces"), t, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_cut_history_holds_the_first_tokens_of_each_row() {
+        let data: Vec<f32> = (0..2 * 7 * 3).map(|i| i as f32).collect();
+        let t = HostTensor::new(vec![2, 7, 3], data);
+        for chunk in [1, 2, 3, 7] {
+            for len in 0..=8 {
+                let mut history = split_tokens(&t, chunk);
+                truncate_history(&mut history, len);
+                let n = len.min(7);
+                let expected = split_tokens(&t, 7).remove(0);
+                let kept = concat_all(&history);
+                if n == 0 {
+                    assert!(kept.is_none(), "chunk {chunk} len {len}");
+                    continue;
+                }
+                let kept = kept.expect("pieces");
+                assert_eq!(kept.shape, vec![2, n, 3], "chunk {chunk} len {len}");
+                for row in 0..2 {
+                    assert_eq!(
+                        kept.data[row * n * 3..(row + 1) * n * 3],
+                        expected.data[row * 21..row * 21 + n * 3]
+                    );
+                }
+            }
         }
     }
 

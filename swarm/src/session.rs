@@ -31,6 +31,8 @@ pub enum SessionError {
     /// A spot check caught the server: two other servers agree on outputs it contradicts.
     #[error("server {peer} returned outputs that two other servers contradict")]
     Mismatch { peer: PeerId },
+    #[error("cannot roll the session back to {to} positions: only {held} were sent")]
+    Rollback { to: usize, held: usize },
     #[error("{gap} of model {model}")]
     NoRoute { gap: Gap, model: String },
     #[error("every server for blocks {start}..{end} failed; last error: {last}")]
@@ -113,12 +115,14 @@ impl HopSession {
         }
     }
 
-    /// Sends `[batch, new, hidden]` states, returns the span's output for them.
-    pub async fn step(&mut self, hidden: &HostTensor) -> Result<HostTensor, SessionError> {
+    /// Sends `[batch, new, hidden]` states, returns the span's output for them. With
+    /// `start_from`, the server first rolls its cache back to that many positions.
+    pub async fn step(&mut self, hidden: &HostTensor, start_from: Option<usize>) -> Result<HostTensor, SessionError> {
         self.step += 1;
         let request = SessionRequest::Step {
             step: self.step,
             hidden: WireTensor::encode(hidden, self.reply_dtype),
+            start_from: start_from.map(|p| p as u64),
         };
         match self.exchange(&request).await? {
             SessionResponse::Output { step, hidden: out } if step == self.step => {

@@ -668,6 +668,7 @@ mod tests {
             SessionRequest::Step {
                 step: 42,
                 hidden: tensor(WireDtype::F16),
+                start_from: Some(17),
             },
             SessionRequest::Close,
         ]
@@ -865,6 +866,7 @@ mod tests {
             let big = SessionRequest::Step {
                 step: 0,
                 hidden: tensor(WireDtype::F32),
+                start_from: None,
             };
             let err = write_frame(&mut out, &big, 64).await.expect_err("must fail");
             assert!(matches!(err, WireError::FrameTooLarge { max: 64, .. }), "{err}");

@@ -492,6 +492,7 @@ async fn a_server_survives_hostile_peers_and_keeps_serving() {
                 let request = SessionRequest::Step {
                     step,
                     hidden: hidden(vec![64, 4, HIDDEN]),
+                    start_from: None,
                 };
                 if wire::write_frame(&mut s, &request, MAX_FRAME).await.is_err() {
                     break;
@@ -601,6 +602,7 @@ async fn a_server_survives_hostile_peers_and_keeps_serving() {
                         let step = SessionRequest::Step {
                             step: 1,
                             hidden: hidden(vec![64, 1, HIDDEN]),
+                            start_from: None,
                         };
                         if wire::write_frame(&mut s, &step, MAX_FRAME).await.is_ok() {
                             let _ = wire::read_frame::<_, SessionResponse>(&mut s, MAX_FRAME).await;

@@ -132,6 +132,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         &SessionRequest::Step {
             step: 1,
             hidden: hidden(vec![1, 1, 64]),
+            start_from: None,
         },
         MAX,
     )
@@ -175,9 +176,17 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         nan,
         hidden(vec![1, 40, 64]),
     ] {
-        wire::write_frame(&mut s, &SessionRequest::Step { step: 1, hidden: bad }, MAX)
-            .await
-            .expect("write");
+        wire::write_frame(
+            &mut s,
+            &SessionRequest::Step {
+                step: 1,
+                hidden: bad,
+                start_from: None,
+            },
+            MAX,
+        )
+        .await
+        .expect("write");
         let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
         assert_eq!(error_kind(r), ErrorKind::BadRequest);
     }
@@ -186,6 +195,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         &SessionRequest::Step {
             step: 7,
             hidden: hidden(vec![1, 3, 64]),
+            start_from: None,
         },
         MAX,
     )
@@ -338,4 +348,78 @@ async fn stateless_forward_and_backward_match_local() {
             .fold(0f32, f32::max);
         assert!(worst <= 1e-5 * scale.max(1.0), "{what}: {worst:e} (scale {scale:e})");
     }
+}
+
+/// One session step through `s`: its output, or the error's kind.
+async fn step(
+    s: &mut libp2p::Stream,
+    step: u64,
+    hidden: WireTensor,
+    start_from: Option<u64>,
+) -> Result<Vec<f32>, ErrorKind> {
+    wire::write_frame(
+        s,
+        &SessionRequest::Step {
+            step,
+            hidden,
+            start_from,
+        },
+        MAX,
+    )
+    .await
+    .expect("write");
+    match wire::read_frame::<_, SessionResponse>(s, MAX).await.expect("answer") {
+        SessionResponse::Output { hidden, .. } => Ok(hidden
+            .decode(&swarm::protocol::Limits::default())
+            .expect("decodes")
+            .data),
+        SessionResponse::Error(e) => Err(e.kind),
+        other => panic!("expected output, got {other:?}"),
+    }
+}
+
+fn ramp(positions: usize, from: f32) -> WireTensor {
+    let n = positions * 64;
+    let data = (0..n).map(|i| from + 0.001 * i as f32).collect();
+    WireTensor::encode(&HostTensor::new(vec![1, positions, 64], data), WireDtype::F32)
+}
+
+/// `Step::start_from` (speculative decoding's rollback): positions past it are forgotten, so
+/// the step after a rollback equals the same step in a session that never saw them; rolling
+/// forward is refused and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_forgets_rejected_positions_and_refuses_rolling_forward() {
+    let swarm = one_server("llama", "0:4").await;
+    let (client, server, model) = (&swarm.client, swarm.server, &swarm.model);
+    let session = || async {
+        let mut s = client.open_stream(server, INFERENCE_PROTOCOL).await.expect("stream");
+        wire::write_frame(&mut s, &open(model, 1), MAX).await.expect("write");
+        let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+        assert!(matches!(r, SessionResponse::Opened { .. }), "{r:?}");
+        s
+    };
+    let mut fresh = session().await;
+    step(&mut fresh, 0, ramp(3, 0.1), None).await.expect("prefix");
+    let expected = step(&mut fresh, 1, ramp(2, -0.3), None).await.expect("next");
+
+    let mut rolled = session().await;
+    step(&mut rolled, 0, ramp(3, 0.1), None).await.expect("prefix");
+    let rejected = step(&mut rolled, 1, ramp(4, 0.7), None).await.expect("drafts");
+    assert_eq!(
+        step(&mut rolled, 2, ramp(2, -0.3), Some(8)).await,
+        Err(ErrorKind::BadRequest),
+        "7 positions held: 8 is past them"
+    );
+    let got = step(&mut rolled, 3, ramp(2, -0.3), Some(3))
+        .await
+        .expect("after the rollback");
+    assert_eq!(
+        got, expected,
+        "a rolled-back session equals one that never saw the drafts"
+    );
+    assert_ne!(rejected[..64], expected[..64]);
+    // Rolling back to the very start, then the same prefix: the same output again.
+    let again = step(&mut rolled, 4, ramp(3, 0.1), Some(0)).await.expect("from 0");
+    let mut other = session().await;
+    assert_eq!(again, step(&mut other, 0, ramp(3, 0.1), None).await.expect("prefix"));
 }

@@ -84,11 +84,72 @@ fn three_overlapping_servers_match_local_and_golden() {
     }
 }
 
+/// Speculative decoding through the swarm (the servers roll their caches back to what was
+/// accepted) gives transformers' greedy tokens on every family, with prompt lookup and with a
+/// draft model; `--json` reports the steps and the acceptance.
+#[test]
+fn speculative_decoding_through_the_swarm_matches_golden() {
+    let (mut proposed, mut accepted) = (0.0, 0.0);
+    for family in ["llama", "mistral", "mixtral", "qwen2", "bloom", "falcon"] {
+        let model = fixture(family);
+        let mut swarm = Swarm::start(&format!("spec-{family}"));
+        swarm.server(&model, "0:2", &[]);
+        swarm.server(&model, "2:4", &[]);
+        let (inputs, generated) = golden_rows(family);
+        for (row, prompt) in inputs.iter().enumerate() {
+            let new = (generated[row].len() - prompt.len()).to_string();
+            let model_arg = model.to_string_lossy().into_owned();
+            let mut runs = vec![vec!["--speculative", "4"]];
+            if row == 0 {
+                runs.push(vec!["--speculative", "3", "--draft", &model_arg]);
+            }
+            for extra in runs {
+                let ids_arg = csv(prompt);
+                let mut args = vec!["--token-ids", &ids_arg, "--max-new-tokens", &new, "--ignore-eos"];
+                args.extend(&extra);
+                let (out, log) = swarm.generate(&model, &args);
+                assert_eq!(
+                    ids(&out["token_ids"]),
+                    generated[row][prompt.len()..],
+                    "{family} row {row} {extra:?}: {log}"
+                );
+                let timing = &out["timing"];
+                let steps = timing["decode_steps"].as_f64().expect("decode_steps");
+                let per_step = timing["accepted_per_step"].as_f64().expect("accepted_per_step");
+                let tokens = out["token_ids"].as_array().expect("ids").len() as f64;
+                assert_eq!(steps * (1.0 + per_step), tokens - 1.0, "{family} {extra:?}: {timing}");
+                if extra.contains(&"--draft") {
+                    // The model drafting for itself: every draft is kept.
+                    assert_eq!(timing["acceptance_rate"].as_f64(), Some(1.0), "{family}: {timing}");
+                } else if let Some(rate) = timing["acceptance_rate"].as_f64() {
+                    accepted += rate * steps;
+                    proposed += steps;
+                }
+            }
+        }
+    }
+    // Prompt lookup on the fixtures' repetitive outputs: some drafts kept, some rolled back.
+    assert!(
+        accepted > 0.0 && accepted < proposed,
+        "prompt lookup: {accepted} of {proposed}"
+    );
+}
+
 /// A server dies (kill -9) in the middle of a generation; another covers its blocks.
 #[test]
 fn failover_after_kill9_gives_the_same_tokens() {
+    failover_after_kill9("failover", &[]);
+}
+
+/// The same with speculative decoding: the replacement gets the accepted history only.
+#[test]
+fn speculative_failover_after_kill9_gives_the_same_tokens() {
+    failover_after_kill9("spec-failover", &["--speculative", "4"]);
+}
+
+fn failover_after_kill9(name: &str, extra: &[&str]) {
     let model = fixture("llama");
-    let mut swarm = Swarm::start("failover");
+    let mut swarm = Swarm::start(name);
     let a = swarm.server(&model, "0:4", &[]);
     let b = swarm.server(&model, "0:4", &[]);
     swarm.server(&model, "0:2", &[]);
@@ -103,6 +164,7 @@ fn failover_after_kill9_gives_the_same_tokens() {
         .arg("--model")
         .arg(&model)
         .args(args)
+        .args(extra)
         .args(["--initial-peers", &swarm.relay_addr])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log file"))
@@ -231,6 +293,25 @@ fn smollm2_over_two_servers_matches_the_golden_tokens() {
     );
     assert_eq!(ids(&out["token_ids"]), ids(&case["greedy_ids"]), "{log}");
     assert_eq!(out["text"], case["greedy_text"]);
+    // Speculative decoding, through the swarm and locally, on both golden prompts.
+    for (name, case) in golden["cases"].as_object().expect("cases") {
+        let new = ids(&case["greedy_ids"]).len().to_string();
+        let prompt = csv(&ids(&case["prompt_ids"]));
+        let args = ["--token-ids", &prompt, "--max-new-tokens", &new, "--speculative", "4"];
+        let (out, log) = swarm.generate(&model, &args);
+        assert_eq!(
+            ids(&out["token_ids"]),
+            ids(&case["greedy_ids"]),
+            "{name} through the swarm: {log}"
+        );
+        assert!(
+            out["timing"]["accepted_per_step"].as_f64().is_some(),
+            "{}",
+            out["timing"]
+        );
+        let here = local(&model, &args);
+        assert_eq!(ids(&here["token_ids"]), ids(&case["greedy_ids"]), "{name} locally");
+    }
 }
 
 /// Without `--blocks`, a server takes the blocks the swarm serves least (Petals' rule).

@@ -194,6 +194,7 @@ impl Engine {
                 sampling: g.sampling.clone(),
                 stop_ids: self.stop_ids.clone(),
                 ignore_eos: false,
+                speculative: 0,
             },
             stop: g.stop.clone(),
         })
@@ -347,5 +348,9 @@ impl BlockRunner<Cpu> for RouteWatch<'_> {
         let out = self.inner.step(hidden);
         *self.route.borrow_mut() = describe_route(&self.inner.route());
         out
+    }
+
+    fn rollback(&mut self, len: usize) -> Result<(), Self::Error> {
+        self.inner.rollback(len)
     }
 }
