@@ -132,6 +132,8 @@ async fn openai_clients_chat_through_the_swarm() {
         Command::new(bin("corolla"))
             .env("COROLLA_LOG", "info")
             .args(["api", "--listen", "127.0.0.1:0", "--api-key", KEY])
+            // Speculative decoding on: every reply below must still equal `corolla generate`'s.
+            .args(["--speculative", "4"])
             .args(["--initial-peers", &swarm.relay_addr])
             .arg("--cache-dir")
             .arg(swarm.dir.join("cache"))

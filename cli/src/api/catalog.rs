@@ -37,6 +37,8 @@ pub struct SwarmModels {
     pub verify_rate: f64,
     pub wire_dtype: crate::args::WireDtypeArg,
     pub routing: crate::args::RoutingArg,
+    /// Draft tokens checked per step (`--speculative`).
+    pub speculative: usize,
     /// Loaded models by fingerprint; the lock also keeps two requests from loading one twice.
     pub loaded: Mutex<HashMap<String, Arc<Engine>>>,
 }
@@ -106,6 +108,7 @@ impl SwarmModels {
         let client = self.client.clone();
         let cache = self.cache.clone();
         let (verify_rate, wire_dtype, routing) = (self.verify_rate, self.wire_dtype, self.routing);
+        let speculative = self.speculative;
         let handle = tokio::runtime::Handle::current();
         let engine = tokio::task::spawn_blocking(move || {
             let _entered = handle.enter();
@@ -113,7 +116,7 @@ impl SwarmModels {
             let mut config =
                 crate::remote::config_for_bundle(&listing.fingerprint, &listing.name, &files, wire_dtype, routing);
             config.verify_rate = verify_rate;
-            Engine::swarm(files, listing.name.clone(), client, config)
+            Engine::swarm(files, listing.name.clone(), client, config).map(|e| e.with_speculative(speculative))
         })
         .await
         .map_err(|e| ApiError::internal(format!("loading the model failed: {e}")))?

@@ -46,6 +46,8 @@ pub struct Engine {
     embeddings: Embeddings<Cpu>,
     head: LmHead<Cpu>,
     blocks: Blocks,
+    /// Draft tokens checked per step (speculative decoding; 0: off).
+    speculative: usize,
 }
 
 /// What a generation sends, in order: route changes and text as they come, then its end.
@@ -128,7 +130,14 @@ impl Engine {
             embeddings,
             head,
             blocks,
+            speculative: 0,
         })
+    }
+
+    /// Checks up to `k` prompt-lookup drafts a step in every generation (0: off).
+    pub fn with_speculative(mut self, k: usize) -> Self {
+        self.speculative = k;
+        self
     }
 
     /// The prompt of a chat, through the model's template.
@@ -194,7 +203,7 @@ impl Engine {
                 sampling: g.sampling.clone(),
                 stop_ids: self.stop_ids.clone(),
                 ignore_eos: false,
-                speculative: 0,
+                speculative: self.speculative,
             },
             stop: g.stop.clone(),
         })

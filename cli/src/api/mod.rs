@@ -73,6 +73,10 @@ pub struct ApiArgs {
     pub wire_dtype: WireDtypeArg,
     #[arg(long, value_enum, default_value_t = RoutingArg::Latency)]
     pub routing: RoutingArg,
+    /// Speculative decoding for every request: check up to K prompt-lookup drafts a step
+    /// (0 turns it off; tokens and their distribution do not change).
+    #[arg(long, default_value_t = 0, value_name = "K", value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub speculative: u16,
     /// Write the address the API listens on to this file once it does (for scripts: with
     /// `--listen 127.0.0.1:0`).
     #[arg(long)]
@@ -102,7 +106,7 @@ pub fn run(args: ApiArgs) -> Result<()> {
                 .served_model_name
                 .clone()
                 .unwrap_or_else(|| shared_model::hub::model_name(path));
-            let engine = Engine::local(files, name)?;
+            let engine = Engine::local(files, name)?.with_speculative(usize::from(args.speculative));
             (tokio::runtime::Runtime::new()?, Catalog::Local(Arc::new(engine)))
         }
         None => {
@@ -113,6 +117,7 @@ pub fn run(args: ApiArgs) -> Result<()> {
                 verify_rate: args.verify,
                 wire_dtype: args.wire_dtype,
                 routing: args.routing,
+                speculative: usize::from(args.speculative),
                 loaded: Default::default(),
             });
             (runtime, catalog)
