@@ -169,20 +169,6 @@ pub struct GenerateParams {
     pub speculative: usize,
 }
 
-impl GenerateParams {
-    /// `max_new_tokens` tokens with these sampling settings, stopping at `stop_ids`, without
-    /// speculation.
-    pub fn new(max_new_tokens: usize, sampling: SamplingParams, stop_ids: Vec<u32>) -> Self {
-        Self {
-            max_new_tokens,
-            sampling,
-            stop_ids,
-            ignore_eos: false,
-            speculative: 0,
-        }
-    }
-}
-
 /// One generated token, as it is produced.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenEvent {

@@ -135,7 +135,8 @@ impl<B: Backend> ModelDrafter<B> {
         self.model.spans.first().map_or(0, |s| s.config().vocab_size)
     }
 
-    fn row(&mut self, row: usize) -> Result<&mut DraftRow<B>, ModelError> {
+    /// Creates the state of rows up to `row`.
+    fn add_rows(&mut self, row: usize) -> Result<(), ModelError> {
         while self.rows.len() <= row {
             let seed = self.params.seed.wrapping_add(self.rows.len() as u64);
             let sampler = Sampler::new(SamplingParams {
@@ -155,7 +156,7 @@ impl<B: Backend> ModelDrafter<B> {
                 sampler,
             });
         }
-        Ok(&mut self.rows[row])
+        Ok(())
     }
 }
 
@@ -172,8 +173,7 @@ impl<B: Backend> Drafter for ModelDrafter<B> {
                 "token {t} is outside the draft model's vocabulary of {vocab}"
             )));
         }
-        // Borrow the model apart from the row's state.
-        let _ = self.row(row)?;
+        self.add_rows(row)?;
         let model = &self.model;
         let state = &mut self.rows[row];
         // Keep what the caches share with this history, and at least one token to feed.
@@ -241,7 +241,8 @@ pub fn check(
     draft: &Draft,
     limit: usize,
 ) -> Checked {
-    let mut seen = history.to_vec();
+    // The history grows by each kept draft; copied only then (no drafts: every token).
+    let mut seen = std::borrow::Cow::Borrowed(history);
     let mut tokens = Vec::with_capacity(limit.min(draft.tokens.len()) + 1);
     let mut accepted = 0;
     for j in 0..=draft.tokens.len() {
@@ -263,7 +264,7 @@ pub fn check(
         if keep {
             sampler.record(d);
             tokens.push(d);
-            seen.push(d);
+            seen.to_mut().push(d);
             accepted += 1;
             if j == limit {
                 break;
