@@ -230,6 +230,11 @@ pub struct GenerateArgs {
     /// Seed of the spot checks' sample (default: the clock).
     #[arg(long)]
     pub verify_seed: Option<u64>,
+    /// Send every step's output back through this client to the next server (the
+    /// client-driven chain: 2 one-way delays a server per token) instead of server to
+    /// server (n + 1 one-way delays a token); for comparison.
+    #[arg(long, requires = "initial_peers")]
+    pub no_push: bool,
     /// Prompts trained by `corolla train` (deep prompts are added by the servers).
     #[arg(long)]
     pub prompts: Option<PathBuf>,

@@ -128,6 +128,7 @@ fn config_for(
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
         verify_rate: swarm::remote::DEFAULT_VERIFY_RATE,
         verify_seed: swarm::dht::now_ms(),
+        push: true,
         route_mode: match routing {
             RoutingArg::Latency => RouteMode::MinLatency,
             RoutingArg::Throughput => RouteMode::MaxThroughput,
@@ -156,6 +157,7 @@ pub fn run(
     let mut remote_config = config_for(model, model_name, &files.config, args.wire_dtype, args.routing);
     remote_config.adapter = args.adapter.clone();
     remote_config.verify_rate = args.verify;
+    remote_config.push = !args.no_push;
     if let Some(seed) = args.verify_seed {
         remote_config.verify_seed = seed;
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use libp2p::Stream;
+use futures::{AsyncRead, AsyncWrite};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use swarm::wire::{self, WireError};
@@ -29,7 +29,12 @@ impl IoError {
 }
 
 /// Writes one frame; a peer that does not take it within `timeout` loses the stream.
-pub async fn write<T: Serialize>(stream: &mut Stream, msg: &T, max: usize, timeout: Duration) -> Result<(), IoError> {
+pub async fn write<W: AsyncWrite + Unpin, T: Serialize>(
+    stream: &mut W,
+    msg: &T,
+    max: usize,
+    timeout: Duration,
+) -> Result<(), IoError> {
     tokio::time::timeout(timeout, wire::write_frame(stream, msg, max))
         .await
         .map_err(|_| IoError::Timeout {
@@ -40,7 +45,7 @@ pub async fn write<T: Serialize>(stream: &mut Stream, msg: &T, max: usize, timeo
 }
 
 /// Reads the next frame's length prefix within `timeout`.
-pub async fn read_len(stream: &mut Stream, max: usize, timeout: Duration) -> Result<usize, IoError> {
+pub async fn read_len<R: AsyncRead + Unpin>(stream: &mut R, max: usize, timeout: Duration) -> Result<usize, IoError> {
     tokio::time::timeout(timeout, wire::read_frame_len(stream, max))
         .await
         .map_err(|_| IoError::Timeout {
@@ -51,7 +56,11 @@ pub async fn read_len(stream: &mut Stream, max: usize, timeout: Duration) -> Res
 }
 
 /// Reads a `len`-byte body at no less than [`MIN_BODY_RATE`] (and within `floor` at least).
-pub async fn read_body<T: DeserializeOwned>(stream: &mut Stream, len: usize, floor: Duration) -> Result<T, IoError> {
+pub async fn read_body<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    stream: &mut R,
+    len: usize,
+    floor: Duration,
+) -> Result<T, IoError> {
     let timeout = floor.max(Duration::from_secs(len as u64 / MIN_BODY_RATE));
     tokio::time::timeout(timeout, wire::read_frame_body(stream, len))
         .await
@@ -63,7 +72,7 @@ pub async fn read_body<T: DeserializeOwned>(stream: &mut Stream, len: usize, flo
 }
 
 /// Reads the end of a one-message stream (the sender's close) within `timeout`.
-pub async fn read_end(stream: &mut Stream, timeout: Duration) -> Result<(), IoError> {
+pub async fn read_end<R: AsyncRead + Unpin>(stream: &mut R, timeout: Duration) -> Result<(), IoError> {
     tokio::time::timeout(timeout, wire::read_end(stream))
         .await
         .map_err(|_| IoError::Timeout {
@@ -75,7 +84,7 @@ pub async fn read_end(stream: &mut Stream, timeout: Duration) -> Result<(), IoEr
 
 /// Reads and drops a `len`-byte body without holding it, so that a refused message leaves the
 /// stream at the next frame.
-pub async fn discard(stream: &mut Stream, len: usize, floor: Duration) -> Result<(), IoError> {
+pub async fn discard<R: AsyncRead + Unpin>(stream: &mut R, len: usize, floor: Duration) -> Result<(), IoError> {
     use futures::AsyncReadExt;
     let timeout = floor.max(Duration::from_secs(len as u64 / MIN_BODY_RATE));
     let copied = tokio::time::timeout(

@@ -18,6 +18,7 @@ mod hosted;
 mod io;
 pub mod memory;
 mod metrics;
+mod push;
 mod relocate;
 mod serve;
 mod session;

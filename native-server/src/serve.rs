@@ -19,7 +19,8 @@ use swarm::dht;
 use swarm::limits::{MemoryCeiling, Protect};
 use swarm::node::{self, NodeConfig};
 use swarm::protocol::{
-    HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, ProtocolError, SPAN_PROTOCOL, ServerInfo,
+    HEAD_PROTOCOL, INFERENCE_PROTOCOL, Limits, PROTOCOL_VERSION, PUSH_PROTOCOL, ProtocolError, SPAN_PROTOCOL,
+    ServerInfo,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +81,8 @@ pub struct Context<B: Backend> {
     pub metrics: Arc<ServerMetrics>,
     /// Cancelled when this span stops being served: its idle sessions end.
     pub retired: CancellationToken,
+    /// This span's sessions that take pushes from the previous hop.
+    pub pushes: crate::push::Registry<B>,
     /// The batcher's task, which ends with the context (and frees the span with it).
     batching: tokio::task::AbortHandle,
 }
@@ -165,6 +168,7 @@ where
             batcher,
             metrics: self.metrics.clone(),
             retired: CancellationToken::new(),
+            pushes: Default::default(),
             batching,
         }))
     }
@@ -471,6 +475,7 @@ where
         accept(&current, &admission, &client, INFERENCE_PROTOCOL, Handler::Session)?,
         accept(&current, &admission, &client, SPAN_PROTOCOL, Handler::Span)?,
         accept(&current, &admission, &client, HEAD_PROTOCOL, Handler::Head)?,
+        accept(&current, &admission, &client, PUSH_PROTOCOL, Handler::Push)?,
     ];
     if let Some(addr) = config.metrics_listen {
         let refresh = {
@@ -578,6 +583,7 @@ enum Handler {
     Session,
     Span,
     Head,
+    Push,
 }
 
 /// Accepts `protocol`'s streams: each is admitted as a pending stream (or dropped at once) and
@@ -594,7 +600,7 @@ where
     B::Device: Send + Sync,
 {
     let mut incoming = client.accept(protocol)?;
-    let (current, admission) = (current.clone(), admission.clone());
+    let (current, admission, client) = (current.clone(), admission.clone(), client.clone());
     Ok(tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
             let Some(ctx) = current.get() else {
@@ -605,7 +611,7 @@ where
             };
             match admission.stream(peer) {
                 Ok(ticket) => {
-                    tokio::spawn(handle(ctx, handler, peer, stream, ticket));
+                    tokio::spawn(handle(ctx, client.clone(), handler, peer, stream, ticket));
                 }
                 Err(e) => {
                     tracing::debug!(%peer, ?handler, error = %e, "stream refused");
@@ -616,12 +622,19 @@ where
     }))
 }
 
-async fn handle<B: Backend>(ctx: Arc<Context<B>>, handler: Handler, peer: PeerId, stream: Stream, ticket: Ticket)
-where
+async fn handle<B: Backend>(
+    ctx: Arc<Context<B>>,
+    client: node::Client,
+    handler: Handler,
+    peer: PeerId,
+    stream: Stream,
+    ticket: Ticket,
+) where
     B::Device: Send + Sync,
 {
     match handler {
-        Handler::Session => crate::session::serve(ctx, peer, stream, ticket).await,
+        Handler::Session => crate::session::serve(ctx, client, peer, stream, ticket).await,
+        Handler::Push => crate::push::serve(ctx, peer, stream, ticket).await,
         Handler::Span => crate::span_work::serve(ctx, peer, stream, ticket).await,
         Handler::Head => crate::head::serve(ctx, peer, stream, ticket).await,
     }

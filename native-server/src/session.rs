@@ -4,15 +4,24 @@
 //!
 //! The session's slot and KV cache are taken only after a valid `Open` and are given back the
 //! moment the session ends, however it ends.
+//!
+//! After a `Link`, steps also arrive pushed by the previous hop's server ([`crate::push`]):
+//! both sources run through [`Core`], one step at a time, and each answers on the client's
+//! stream.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use burn::prelude::*;
+use futures::AsyncReadExt;
+use futures::io::{ReadHalf, WriteHalf};
 use libp2p::{PeerId, Stream};
 use shared_model::cache::SpanCache;
 use shared_model::layers::lora::LoraSpan;
-use swarm::protocol::{ErrorKind, ProtocolError, SessionRequest, SessionResponse};
+use swarm::node;
+use swarm::protocol::{
+    ErrorKind, PUSH_MAX_TOKENS, ProtocolError, PushStep, PushTarget, SessionRequest, SessionResponse,
+};
 use swarm::wire::{WireDtype, WireTensor};
 
 use crate::admission::{MemoryGrant, Ticket};
@@ -20,6 +29,7 @@ use crate::compute::{self, Step};
 use crate::cost::{CostModel, SessionShape};
 use crate::hosted::{bad_request, pads, refuse, to_wire};
 use crate::io::{self, IoError};
+use crate::push::Pusher;
 use crate::serve::Context;
 
 /// An open session's fixed parameters.
@@ -36,25 +46,28 @@ struct Opened<B: Backend> {
 }
 
 /// Serves one session stream to its end.
-pub async fn serve<B: Backend>(ctx: Arc<Context<B>>, peer: PeerId, mut stream: Stream, ticket: Ticket)
+pub async fn serve<B: Backend>(ctx: Arc<Context<B>>, client: node::Client, peer: PeerId, stream: Stream, ticket: Ticket)
 where
     B::Device: Send + Sync,
 {
     ctx.metrics.request("session");
-    if let Err(e) = run(&ctx, peer, &mut stream, ticket).await {
+    let (mut reader, writer) = stream.split();
+    let writer: Writer = Arc::new(tokio::sync::Mutex::new(writer));
+    if let Err(e) = run(&ctx, client, peer, &mut reader, &writer, ticket).await {
         tracing::debug!(%peer, error = %e, "session ended with an error");
         ctx.metrics.error(e.kind);
-        let limits = &ctx.admission.limits().wire;
+        let limits = ctx.admission.limits();
         // Best effort, and short: the peer may be the reason it failed.
-        let _ = io::write(
-            &mut stream,
-            &SessionResponse::Error(e),
-            limits.max_frame_bytes,
-            ctx.admission
-                .limits()
-                .open_timeout
-                .min(ctx.admission.limits().write_timeout),
-        )
+        let _ = tokio::time::timeout(limits.open_timeout.min(limits.write_timeout), async {
+            let mut writer = writer.lock().await;
+            io::write(
+                &mut *writer,
+                &SessionResponse::Error(e),
+                limits.wire.max_frame_bytes,
+                limits.open_timeout.min(limits.write_timeout),
+            )
+            .await
+        })
         .await;
     }
 }
@@ -66,10 +79,222 @@ fn io_refusal(e: IoError) -> ProtocolError {
     }
 }
 
+/// The client's side of the stream, shared by the session's two sources of steps.
+type Writer = Arc<tokio::sync::Mutex<WriteHalf<Stream>>>;
+
+/// An open session: what its steps read and change, whoever sends them.
+pub struct Core<B: Backend> {
+    ctx: Arc<Context<B>>,
+    client: node::Client,
+    /// The client.
+    peer: PeerId,
+    session: u64,
+    opened: Opened<B>,
+    live: tokio::sync::Mutex<Live<B>>,
+    writer: Writer,
+    /// The only peer whose pushes this session takes (its client's `Link`).
+    from: std::sync::Mutex<Option<PeerId>>,
+    /// When a step last ran: pushes keep a session alive whose client sends nothing.
+    active: std::sync::Mutex<std::time::Instant>,
+}
+
+struct Live<B: Backend> {
+    cache: Option<SpanCache<B>>,
+    /// The name pushes for this session carry, once linked.
+    token: Option<u64>,
+    pusher: Option<Pusher>,
+}
+
+/// Where a step came from, and so how it is answered.
+enum Origin {
+    /// The client's `Step`, answered with `Output`.
+    Client { step: u64 },
+    /// The previous hop's push, answered with `Pushed`; `position` is where it begins.
+    Push { position: u64 },
+}
+
+impl<B: Backend> Core<B> {
+    pub fn takes_pushes_from(&self, peer: &PeerId) -> bool {
+        *self.from.lock().unwrap_or_else(|p| p.into_inner()) == Some(*peer)
+    }
+
+    async fn reply(&self, response: &SessionResponse) -> Result<(), ProtocolError> {
+        let limits = self.ctx.admission.limits();
+        let mut writer = self.writer.lock().await;
+        io::write(
+            &mut *writer,
+            response,
+            limits.wire.max_frame_bytes,
+            limits.write_timeout,
+        )
+        .await
+        .map_err(io_refusal)
+    }
+
+    /// A step pushed by the previous hop. Errors go to the client, which then sends the step
+    /// itself; a stale push (the client already re-sent it) is dropped.
+    pub async fn pushed(self: &Arc<Self>, step: PushStep, memory: &mut MemoryGrant)
+    where
+        B::Device: Send + Sync,
+    {
+        let origin = Origin::Push {
+            position: step.position,
+        };
+        if let Err(e) = self.step(origin, step.hidden, step.start_from, true, memory).await {
+            tracing::debug!(peer = %self.peer, error = %e, "a pushed step ended the session's stream");
+        }
+    }
+
+    /// Runs one step and answers it; `Err` only when the session cannot go on.
+    async fn step(
+        self: &Arc<Self>,
+        origin: Origin,
+        hidden: WireTensor,
+        start_from: Option<u64>,
+        push: bool,
+        memory: &mut MemoryGrant,
+    ) -> Result<(), ProtocolError>
+    where
+        B::Device: Send + Sync,
+    {
+        let ctx = &self.ctx;
+        let mut live = self.live.lock().await;
+        let Some(mut c) = live.cache.take() else {
+            return Err(refuse(ErrorKind::Internal, "session cache lost"));
+        };
+        let refused = |cache: SpanCache<B>, live: &mut Live<B>, e: ProtocolError| {
+            live.cache = Some(cache);
+            ctx.metrics.error(e.kind);
+            SessionResponse::Error(e)
+        };
+        if let Some(to) = start_from
+            && let Err(e) = roll_back(&mut c, to)
+        {
+            let response = refused(c, &mut live, e);
+            return self.reply(&response).await;
+        }
+        let position = c.len as u64;
+        if let Origin::Push { position: at } = origin
+            && at != position
+        {
+            live.cache = Some(c);
+            if at < position {
+                // The client sent this step itself after the push was late: nothing to do.
+                return Ok(());
+            }
+            let e = refuse(
+                ErrorKind::BadRequest,
+                format!("a push for position {at}, but the session holds {position}"),
+            );
+            ctx.metrics.error(e.kind);
+            return self.reply(&SessionResponse::Error(e)).await;
+        }
+        let new = hidden.shape.get(1).copied().unwrap_or(0);
+        if push && new > PUSH_MAX_TOKENS as u64 {
+            let e = refuse(
+                ErrorKind::BadRequest,
+                format!("a pushed step holds at most {PUSH_MAX_TOKENS} positions"),
+            );
+            let response = refused(c, &mut live, e);
+            return self.reply(&response).await;
+        }
+        let stepping = std::time::Instant::now();
+        let (back, response, fatal) = run_step(ctx, self.peer, self.session, &self.opened, c, &hidden, memory).await;
+        drop(hidden);
+        let Some(back) = back else {
+            return Err(refuse(ErrorKind::Internal, "session cache lost"));
+        };
+        live.cache = Some(back);
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        let response = match response {
+            Ok(out) => {
+                ctx.faults.delay_step().await;
+                let out = ctx.faults.output(out);
+                // The next hop first: it is on the token's critical path, the client is not.
+                let pushed = match live.pusher.as_mut() {
+                    Some(pusher) if push => {
+                        let limits = ctx.admission.limits();
+                        pusher
+                            .push(
+                                &self.client,
+                                position,
+                                start_from,
+                                out.clone(),
+                                limits.write_timeout.min(limits.open_timeout),
+                                limits.wire.max_frame_bytes,
+                            )
+                            .await
+                    }
+                    _ => false,
+                };
+                match origin {
+                    Origin::Client { step } => SessionResponse::Output {
+                        step,
+                        hidden: out,
+                        pushed,
+                    },
+                    Origin::Push { position } => SessionResponse::Pushed {
+                        position,
+                        hidden: out,
+                        pushed,
+                    },
+                }
+            }
+            Err(e) if fatal => return Err(e),
+            Err(e) => {
+                ctx.metrics.error(e.kind);
+                SessionResponse::Error(e)
+            }
+        };
+        self.reply(&response).await?;
+        ctx.metrics.steps.inc();
+        ctx.metrics.step_seconds.observe(stepping.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// `Link`: where this session's pushes go and whose it takes.
+    async fn link(self: &Arc<Self>, token: u64, from: Option<String>, to: Option<PushTarget>) -> SessionResponse {
+        let from = match from.map(|f| f.parse::<PeerId>()) {
+            None => None,
+            Some(Ok(peer)) => Some(peer),
+            Some(Err(_)) => {
+                return SessionResponse::Error(refuse(ErrorKind::BadRequest, "Link.from is not a peer id"));
+            }
+        };
+        let pusher = match to.map(Pusher::new).transpose() {
+            Ok(p) => p,
+            Err(e) => return SessionResponse::Error(e),
+        };
+        if pusher.as_ref().is_some_and(|p| p.peer() == self.client.peer_id()) {
+            return SessionResponse::Error(refuse(ErrorKind::BadRequest, "a session cannot push to its own server"));
+        }
+        let mut live = self.live.lock().await;
+        if let Err(e) = self.ctx.pushes.register(token, live.token, self) {
+            return SessionResponse::Error(e);
+        }
+        live.token = Some(token);
+        live.pusher = pusher;
+        *self.from.lock().unwrap_or_else(|p| p.into_inner()) = from;
+        SessionResponse::Linked
+    }
+}
+
+impl<B: Backend> Drop for Core<B> {
+    fn drop(&mut self) {
+        if let Ok(live) = self.live.try_lock()
+            && let Some(token) = live.token
+        {
+            self.ctx.pushes.unregister(token);
+        }
+    }
+}
+
 async fn run<B: Backend>(
     ctx: &Arc<Context<B>>,
+    client: node::Client,
     peer: PeerId,
-    stream: &mut Stream,
+    stream: &mut ReadHalf<Stream>,
+    writer: &Writer,
     ticket: Ticket,
 ) -> Result<(), ProtocolError>
 where
@@ -97,20 +322,28 @@ where
     drop(ticket);
     drop(memory);
     tracing::debug!(%peer, blocks = ?opened.blocks, batch = opened.batch, max_length = opened.max_length, tokens, "session opened");
-    io::write(
-        stream,
-        &SessionResponse::Opened {
-            cache_tokens: grant.charged_tokens(),
-        },
-        max,
-        limits.write_timeout,
-    )
-    .await
-    .map_err(io_refusal)?;
-
-    let session = ctx.batcher.session_id();
     // Never more than the session was charged for.
-    let mut cache: Option<SpanCache<B>> = Some(SpanCache::with_max_len(opened.blocks.len(), pad, opened.max_length));
+    let cache = SpanCache::with_max_len(opened.blocks.len(), pad, opened.max_length);
+    let core = Arc::new(Core {
+        ctx: ctx.clone(),
+        client,
+        peer,
+        session: ctx.batcher.session_id(),
+        opened,
+        live: tokio::sync::Mutex::new(Live {
+            cache: Some(cache),
+            token: None,
+            pusher: None,
+        }),
+        writer: writer.clone(),
+        from: std::sync::Mutex::new(None),
+        active: std::sync::Mutex::new(std::time::Instant::now()),
+    });
+    core.reply(&SessionResponse::Opened {
+        cache_tokens: grant.charged_tokens(),
+    })
+    .await?;
+
     loop {
         let read = tokio::select! {
             read = io::read_len(stream, max, limits.session_timeout) => read,
@@ -125,7 +358,14 @@ where
         let len = match read {
             Ok(len) => len,
             Err(e) if e.is_closed() => return Ok(()),
-            Err(IoError::Timeout { .. }) => return Err(refuse(ErrorKind::Closed, "session idle for too long")),
+            Err(IoError::Timeout { .. }) => {
+                let active = *core.active.lock().unwrap_or_else(|p| p.into_inner());
+                if active.elapsed() < limits.session_timeout {
+                    // Its steps come pushed: the session is busy, not idle.
+                    continue;
+                }
+                return Err(refuse(ErrorKind::Closed, "session idle for too long"));
+            }
             Err(e) => return Err(io_refusal(e)),
         };
         memory = match ctx
@@ -137,6 +377,7 @@ where
             Err(mut e) => {
                 // A frame too large to take at all: say how many tokens a step's frame may hold.
                 if let Some(limit) = e.limit.as_mut() {
+                    let opened = &core.opened;
                     let per_token = (opened.batch * ctx.hosted.hidden_size() * opened.reply_dtype.size()) as u64;
                     limit.largest_tokens = Some(limit.allowed / 2 / per_token.max(1)).filter(|&n| n > 0);
                 }
@@ -144,7 +385,7 @@ where
                 io::discard(stream, len, limits.open_timeout)
                     .await
                     .map_err(io_refusal)?;
-                reply(ctx, stream, &SessionResponse::Error(e)).await?;
+                core.reply(&SessionResponse::Error(e)).await?;
                 continue;
             }
         };
@@ -153,78 +394,38 @@ where
             Err(IoError::Wire(e @ swarm::wire::WireError::Decode(_))) => {
                 // The frame boundary is intact: report and keep the session.
                 drop(memory);
-                reply(ctx, stream, &SessionResponse::Error(bad_request(e))).await?;
+                core.reply(&SessionResponse::Error(bad_request(e))).await?;
                 continue;
             }
             Err(e) => return Err(io_refusal(e)),
         };
-        let (step, hidden, start_from) = match request {
+        match request {
             SessionRequest::Close => return Ok(()),
             SessionRequest::Open { .. } => {
                 drop(memory);
-                reply(
-                    ctx,
-                    stream,
-                    &SessionResponse::Error(refuse(ErrorKind::BadRequest, "session already open")),
-                )
+                core.reply(&SessionResponse::Error(refuse(
+                    ErrorKind::BadRequest,
+                    "session already open",
+                )))
                 .await?;
-                continue;
+            }
+            SessionRequest::Link { token, from, to } => {
+                drop(memory);
+                let response = core.link(token, from, to).await;
+                core.reply(&response).await?;
             }
             SessionRequest::Step {
                 step,
                 hidden,
                 start_from,
-            } => (step, hidden, start_from),
-        };
-        let Some(mut c) = cache.take() else {
-            return Err(refuse(ErrorKind::Internal, "session cache lost"));
-        };
-        if let Some(to) = start_from
-            && let Err(e) = roll_back(&mut c, to)
-        {
-            cache = Some(c);
-            drop(memory);
-            ctx.metrics.error(e.kind);
-            reply(ctx, stream, &SessionResponse::Error(e)).await?;
-            continue;
+                push,
+            } => {
+                core.step(Origin::Client { step }, hidden, start_from, push, &mut memory)
+                    .await?;
+                drop(memory);
+            }
         }
-        let stepping = std::time::Instant::now();
-        let (back, response, fatal) = run_step(ctx, peer, session, &opened, c, &hidden, &mut memory).await;
-        drop(hidden);
-        let Some(back) = back else {
-            return Err(refuse(ErrorKind::Internal, "session cache lost"));
-        };
-        cache = Some(back);
-        let response = match response {
-            Ok(out) => {
-                ctx.faults.delay_step().await;
-                SessionResponse::Output {
-                    step,
-                    hidden: ctx.faults.output(out),
-                }
-            }
-            Err(e) if fatal => return Err(e),
-            Err(e) => {
-                ctx.metrics.error(e.kind);
-                SessionResponse::Error(e)
-            }
-        };
-        reply(ctx, stream, &response).await?;
-        ctx.metrics.steps.inc();
-        ctx.metrics.step_seconds.observe(stepping.elapsed().as_secs_f64());
-        drop(memory);
     }
-}
-
-async fn reply<B: Backend>(
-    ctx: &Context<B>,
-    stream: &mut Stream,
-    response: &SessionResponse,
-) -> Result<(), ProtocolError> {
-    let limits = ctx.admission.limits();
-    io::write(stream, response, limits.wire.max_frame_bytes, limits.write_timeout)
-        .await
-        .map_err(io_refusal)
 }
 
 /// Rolls the session's cache back to `to` positions (`Step::start_from`): what speculative

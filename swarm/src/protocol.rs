@@ -18,6 +18,16 @@ pub const SPAN_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/span/3")
 /// A server describes itself (request-response, CBOR).
 pub const INFO_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/info/1");
 
+/// Server-to-server push: a server sends a session's step output straight to the server of
+/// the next span ([`PushStep`] frames on one stream per session and hop), which answers its
+/// own client with [`SessionResponse::Pushed`]. Servers push only to the peer their client
+/// named in [`SessionRequest::Link`] and take pushes only from the peer it named.
+pub const PUSH_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/push/1");
+
+/// The most tokens per row a pushed step carries (decode steps, and speculative decoding's
+/// drafts): prefill and replays go through the client.
+pub const PUSH_MAX_TOKENS: usize = 64;
+
 /// Embeddings and LM head run by a server for a client that cannot hold them (one stream per
 /// request, framed like [`SPAN_PROTOCOL`]).
 pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3");
@@ -42,7 +52,10 @@ pub const HEAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/corolla/head/3")
 ///
 /// 6: `Step::start_from` (KV rollback). A 5 server would ignore it and compute on stale
 /// positions, so it must not be routed to.
-pub const PROTOCOL_VERSION: u32 = 6;
+///
+/// 7: server-to-server push ([`PUSH_PROTOCOL`], [`SessionRequest::Link`], `Step::push`,
+/// [`SessionResponse::Pushed`], `Output::pushed`).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Upper bounds a peer enforces on what it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +114,20 @@ pub enum SessionRequest {
         /// drafts. At most what the cache holds; the same value again changes nothing.
         #[serde(default)]
         start_from: Option<u64>,
+        /// Also send the output to the next hop named by [`SessionRequest::Link`] (at most
+        /// [`PUSH_MAX_TOKENS`] positions per row).
+        #[serde(default)]
+        push: bool,
+    },
+    /// Joins this session to its neighbours on the route for pushes (answered with
+    /// [`SessionResponse::Linked`]); a later `Link` replaces it (after a failover).
+    Link {
+        /// This session's name in pushes: chosen at random by the client, unique on the server.
+        token: u64,
+        /// The only peer whose pushes this session takes (the previous hop's server).
+        from: Option<String>,
+        /// Where `push` steps' outputs go.
+        to: Option<PushTarget>,
     },
     /// Frees the session's cache now (it is also freed when the stream ends or idles out).
     Close,
@@ -116,8 +143,48 @@ pub enum SessionResponse {
     Output {
         step: u64,
         hidden: WireTensor,
+        /// For a `push` step: whether the output went on to the next hop (if not, the
+        /// client sends it there itself).
+        #[serde(default)]
+        pushed: bool,
     },
+    /// The output of a step the previous hop pushed, which began at `position` (the cache's
+    /// length after any rollback).
+    Pushed {
+        position: u64,
+        hidden: WireTensor,
+        pushed: bool,
+    },
+    /// `Link` took effect.
+    Linked,
     Error(ProtocolError),
+}
+
+/// The next hop of a route, as a client names it to the hop before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTarget {
+    pub peer: String,
+    /// Where to dial it (each ending in `/p2p/<peer>`; others are ignored), at most
+    /// [`MAX_PUSH_ADDRS`].
+    pub addrs: Vec<String>,
+    /// The next hop's session, as its `Link` named it.
+    pub token: u64,
+}
+
+/// The most addresses a [`PushTarget`] may list.
+pub const MAX_PUSH_ADDRS: usize = 8;
+
+/// Server -> server on a [`PUSH_PROTOCOL`] stream: a step's output, the next hop's input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushStep {
+    /// The receiving session's token.
+    pub token: u64,
+    /// Positions per row the sessions hold before this step (after `start_from`).
+    pub position: u64,
+    /// The client's rollback for this step, passed along the route.
+    pub start_from: Option<u64>,
+    /// `[batch, new, hidden_size]`.
+    pub hidden: WireTensor,
 }
 
 /// Stateless work on a span: batch of whole sequences in, hidden states (or input gradients)

@@ -18,7 +18,7 @@ use shared_model::weights::HostTensor;
 
 use crate::dht;
 use crate::node::Client;
-use crate::protocol::{ErrorKind, Limits, ServerInfo};
+use crate::protocol::{ErrorKind, Limits, MAX_PUSH_ADDRS, PUSH_MAX_TOKENS, PushTarget, ServerInfo};
 use crate::routing::{Candidate, Hop, RouteMode, route};
 use crate::rt::Instant;
 use crate::session::{HopSession, SessionError, SessionSpec};
@@ -60,6 +60,9 @@ pub struct RemoteConfig {
     pub verify_rate: f64,
     /// Seed of the spot checks' sample.
     pub verify_seed: u64,
+    /// Decode steps go server to server ([`crate::protocol::PUSH_PROTOCOL`]) instead of
+    /// back through the client after each hop.
+    pub push: bool,
 }
 
 /// The spot-check rate when none is given: one hop answer in twenty.
@@ -80,6 +83,8 @@ struct ActiveHop {
     /// Where the server's cache must roll back to before the next step (its history is
     /// already cut there).
     rollback: Option<usize>,
+    /// This hop's name in pushes (its `Link` token).
+    token: u64,
 }
 
 /// A session's chain of servers covering every block, driven asynchronously (the browser
@@ -101,6 +106,10 @@ pub struct RemoteChain {
     verifier: verify::Verifier,
     /// Positions (per row, padding included) the session has sent through every hop.
     position: usize,
+    /// The hops are linked for pushes as they stand (cleared when the route changes).
+    linked: bool,
+    /// Linking failed: this session's outputs all come back through the client.
+    push_broken: bool,
 }
 
 pub mod speed;
@@ -125,6 +134,8 @@ impl RemoteChain {
             train_deep: None,
             speeds: SpeedBook::default(),
             position: 0,
+            linked: false,
+            push_broken: false,
         }
     }
 
@@ -353,6 +364,7 @@ impl RemoteChain {
                         history: Vec::new(),
                         chunk: self.chunk_limit(),
                         rollback: None,
+                        token: push_token(),
                     };
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in &pieces {
@@ -425,6 +437,8 @@ impl RemoteChain {
             adapter: self.config.adapter.clone(),
         });
         self.position = 0;
+        self.linked = false;
+        self.push_broken = false;
         // A swarm without a route now fails at once: the user hears of it.
         self.hops = self.connect(0, self.config.num_layers, &[], false).await?;
         tracing::info!(route = ?self.route(), "session route");
@@ -435,16 +449,38 @@ impl RemoteChain {
     /// size (a long prompt never travels as one message); a failed server is replaced and its
     /// history replayed, piece by piece, so the result is what an undisturbed run gives.
     pub async fn step(&mut self, hidden: HostTensor) -> Result<HostTensor, SessionError> {
+        let new = hidden.shape.get(1).copied().unwrap_or(0);
+        let mut failovers = 0;
         // Work in token order: each piece goes through every hop before the next starts, so
         // every server sees its inputs in order; (piece, hop it is at).
-        let new = hidden.shape.get(1).copied().unwrap_or(0);
-        let mut queue: std::collections::VecDeque<(HostTensor, usize)> = split_tokens(&hidden, self.chunk_limit())
-            .into_iter()
-            .map(|p| (p, 0))
-            .collect();
+        let mut queue: std::collections::VecDeque<(HostTensor, usize)> = if self.pushes(new).await {
+            match self.push_step(&hidden).await {
+                Pushed::Done(output) => {
+                    self.position += new;
+                    self.move_off_slow_servers().await;
+                    return Ok(output);
+                }
+                Pushed::Stalled { at, input, failure } => {
+                    // The route is driven from here on, from the hop that has not answered; hops
+                    // after it may have run the step from a push, so they roll it back first.
+                    for hop in &mut self.hops[at..] {
+                        hop.rollback = Some(hop.rollback.map_or(self.position, |r| r.min(self.position)));
+                    }
+                    if let Some(failure) = failure {
+                        failovers += 1;
+                        self.recover(at, failure, failovers).await?;
+                    }
+                    [(input, at)].into()
+                }
+            }
+        } else {
+            split_tokens(&hidden, self.chunk_limit())
+                .into_iter()
+                .map(|p| (p, 0))
+                .collect()
+        };
         drop(hidden);
         let mut outputs = Vec::new();
-        let mut failovers = 0;
         while let Some((piece, i)) = queue.pop_front() {
             if i == self.hops.len() {
                 outputs.push(piece);
@@ -475,23 +511,7 @@ impl RemoteChain {
                 }
                 Err(PieceFailure { error: e, done, rest }) => {
                     failovers += 1;
-                    let (peer, start, end) = {
-                        let s = &self.hops[i].session;
-                        (s.peer, s.start, s.end)
-                    };
-                    tracing::warn!(%peer, start, end, error = %e, "server failed; re-routing its blocks");
-                    if failovers > self.config.max_failovers {
-                        return Err(SessionError::Exhausted {
-                            start,
-                            end,
-                            last: e.to_string(),
-                        });
-                    }
-                    self.failed(&peer, start, end, &e).await;
-                    // The failed server's session is dropped, not closed: it may not answer.
-                    let replaced = self.replace_hop(i).await?;
-                    let k = replaced.hops;
-                    tracing::info!(route = ?self.route(), replayed_pieces = replaced.replayed, "session re-routed");
+                    let k = self.recover(i, e, failovers).await?;
                     // What the failed hop did not take goes to its replacement; what it did
                     // (now replayed) goes on past the replacement, first.
                     for p in rest.into_iter().rev() {
@@ -509,6 +529,154 @@ impl RemoteChain {
         self.position += new;
         self.move_off_slow_servers().await;
         Ok(output)
+    }
+
+    /// Hop `i` failed with `e` (the `failovers`th time this step): bans its server and puts a
+    /// replacement in its place, its history replayed. Returns how many hops stand there now.
+    async fn recover(&mut self, i: usize, e: SessionError, failovers: usize) -> Result<usize, SessionError> {
+        let (peer, start, end) = {
+            let s = &self.hops[i].session;
+            (s.peer, s.start, s.end)
+        };
+        tracing::warn!(%peer, start, end, error = %e, "server failed; re-routing its blocks");
+        if failovers > self.config.max_failovers {
+            return Err(SessionError::Exhausted {
+                start,
+                end,
+                last: e.to_string(),
+            });
+        }
+        self.failed(&peer, start, end, &e).await;
+        // The failed server's session is dropped, not closed: it may not answer.
+        let replaced = self.replace_hop(i).await?;
+        tracing::info!(route = ?self.route(), replayed_pieces = replaced.replayed, "session re-routed");
+        Ok(replaced.hops)
+    }
+
+    /// Whether a step of `new` positions per row goes by push: the route is linked for it
+    /// (now, if the route changed) and the step is small enough.
+    async fn pushes(&mut self, new: usize) -> bool {
+        if !self.config.push
+            || self.push_broken
+            || self.hops.len() < 2
+            || new == 0
+            || new > PUSH_MAX_TOKENS
+            || self.hops.iter().any(|h| new > h.chunk)
+        {
+            return false;
+        }
+        if !self.linked {
+            match self.link().await {
+                Ok(()) => self.linked = true,
+                Err(e) => {
+                    // Every output then comes back through the client, as without push.
+                    tracing::warn!(error = %e, "cannot link the route for pushes; the client carries every output");
+                    self.push_broken = true;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Tells each hop whose pushes it takes (the hop before) and where it pushes (the hop
+    /// after), all at once.
+    async fn link(&mut self) -> Result<(), SessionError> {
+        let n = self.hops.len();
+        let targets: Vec<Option<PushTarget>> = (0..n)
+            .map(|i| {
+                self.hops.get(i + 1).map(|next| {
+                    let peer = next.session.peer.to_string();
+                    let addrs = self
+                        .servers
+                        .iter()
+                        .find(|s| s.peer_id == peer)
+                        .map(|s| s.addrs.iter().take(MAX_PUSH_ADDRS).cloned().collect())
+                        .unwrap_or_default();
+                    PushTarget {
+                        peer,
+                        addrs,
+                        token: next.token,
+                    }
+                })
+            })
+            .collect();
+        let froms: Vec<Option<PeerId>> = (0..n)
+            .map(|i| i.checked_sub(1).map(|j| self.hops[j].session.peer))
+            .collect();
+        let links = self
+            .hops
+            .iter_mut()
+            .zip(targets)
+            .zip(froms)
+            .map(|((hop, to), from)| hop.session.link(hop.token, from, to));
+        futures::future::try_join_all(links).await?;
+        tracing::debug!(hops = n, "route linked for pushes");
+        Ok(())
+    }
+
+    /// One step by push: the client sends it to the first hop, each server pushes its output
+    /// to the next, and every server also answers the client, which keeps each hop's input
+    /// for failover and spot-checks as usual. Stops at the first hop that does not answer
+    /// (or that a spot check catches), saying where the client must take over.
+    async fn push_step(&mut self, hidden: &HostTensor) -> Pushed {
+        let position = self.position;
+        let start_from = self.hops.iter().find_map(|h| h.rollback);
+        let shape = hidden.shape.clone();
+        let decode = shape.get(1) == Some(&1);
+        if let Err(e) = self.hops[0].session.send_push(hidden, start_from).await {
+            return Pushed::Stalled {
+                at: 0,
+                input: hidden.clone(),
+                failure: Some(e),
+            };
+        }
+        let mut input = hidden.clone();
+        let mut previous = Instant::now();
+        for i in 0..self.hops.len() {
+            let at = (i > 0).then_some(position);
+            let (out, pushed) = match self.hops[i].session.output(at, &shape).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    return Pushed::Stalled {
+                        at: i,
+                        input,
+                        failure: Some(e),
+                    };
+                }
+            };
+            let hop = &mut self.hops[i];
+            hop.rollback = None;
+            hop.history.push(input);
+            if decode {
+                // What this hop added to the token's time: its compute and about one one-way
+                // delay (from the hop before it, instead of from the client).
+                let now = Instant::now();
+                let blocks = hop.session.end - hop.session.start;
+                self.speeds
+                    .record(&hop.session.peer.to_string(), blocks, now - previous, hop.rtt / 2);
+                previous = now;
+            }
+            if let verify::Verdict::HopLied(error) = self.spot_check(i, std::slice::from_ref(&out)).await {
+                // Its answer is thrown away, and what the hops after it made of it.
+                let input = self.hops[i].history.pop().unwrap_or_else(|| hidden.clone());
+                return Pushed::Stalled {
+                    at: i,
+                    input,
+                    failure: Some(error),
+                };
+            }
+            input = out;
+            if !pushed && i + 1 < self.hops.len() {
+                // The server could not reach the next one: the client carries the output on.
+                return Pushed::Stalled {
+                    at: i + 1,
+                    input,
+                    failure: None,
+                };
+            }
+        }
+        Pushed::Done(input)
     }
 
     /// Forgets every position from `len` on: each hop's history is cut there now, and its
@@ -580,6 +748,8 @@ impl RemoteChain {
         let history = std::mem::take(&mut self.hops[i].history);
         match self.connect(start, end, &history, true).await {
             Ok(replacement) => {
+                // The hops around the new ones must learn of them before the next push.
+                self.linked = false;
                 let hops = replacement.len();
                 let old = self.hops.splice(i..=i, replacement).next();
                 let old = old.ok_or(SessionError::Protocol {
@@ -597,6 +767,27 @@ impl RemoteChain {
             }
         }
     }
+}
+
+/// How a step by push ended.
+enum Pushed {
+    /// The last hop's output.
+    Done(HostTensor),
+    /// Hop `at` did not answer (`failure`, or it was never given its input: `None`); `input`
+    /// is what it needs.
+    Stalled {
+        at: usize,
+        input: HostTensor,
+        failure: Option<SessionError>,
+    },
+}
+
+/// A random name for a hop's session in pushes.
+fn push_token() -> u64 {
+    use rand::TryRngCore;
+    rand::rngs::OsRng
+        .try_next_u64()
+        .unwrap_or_else(|_| crate::dht::now_ms())
 }
 
 /// What [`RemoteChain::replace_hop`] did.

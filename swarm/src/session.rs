@@ -7,7 +7,7 @@ use libp2p::{PeerId, Stream};
 use shared_model::weights::HostTensor;
 
 use crate::node::{Client, NodeError};
-use crate::protocol::{INFERENCE_PROTOCOL, Limits, ProtocolError, SessionRequest, SessionResponse};
+use crate::protocol::{INFERENCE_PROTOCOL, Limits, ProtocolError, PushTarget, SessionRequest, SessionResponse};
 use crate::routing::Gap;
 use crate::wire::{self, WireDtype, WireError, WireTensor};
 
@@ -123,18 +123,82 @@ impl HopSession {
             step: self.step,
             hidden: WireTensor::encode(hidden, self.reply_dtype),
             start_from: start_from.map(|p| p as u64),
+            push: false,
         };
         match self.exchange(&request).await? {
-            SessionResponse::Output { step, hidden: out } if step == self.step => {
-                out.expect_shape(&[
-                    Some(hidden.shape[0] as u64),
-                    Some(hidden.shape[1] as u64),
-                    Some(hidden.shape[2] as u64),
-                ])?;
-                Ok(out.decode(&self.limits)?)
-            }
+            SessionResponse::Output { step, hidden: out, .. } if step == self.step => self.decode(out, &hidden.shape),
             _ => Err(SessionError::Protocol { peer: self.peer }),
         }
+    }
+
+    /// Starts a step whose output the server also pushes to the next hop ([`Self::link`]);
+    /// [`Self::output`] waits for the answer.
+    pub async fn send_push(&mut self, hidden: &HostTensor, start_from: Option<usize>) -> Result<(), SessionError> {
+        self.step += 1;
+        let request = SessionRequest::Step {
+            step: self.step,
+            hidden: WireTensor::encode(hidden, self.reply_dtype),
+            start_from: start_from.map(|p| p as u64),
+            push: true,
+        };
+        let (peer, timeout, max) = (self.peer, self.timeout, self.limits.max_frame_bytes);
+        crate::rt::timeout(timeout, wire::write_frame(&mut self.stream, &request, max))
+            .await
+            .map_err(|_| SessionError::Timeout { peer, timeout })??;
+        Ok(())
+    }
+
+    /// The answer to the step begun with [`Self::send_push`] (`position: None`), or to the
+    /// step pushed to this hop that began at `position`: its `[batch, new, hidden]` output
+    /// (`shape`), and whether the server pushed it on.
+    pub async fn output(
+        &mut self,
+        position: Option<usize>,
+        shape: &[usize],
+    ) -> Result<(HostTensor, bool), SessionError> {
+        let (peer, timeout, max) = (self.peer, self.timeout, self.limits.max_frame_bytes);
+        let want = self.step;
+        let read = async {
+            loop {
+                match wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await? {
+                    SessionResponse::Output { step, hidden, pushed } if position.is_none() && step == want => {
+                        return Ok((hidden, pushed));
+                    }
+                    SessionResponse::Pushed {
+                        position: at,
+                        hidden,
+                        pushed,
+                    } if position == Some(at as usize) => return Ok((hidden, pushed)),
+                    // A push the client has since sent itself.
+                    SessionResponse::Pushed { position: at, .. } if position.is_none_or(|p| (at as usize) < p) => {}
+                    SessionResponse::Error(error) => return Err(SessionError::Remote { peer, error }),
+                    _ => return Err(SessionError::Protocol { peer }),
+                }
+            }
+        };
+        let (out, pushed) = crate::rt::timeout(timeout, read)
+            .await
+            .map_err(|_| SessionError::Timeout { peer, timeout })??;
+        Ok((self.decode(out, shape)?, pushed))
+    }
+
+    /// Names this session's neighbours for pushes: whose pushes it takes (`from`, the
+    /// previous hop's server) and where it pushes (`to`).
+    pub async fn link(&mut self, token: u64, from: Option<PeerId>, to: Option<PushTarget>) -> Result<(), SessionError> {
+        let request = SessionRequest::Link {
+            token,
+            from: from.map(|p| p.to_string()),
+            to,
+        };
+        match self.exchange(&request).await? {
+            SessionResponse::Linked => Ok(()),
+            _ => Err(SessionError::Protocol { peer: self.peer }),
+        }
+    }
+
+    fn decode(&self, out: WireTensor, shape: &[usize]) -> Result<HostTensor, SessionError> {
+        out.expect_shape(&shape.iter().map(|&d| Some(d as u64)).collect::<Vec<_>>())?;
+        Ok(out.decode(&self.limits)?)
     }
 
     /// Frees the server's cache now rather than at its idle timeout.
@@ -148,7 +212,13 @@ impl HopSession {
         let max = self.limits.max_frame_bytes;
         let io = async {
             wire::write_frame(&mut self.stream, request, max).await?;
-            wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await
+            loop {
+                match wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await? {
+                    // The answer to a push the client has since sent itself.
+                    SessionResponse::Pushed { .. } => {}
+                    other => return Ok::<_, WireError>(other),
+                }
+            }
         };
         match crate::rt::timeout(timeout, io).await {
             Err(_) => Err(SessionError::Timeout { peer, timeout }),

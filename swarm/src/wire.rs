@@ -669,6 +669,27 @@ mod tests {
                 step: 42,
                 hidden: tensor(WireDtype::F16),
                 start_from: Some(17),
+                push: false,
+            },
+            SessionRequest::Step {
+                step: 43,
+                hidden: tensor(WireDtype::F32),
+                start_from: None,
+                push: true,
+            },
+            SessionRequest::Link {
+                token: u64::MAX,
+                from: Some("12D3KooWprev".into()),
+                to: Some(crate::protocol::PushTarget {
+                    peer: "12D3KooWnext".into(),
+                    addrs: vec!["/ip4/10.0.0.2/tcp/1/p2p/12D3KooWnext".into()],
+                    token: 9,
+                }),
+            },
+            SessionRequest::Link {
+                token: 0,
+                from: None,
+                to: None,
             },
             SessionRequest::Close,
         ]
@@ -680,7 +701,14 @@ mod tests {
             SessionResponse::Output {
                 step: 7,
                 hidden: tensor(WireDtype::F32),
+                pushed: true,
             },
+            SessionResponse::Pushed {
+                position: 12,
+                hidden: tensor(WireDtype::Bf16),
+                pushed: false,
+            },
+            SessionResponse::Linked,
             SessionResponse::Error(error()),
         ]
     }
@@ -779,6 +807,12 @@ mod tests {
         frame_round_trip(&session_responses());
         frame_round_trip(&span_requests());
         frame_round_trip(&span_responses());
+        frame_round_trip(&[crate::protocol::PushStep {
+            token: 3,
+            position: 40,
+            start_from: Some(38),
+            hidden: tensor(WireDtype::F16),
+        }]);
     }
 
     #[tokio::test]
@@ -867,6 +901,7 @@ mod tests {
                 step: 0,
                 hidden: tensor(WireDtype::F32),
                 start_from: None,
+                push: false,
             };
             let err = write_frame(&mut out, &big, 64).await.expect_err("must fail");
             assert!(matches!(err, WireError::FrameTooLarge { max: 64, .. }), "{err}");

@@ -57,6 +57,12 @@ try {
   result.tokens_per_s = await page.locator('[data-testid="tokens-per-s"]').textContent();
   result.route = await page.locator('[data-testid="route"] tbody tr td:first-child').allTextContents();
   result.verify = await page.locator('[data-testid="verify"]').textContent();
+  const spec = page.locator('[data-testid="speculation"]');
+  result.speculation = {
+    steps: Number(await spec.getAttribute("data-steps")),
+    drafted: Number(await spec.getAttribute("data-drafted")),
+    accepted: Number(await spec.getAttribute("data-accepted")),
+  };
   if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
 } catch (e) {
   result.failure = String(e && e.stack ? e.stack : e);

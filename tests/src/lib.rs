@@ -174,7 +174,89 @@ pub fn wait_for_file_lines(path: &Path, min_lines: usize, timeout: Duration) -> 
 /// How long a relay or server may take to start in these tests.
 pub const STARTUP: Duration = Duration::from_secs(60);
 
+/// The WAN emulator (`wan up`, bench/wan): `peers` network namespaces joined by links with
+/// the delay and bandwidth its arguments ask for, checked by the emulator itself before it
+/// says it is ready. Stopped (and its namespaces removed) when dropped. Needs root.
+pub struct Wan {
+    proc: Proc,
+    /// What `wan up` wrote once routing: the peers and its self-check.
+    pub ready: serde_json::Value,
+    peers: Vec<(String, String)>,
+}
+
+impl Wan {
+    /// Starts `wan up --peers <peers> <args>` and waits until it has checked itself.
+    pub fn start(name: &str, peers: usize, args: &[&str]) -> Wan {
+        let dir = temp_dir(&format!("{name}-wan"));
+        let ready_file = dir.join("ready.json");
+        let mut proc = Proc::spawn(
+            &format!("{name}-wan"),
+            Command::new(bin("wan"))
+                .args(["up", "--peers", &peers.to_string(), "--ready-file"])
+                .arg(&ready_file)
+                .args(args),
+        );
+        let deadline = Instant::now() + STARTUP;
+        let ready: serde_json::Value = loop {
+            if let Some(v) = fs::read(&ready_file).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                break v;
+            }
+            if let Some(status) = proc.wait_timeout(Duration::from_millis(100)) {
+                panic!("wan up exited ({status}) before it was ready:\n{}", proc.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wan up not ready after {STARTUP:?}:\n{}",
+                proc.log()
+            );
+        };
+        let peers = ready["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .map(|p| {
+                (
+                    p["ns"].as_str().expect("ns").to_string(),
+                    p["addr"].as_str().expect("addr").to_string(),
+                )
+            })
+            .collect();
+        Wan { proc, ready, peers }
+    }
+
+    pub fn peers(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Peer `i`'s IPv4 address.
+    pub fn addr(&self, i: usize) -> &str {
+        &self.peers[i].1
+    }
+
+    /// `program` to run inside peer `i`'s namespace.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.peers[i].0]).arg(program);
+        cmd
+    }
+
+    /// Everything `wan up` printed (its self-check, and its link counters once stopped).
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        // SIGTERM lets it remove its namespaces; Proc's drop kills it if it hangs.
+        self.proc.terminate();
+        let _ = self.proc.wait_timeout(Duration::from_secs(5));
+    }
+}
+
 /// A relay on 127.0.0.1 and the servers started against it, all killed when dropped.
+/// [`Swarm::start_on`] puts them on an emulated WAN instead: the relay on peer 0, server `k`
+/// on peer `k + 1`, clients ([`Swarm::client`]) on the last peer.
 pub struct Swarm {
     pub dir: PathBuf,
     /// The relay's TCP address, ending in `/p2p/<id>`.
@@ -182,6 +264,8 @@ pub struct Swarm {
     pub relay: Proc,
     /// Each server and its peer id.
     pub servers: Vec<(Proc, String)>,
+    /// Declared last so the processes in its namespaces stop before it does.
+    pub wan: Option<Wan>,
 }
 
 impl Swarm {
@@ -191,12 +275,25 @@ impl Swarm {
 
     /// A swarm whose relay gets `extra` arguments besides its TCP listener.
     pub fn start_with(name: &str, extra: &[&str]) -> Swarm {
+        Self::start_placed(name, extra, None)
+    }
+
+    /// A swarm on the emulated WAN `wan`.
+    pub fn start_on(name: &str, wan: Wan) -> Swarm {
+        Self::start_placed(name, &[], Some(wan))
+    }
+
+    fn start_placed(name: &str, extra: &[&str], wan: Option<Wan>) -> Swarm {
         let dir = temp_dir(name);
         let addr_file = dir.join("relay.addrs");
+        let host = wan.as_ref().map_or("127.0.0.1", |w| w.addr(0));
+        let mut cmd = match &wan {
+            Some(w) => w.command(0, bin("relay")),
+            None => Command::new(bin("relay")),
+        };
         let relay = Proc::spawn(
             "relay",
-            Command::new(bin("relay"))
-                .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--addr-file"])
+            cmd.args(["--listen", &format!("/ip4/{host}/tcp/0"), "--addr-file"])
                 .arg(&addr_file)
                 .args(extra),
         );
@@ -210,6 +307,15 @@ impl Swarm {
             relay_addr,
             relay,
             servers: Vec::new(),
+            wan,
+        }
+    }
+
+    /// `program` where clients run: here, or the last peer of the WAN.
+    pub fn client(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.wan {
+            Some(w) => w.command(w.peers() - 1, program),
+            None => Command::new(program),
         }
     }
 
@@ -231,7 +337,16 @@ impl Swarm {
     pub fn start_server(&mut self, binary: &str, model: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
         let n = self.servers.len();
         let addr_file = self.dir.join(format!("server{n}.addrs"));
-        let mut cmd = Command::new(bin(binary));
+        let (mut cmd, host) = match &self.wan {
+            Some(w) => {
+                assert!(
+                    n + 2 < w.peers(),
+                    "the WAN has no peer left for server {n} (the last is the client's)"
+                );
+                (w.command(n + 1, bin(binary)), w.addr(n + 1).to_string())
+            }
+            None => (Command::new(bin(binary)), "127.0.0.1".to_string()),
+        };
         cmd.arg("--model")
             .arg(model)
             .args(["--initial-peers", &self.relay_addr])
@@ -240,7 +355,7 @@ impl Swarm {
             .args(args)
             .envs(env.iter().map(|(k, v)| (*k, *v)));
         if !args.contains(&"--listen") {
-            cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+            cmd.args(["--listen", &format!("/ip4/{host}/tcp/0")]);
         }
         let blocks = args
             .iter()

@@ -193,6 +193,33 @@ fn the_page_chats_on_webgpu_with_the_native_tokens() {
     let device = result["device"].as_str().expect("device");
     assert!(device.starts_with("WebGPU"), "the page did not use WebGPU: {device}");
     assert!(shot.is_file(), "no screenshot at {}", shot.display());
+    // The page speculates by default (prompt lookup, 4 drafts): fewer steps than tokens.
+    let spec = &result["speculation"];
+    let steps = spec["steps"].as_u64().expect("steps");
+    assert!(steps > 0 && spec["drafted"].as_u64() > Some(0), "{spec}");
+    let after_first = expected.len() as u64 - 1;
+    // Each token after the first comes from a step or a kept draft (a stop token inside kept
+    // drafts ends the reply before the rest of them).
+    assert!(
+        steps <= after_first && steps + spec["accepted"].as_u64().expect("accepted") >= after_first,
+        "{spec} for {after_first} tokens after the first"
+    );
+}
+
+/// The same reply with speculation off (`speculative=0`): every token a step of its own.
+#[test]
+fn the_page_without_speculation_gives_the_same_tokens() {
+    let expected = native_reply();
+    let mut swarm = PageSwarm::start("browser-nospec");
+    swarm.server("0:15", BUNDLE);
+    swarm.server("15:30", &[]);
+    let shot = artifacts().join("chat-nospec.png");
+    let result = run_page(&format!("{}&speculative=0", swarm.page_url()), &shot, None, |_| {});
+    assert_eq!(result["error"], false, "the reply failed: {}", result["status"]);
+    assert_eq!(tokens_of(&result), expected);
+    let spec = &result["speculation"];
+    assert_eq!(spec["drafted"].as_u64(), Some(0), "{spec}");
+    assert_eq!(spec["steps"].as_u64(), Some(expected.len() as u64 - 1), "{spec}");
 }
 
 /// The Monitor view draws the relay's `/corolla/v1/state`: healthy with both servers online,

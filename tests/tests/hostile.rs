@@ -493,6 +493,7 @@ async fn a_server_survives_hostile_peers_and_keeps_serving() {
                     step,
                     hidden: hidden(vec![64, 4, HIDDEN]),
                     start_from: None,
+                    push: false,
                 };
                 if wire::write_frame(&mut s, &request, MAX_FRAME).await.is_err() {
                     break;
@@ -603,6 +604,7 @@ async fn a_server_survives_hostile_peers_and_keeps_serving() {
                             step: 1,
                             hidden: hidden(vec![64, 1, HIDDEN]),
                             start_from: None,
+                            push: false,
                         };
                         if wire::write_frame(&mut s, &step, MAX_FRAME).await.is_ok() {
                             let _ = wire::read_frame::<_, SessionResponse>(&mut s, MAX_FRAME).await;

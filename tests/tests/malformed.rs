@@ -11,7 +11,10 @@ use shared_model::fingerprint::fingerprint;
 use shared_model::loader::ModelFiles;
 use shared_model::weights::HostTensor;
 use swarm::node::{self, NodeConfig};
-use swarm::protocol::{ErrorKind, INFERENCE_PROTOCOL, SessionRequest, SessionResponse, SpanRequest, SpanResponse};
+use swarm::protocol::{
+    ErrorKind, INFERENCE_PROTOCOL, PUSH_MAX_TOKENS, PUSH_PROTOCOL, SessionRequest, SessionResponse, SpanRequest,
+    SpanResponse,
+};
 use swarm::wire::{self, WireDtype, WireTensor};
 
 const MAX: usize = 256 << 20;
@@ -44,6 +47,7 @@ fn error_kind(r: SessionResponse) -> ErrorKind {
 
 /// A relay, one server on `blocks` of fixture `family`, and a client node connected to it.
 struct OneServer {
+    dir: std::path::PathBuf,
     _relay: Proc,
     _server: Proc,
     relay: Multiaddr,
@@ -96,6 +100,7 @@ async fn one_server(family: &str, blocks: &str) -> OneServer {
     tokio::spawn(event_loop.run());
     client.dial(server_addr).await.expect("dial server");
     OneServer {
+        dir,
         _relay: relay_proc,
         _server: server_proc,
         relay,
@@ -133,6 +138,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
             step: 1,
             hidden: hidden(vec![1, 1, 64]),
             start_from: None,
+            push: false,
         },
         MAX,
     )
@@ -182,6 +188,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
                 step: 1,
                 hidden: bad,
                 start_from: None,
+                push: false,
             },
             MAX,
         )
@@ -196,6 +203,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
             step: 7,
             hidden: hidden(vec![1, 3, 64]),
             start_from: None,
+            push: false,
         },
         MAX,
     )
@@ -205,7 +213,7 @@ async fn malformed_messages_get_errors_and_the_server_keeps_serving() {
         .await
         .expect("answer")
     {
-        SessionResponse::Output { step, hidden } => {
+        SessionResponse::Output { step, hidden, .. } => {
             assert_eq!(step, 7);
             assert_eq!(hidden.shape, vec![1, 3, 64]);
         }
@@ -363,6 +371,7 @@ async fn step(
             step,
             hidden,
             start_from,
+            push: false,
         },
         MAX,
     )
@@ -422,4 +431,173 @@ async fn rollback_forgets_rejected_positions_and_refuses_rolling_forward() {
     let again = step(&mut rolled, 4, ramp(3, 0.1), Some(0)).await.expect("from 0");
     let mut other = session().await;
     assert_eq!(again, step(&mut other, 0, ramp(3, 0.1), None).await.expect("prefix"));
+}
+
+/// A node of its own (its own peer id) connected to the server.
+async fn other_node(server: &OneServer) -> node::Client {
+    let (client, _inbound, event_loop) =
+        node::start(NodeConfig::new(libp2p::identity::Keypair::generate_ed25519())).expect("node");
+    tokio::spawn(event_loop.run());
+    let addr = std::fs::read_to_string(server.dir.join("server.addrs")).expect("server addrs");
+    let addr: Multiaddr = addr.lines().next().expect("an address").parse().expect("addr");
+    client.dial(addr).await.expect("dial server");
+    client
+}
+
+async fn linked_session(
+    s: &OneServer,
+    token: u64,
+    from: Option<PeerId>,
+    to: Option<swarm::protocol::PushTarget>,
+) -> (libp2p::Stream, SessionResponse) {
+    let mut st = s
+        .client
+        .open_stream(s.server, INFERENCE_PROTOCOL)
+        .await
+        .expect("stream");
+    wire::write_frame(&mut st, &open(&s.model, 1), MAX)
+        .await
+        .expect("write");
+    let r: SessionResponse = wire::read_frame(&mut st, MAX).await.expect("answer");
+    assert!(matches!(r, SessionResponse::Opened { .. }), "{r:?}");
+    let link = SessionRequest::Link {
+        token,
+        from: from.map(|p| p.to_string()),
+        to,
+    };
+    wire::write_frame(&mut st, &link, MAX).await.expect("write");
+    let r: SessionResponse = wire::read_frame(&mut st, MAX).await.expect("answer");
+    (st, r)
+}
+
+async fn push(from: &node::Client, server: PeerId, token: u64, position: u64, hidden: WireTensor) -> libp2p::Stream {
+    let mut p = from.open_stream(server, PUSH_PROTOCOL).await.expect("push stream");
+    let step = swarm::protocol::PushStep {
+        token,
+        position,
+        start_from: None,
+        hidden,
+    };
+    wire::write_frame(&mut p, &step, MAX).await.expect("write push");
+    p
+}
+
+/// Server-to-server push among hostile peers: a session takes pushes only from the peer its
+/// client named, for its own token, at its own position; it pushes only where its client said,
+/// never to itself; pushed steps compute what the client's own steps do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_come_only_from_and_go_only_to_the_peers_the_client_named() {
+    let swarm = one_server("llama", "0:4").await;
+    let (named, stranger) = (other_node(&swarm).await, other_node(&swarm).await);
+    let server = swarm.server;
+
+    // The reference: the same two steps sent by the client itself.
+    let (mut plain, r) = linked_session(&swarm, 1, None, None).await;
+    assert_eq!(r, SessionResponse::Linked);
+    let first = step(&mut plain, 1, ramp(3, 0.1), None).await.expect("prefix");
+    let second = step(&mut plain, 2, ramp(1, -0.2), None).await.expect("decode");
+
+    let (mut s, r) = linked_session(&swarm, 77, Some(named.peer_id()), None).await;
+    assert_eq!(r, SessionResponse::Linked);
+    // A token another session holds is refused.
+    let (_, r) = linked_session(&swarm, 77, None, None).await;
+    assert_eq!(error_kind(r), ErrorKind::BadRequest, "a taken token");
+    // A stranger's push (right token) is dropped: nothing reaches the session...
+    let _ignored = push(&stranger, server, 77, 0, ramp(3, 0.1)).await;
+    // ... nor a push of the named peer for another session's token.
+    let _wrong = push(&named, server, 1, 0, ramp(3, 0.1)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The client's own step comes next on its stream: nothing was computed before it.
+    assert_eq!(step(&mut s, 1, ramp(3, 0.1), None).await.expect("prefix"), first);
+    // The named peer's push at the session's position runs, answered on the client's stream.
+    let _stream = push(&named, server, 77, 3, ramp(1, -0.2)).await;
+    let r: SessionResponse = tokio::time::timeout(Duration::from_secs(20), wire::read_frame(&mut s, MAX))
+        .await
+        .expect("in time")
+        .expect("answer");
+    match r {
+        SessionResponse::Pushed {
+            position,
+            hidden,
+            pushed,
+        } => {
+            assert_eq!(position, 3);
+            assert!(!pushed, "no next hop was named");
+            let got = hidden
+                .decode(&swarm::protocol::Limits::default())
+                .expect("decodes")
+                .data;
+            assert_eq!(got, second, "a pushed step computes what the client's does");
+        }
+        other => panic!("expected the pushed step's output, got {other:?}"),
+    }
+    // A push for a position the session is past (the client sent that step itself) is dropped.
+    let _stale = push(&named, server, 77, 3, ramp(1, -0.2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = step(&mut s, 3, ramp(1, 0.3), None).await.expect("next");
+    assert_eq!(third, step(&mut plain, 3, ramp(1, 0.3), None).await.expect("next"));
+
+    // Pushing to its own server, a non-peer-id target, or a step too long to push: refused.
+    let own = swarm::protocol::PushTarget {
+        peer: server.to_string(),
+        addrs: vec![],
+        token: 5,
+    };
+    let (_, r) = linked_session(&swarm, 90, None, Some(own)).await;
+    assert_eq!(error_kind(r), ErrorKind::BadRequest, "push to itself");
+    let bogus = swarm::protocol::PushTarget {
+        peer: "not a peer".into(),
+        addrs: vec![],
+        token: 5,
+    };
+    let (_, r) = linked_session(&swarm, 91, None, Some(bogus)).await;
+    assert_eq!(error_kind(r), ErrorKind::BadRequest, "not a peer id");
+
+    // The session pushes where its client said, and only there.
+    let mut arrivals = named.accept(PUSH_PROTOCOL).expect("accept pushes");
+    let target = swarm::protocol::PushTarget {
+        peer: named.peer_id().to_string(),
+        addrs: vec![],
+        token: 4242,
+    };
+    let (mut s, r) = linked_session(&swarm, 92, None, Some(target)).await;
+    assert_eq!(r, SessionResponse::Linked);
+    let long = SessionRequest::Step {
+        step: 1,
+        hidden: ramp(PUSH_MAX_TOKENS + 1, 0.1),
+        start_from: None,
+        push: true,
+    };
+    wire::write_frame(&mut s, &long, MAX).await.expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    assert_eq!(error_kind(r), ErrorKind::BadRequest, "too long to push");
+    let short = SessionRequest::Step {
+        step: 2,
+        hidden: ramp(3, 0.1),
+        start_from: None,
+        push: true,
+    };
+    wire::write_frame(&mut s, &short, MAX).await.expect("write");
+    let r: SessionResponse = wire::read_frame(&mut s, MAX).await.expect("answer");
+    let out = match r {
+        SessionResponse::Output {
+            step: 2,
+            hidden,
+            pushed,
+        } => {
+            assert!(pushed, "the named peer was reachable");
+            hidden
+        }
+        other => panic!("expected the output, got {other:?}"),
+    };
+    use futures::StreamExt;
+    let (from, mut stream) = tokio::time::timeout(Duration::from_secs(20), arrivals.next())
+        .await
+        .expect("in time")
+        .expect("a push stream");
+    assert_eq!(from, server);
+    let pushed: swarm::protocol::PushStep = wire::read_frame(&mut stream, MAX).await.expect("pushed step");
+    assert_eq!(pushed.token, 4242);
+    assert_eq!(pushed.position, 0);
+    assert_eq!(pushed.hidden, out, "the next hop gets what the client gets");
 }

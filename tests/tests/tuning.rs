@@ -75,6 +75,7 @@ fn remote_blocks(swarm: &Swarm, files: &ModelFiles) -> (tokio::runtime::Runtime,
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
         verify_rate: 0.0,
         verify_seed: 0,
+        push: true,
     };
     let remote = RemoteBlocks::<CpuAutodiff>::new(runtime.handle().clone(), client, remote_config, Default::default());
     (runtime, remote)

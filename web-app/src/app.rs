@@ -64,6 +64,8 @@ struct Ui {
     temperature: RwSignal<f32>,
     top_p: RwSignal<f32>,
     max_tokens: RwSignal<usize>,
+    /// Speculative decoding's draft length (the URL's `speculative=`).
+    speculative: RwSignal<usize>,
     route: RwSignal<Vec<RouteHop>>,
     /// The spot checks of servers' answers (`swarm::remote::verify`).
     verify: RwSignal<swarm::remote::verify::VerifyReport>,
@@ -125,6 +127,7 @@ pub fn App() -> impl IntoView {
         temperature: RwSignal::new(params.temperature.unwrap_or(0.7)),
         top_p: RwSignal::new(params.top_p.unwrap_or(0.9)),
         max_tokens: RwSignal::new(params.max_tokens.unwrap_or(256)),
+        speculative: RwSignal::new(params.speculative.unwrap_or(crate::params::DEFAULT_SPECULATIVE)),
         route: RwSignal::new(Vec::new()),
         verify: RwSignal::new(Default::default()),
         stats: RwSignal::new(Stats::default()),
@@ -320,6 +323,25 @@ pub fn App() -> impl IntoView {
                     <dt>"Last token"</dt><dd>{move || format!("{:.1} ms", ui.stats.get().last_token_ms)}</dd>
                     <dt>"Tokens/s"</dt><dd data-testid="tokens-per-s">{move || format!("{:.2}", ui.stats.get().tokens_per_s)}</dd>
                     <dt>"Tokens"</dt><dd>{move || format!("{} prompt + {} generated", ui.stats.get().prompt_tokens, ui.stats.get().tokens)}</dd>
+                    <dt>"Speculation"</dt>
+                    <dd data-testid="speculation" data-steps=move || ui.stats.get().decode_steps
+                        data-drafted=move || ui.stats.get().drafted data-accepted=move || ui.stats.get().accepted>
+                        {move || {
+                            let s = ui.stats.get();
+                            if ui.speculative.get() == 0 {
+                                "off".to_string()
+                            } else if s.drafted == 0 {
+                                format!("up to {} drafts a step; none yet", ui.speculative.get())
+                            } else {
+                                format!(
+                                    "{} of {} drafts kept ({:.1} tokens a step)",
+                                    s.accepted,
+                                    s.drafted,
+                                    (s.tokens.saturating_sub(1)) as f64 / s.decode_steps.max(1) as f64
+                                )
+                            }
+                        }}
+                    </dd>
                     <dt>"Spot checks"</dt>
                     <dd data-testid="verify" data-checks=move || ui.verify.get().checks
                         data-mismatches=move || ui.verify.get().mismatches>
@@ -519,6 +541,7 @@ fn send(ui: Ui, state: SendWrapper<Rc<State>>) {
         temperature: ui.temperature.get_untracked(),
         top_p: ui.top_p.get_untracked(),
         max_tokens: ui.max_tokens.get_untracked(),
+        speculative: ui.speculative.get_untracked(),
         seed: 0x5eed ^ state.turn.get(),
     };
     state.turn.set(state.turn.get() + 1);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId};
 use shared_model::bundle::{ClientBundle, client_f32_bytes};
 use shared_model::sampling::{Sampler, SamplingParams};
+use shared_model::speculative::{self, Draft, PromptLookup};
 use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
 use shared_model::weights::HostTensor;
@@ -154,6 +155,8 @@ pub struct Settings {
     pub top_p: f32,
     pub max_tokens: usize,
     pub seed: u64,
+    /// Speculative decoding's draft length (prompt lookup); 0 turns it off.
+    pub speculative: usize,
 }
 
 /// Figures of one reply, for the swarm view.
@@ -164,6 +167,10 @@ pub struct Stats {
     pub first_token_ms: f64,
     pub last_token_ms: f64,
     pub tokens_per_s: f64,
+    /// Steps after the prompt's, the draft tokens they checked and those kept.
+    pub decode_steps: usize,
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 /// One hop of the current route, for the swarm view.
@@ -193,6 +200,9 @@ pub fn remote_config(loaded: &Loaded, deep_prompts: Option<HostTensor>) -> Remot
         chunk_tokens: swarm::remote::DEFAULT_CHUNK_TOKENS,
         verify_rate: swarm::remote::DEFAULT_VERIFY_RATE,
         verify_seed: swarm::dht::now_ms(),
+        // Servers carry each step's output to the next; one that cannot says so, and the page
+        // carries it instead.
+        push: true,
     }
 }
 
@@ -297,45 +307,84 @@ impl Chat {
         on_route(self.route_now());
         let mut history = prompt.clone();
         let mut out: Vec<u32> = Vec::new();
-        let mut input = prompt;
         let mut stats = Stats {
             prompt_tokens: history.len(),
             ..Stats::default()
         };
         let mut last = Instant::now();
-        while out.len() < max_new && !stop.get() {
+        let lookup = PromptLookup::default();
+        // Positions the servers hold (tuned prompt included).
+        let mut fed = 0;
+        'steps: while out.len() < max_new && !stop.get() {
+            let remaining = max_new - out.len();
+            // The step feeds the prompt, then the last token with a draft of what may follow
+            // it (speculative decoding: all checked in this one step).
+            let (input, draft) = match out.last() {
+                None => (prompt.clone(), Draft::default()),
+                Some(&token) => {
+                    let k = settings.speculative.min(remaining - 1);
+                    let draft = Draft {
+                        tokens: lookup.lookup(&history, k),
+                        dists: None,
+                    };
+                    (
+                        std::iter::once(token).chain(draft.tokens.iter().copied()).collect(),
+                        draft,
+                    )
+                }
+            };
             let hidden = match &self.prompts {
                 Some(p) if out.is_empty() => loaded.model.embed_prompted(&[input], &p.prompt).await?,
                 _ => loaded.model.embed(&[input]).await?,
             };
+            fed += hidden.shape[1];
             let before = self.chain.route();
             let hidden = self.chain.step(hidden).await?;
             if self.chain.route() != before {
                 on_route(self.route_now());
             }
-            let mut logits = loaded.model.last_logits(&hidden).await?.data;
-            let token = sampler.sample(&mut logits, &history);
-            history.push(token);
-            out.push(token);
-            let now = Instant::now();
-            if out.len() == 1 {
-                stats.first_token_ms = now.duration_since(started).as_secs_f64() * 1e3;
+            let logits = loaded.model.tail_logits(&hidden, draft.tokens.len() + 1).await?;
+            let vocab = logits.shape[2];
+            let checked = speculative::check(
+                &mut sampler,
+                |j| logits.data[j * vocab..(j + 1) * vocab].to_vec(),
+                &history,
+                &draft,
+                remaining - 1,
+            );
+            if !out.is_empty() {
+                stats.decode_steps += 1;
+                stats.drafted += draft.tokens.len();
+                stats.accepted += checked.accepted;
             }
-            stats.tokens = out.len();
-            stats.last_token_ms = now.duration_since(last).as_secs_f64() * 1e3;
-            let decode = now.duration_since(started).as_secs_f64() - stats.first_token_ms / 1e3;
-            stats.tokens_per_s = if out.len() > 1 && decode > 0.0 {
-                (out.len() - 1) as f64 / decode
-            } else {
-                0.0
-            };
-            last = now;
-            let text = tokenizer.decode(&out, true)?;
-            on_token(&out, &text, &stats);
-            if loaded.bundle.stop_ids.contains(&token) {
-                break;
+            // The servers forget the drafts that were not kept.
+            let keep = fed - (draft.tokens.len() - checked.accepted);
+            if keep < fed {
+                self.chain.rollback(keep)?;
+                fed = keep;
             }
-            input = vec![token];
+            for &token in &checked.tokens {
+                history.push(token);
+                out.push(token);
+                let now = Instant::now();
+                if out.len() == 1 {
+                    stats.first_token_ms = now.duration_since(started).as_secs_f64() * 1e3;
+                }
+                stats.tokens = out.len();
+                stats.last_token_ms = now.duration_since(last).as_secs_f64() * 1e3;
+                let decode = now.duration_since(started).as_secs_f64() - stats.first_token_ms / 1e3;
+                stats.tokens_per_s = if out.len() > 1 && decode > 0.0 {
+                    (out.len() - 1) as f64 / decode
+                } else {
+                    0.0
+                };
+                last = now;
+                let text = tokenizer.decode(&out, true)?;
+                on_token(&out, &text, &stats);
+                if loaded.bundle.stop_ids.contains(&token) {
+                    break 'steps;
+                }
+            }
         }
         let text = tokenizer.decode(&out, true)?;
         Ok((out, text))

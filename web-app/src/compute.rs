@@ -123,17 +123,20 @@ impl<B: Backend> Parts<B> {
     }
 
     /// # Shapes
-    /// - `hidden`: `[rows, seq, hidden]`, the last block's output; returns `[rows, vocab]`,
-    ///   the logits of the last position
-    async fn last_logits(&self, hidden: &HostTensor, device: &B::Device) -> Result<HostTensor, ComputeError> {
-        let [b, t, h] =
-            <[usize; 3]>::try_from(hidden.shape.as_slice()).map_err(|_| ComputeError::Shape(hidden.shape.clone()))?;
+    /// - `hidden`: `[rows, seq, hidden]`, the last block's output; returns `[rows, n, vocab]`,
+    ///   the logits of the last `n` positions (`1 <= n <= seq`)
+    async fn tail_logits(&self, hidden: &HostTensor, n: usize, device: &B::Device) -> Result<HostTensor, ComputeError> {
+        let [b, t, h] = tail_shape(hidden, n)?;
         let x = Tensor::<B, 3>::from_data(TensorData::new(hidden.data.clone(), [b, t, h]), device);
-        let logits = self.head.forward(x.narrow(1, t - 1, 1));
-        let [b, _, v] = logits.dims();
-        let mut out = read(logits).await?;
-        out.shape = vec![b, v];
-        Ok(out)
+        read(self.head.forward(x.narrow(1, t - n, n))).await
+    }
+}
+
+/// `hidden`'s `[rows, seq, hidden]`, checking that it has at least `n >= 1` positions.
+fn tail_shape(hidden: &HostTensor, n: usize) -> Result<[usize; 3], ComputeError> {
+    match <[usize; 3]>::try_from(hidden.shape.as_slice()) {
+        Ok(shape) if n >= 1 && n <= shape[1] => Ok(shape),
+        _ => Err(ComputeError::Shape(hidden.shape.clone())),
     }
 }
 
@@ -197,23 +200,22 @@ impl RemoteHead {
         .await
     }
 
-    async fn last_logits(&self, hidden: &HostTensor) -> Result<HostTensor, ComputeError> {
-        let [b, t, h] =
-            <[usize; 3]>::try_from(hidden.shape.as_slice()).map_err(|_| ComputeError::Shape(hidden.shape.clone()))?;
-        // Only the last position's logits are needed: send just that.
-        let mut last = Vec::with_capacity(b * h);
+    async fn tail_logits(&self, hidden: &HostTensor, n: usize) -> Result<HostTensor, ComputeError> {
+        let [b, t, h] = tail_shape(hidden, n)?;
+        // Only the last positions' logits are needed: send just those.
+        let mut last = Vec::with_capacity(b * n * h);
         for row in 0..b {
-            last.extend_from_slice(&hidden.data[(row * t + t - 1) * h..(row * t + t) * h]);
+            last.extend_from_slice(&hidden.data[(row * t + t - n) * h..(row * t + t) * h]);
         }
-        let hidden = WireTensor::encode(&HostTensor::new(vec![b, 1, h], last), WireDtype::F32);
+        let hidden = WireTensor::encode(&HostTensor::new(vec![b, n, h], last), WireDtype::F32);
         let mut logits = self
             .ask(HeadRequest::Logits {
                 model: self.model.clone(),
                 hidden,
             })
             .await?;
-        let v = logits.data.len() / b.max(1);
-        logits.shape = vec![b, v];
+        let v = logits.data.len() / (b * n).max(1);
+        logits.shape = vec![b, n, v];
         Ok(logits)
     }
 }
@@ -265,11 +267,24 @@ impl ClientModel {
         }
     }
 
+    /// # Shapes
+    /// - `hidden`: `[rows, seq, hidden]`, the last block's output; returns `[rows, vocab]`,
+    ///   the logits of the last position
     pub async fn last_logits(&self, hidden: &HostTensor) -> Result<HostTensor, ComputeError> {
+        let mut out = self.tail_logits(hidden, 1).await?;
+        out.shape = vec![out.shape[0], out.shape[2]];
+        Ok(out)
+    }
+
+    /// The logits of the last `n` positions (speculative decoding checks a draft's).
+    ///
+    /// # Shapes
+    /// - `hidden`: `[rows, seq, hidden]`; returns `[rows, n, vocab]` (`1 <= n <= seq`)
+    pub async fn tail_logits(&self, hidden: &HostTensor, n: usize) -> Result<HostTensor, ComputeError> {
         match self {
-            ClientModel::Gpu(p, device) => p.last_logits(hidden, device).await,
-            ClientModel::Cpu(p) => p.last_logits(hidden, &Default::default()).await,
-            ClientModel::Remote(r) => r.last_logits(hidden).await,
+            ClientModel::Gpu(p, device) => p.tail_logits(hidden, n, device).await,
+            ClientModel::Cpu(p) => p.tail_logits(hidden, n, &Default::default()).await,
+            ClientModel::Remote(r) => r.tail_logits(hidden, n).await,
         }
     }
 }

@@ -1,6 +1,12 @@
 //! The page URL's query string: a contract used by links and by checks outside the repo
-//! (`?prompt=TEXT&send=1&temperature=T&max_tokens=N`), and its fragment, which browsers never
+//! (`?prompt=TEXT&send=1&temperature=T&max_tokens=N&speculative=K`), and its fragment, which browsers never
 //! send to any server: a private swarm's key travels there (`#swarm_key=<64 hex digits>`).
+
+/// The longest draft the page checks in one step.
+pub const MAX_SPECULATIVE: usize = 16;
+/// The draft length without `speculative=` in the URL: prompt lookup costs nothing when it
+/// has no guess, and a step of a few more positions costs about what one does.
+pub const DEFAULT_SPECULATIVE: usize = 4;
 
 /// What the URL asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,6 +18,8 @@ pub struct PageParams {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub max_tokens: Option<usize>,
+    /// Speculative decoding's draft length (`speculative=K`, 0 to 16; 0 turns it off).
+    pub speculative: Option<usize>,
     /// Relay addresses (repeatable); default: the relay that serves the page.
     pub relays: Vec<String>,
     /// A model fingerprint to pick instead of the first one found.
@@ -39,6 +47,7 @@ impl PageParams {
             temperature: None,
             top_p: None,
             max_tokens: None,
+            speculative: None,
             relays: Vec::new(),
             model: None,
             force_cpu: false,
@@ -56,6 +65,7 @@ impl PageParams {
                 "temperature" => out.temperature = value.parse().ok().filter(|t: &f32| t.is_finite() && *t >= 0.0),
                 "top_p" => out.top_p = value.parse().ok().filter(|p: &f32| *p > 0.0 && *p <= 1.0),
                 "max_tokens" => out.max_tokens = value.parse().ok().filter(|n: &usize| *n > 0),
+                "speculative" => out.speculative = value.parse().ok().filter(|k: &usize| *k <= MAX_SPECULATIVE),
                 "relay" => out.relays.push(value),
                 "model" => out.model = Some(value),
                 "device" => out.force_cpu = value == "cpu",
@@ -117,6 +127,10 @@ mod tests {
         assert!(p.send);
         assert_eq!(p.temperature, Some(0.0));
         assert_eq!(p.max_tokens, Some(12));
+        assert_eq!(p.speculative, None);
+        assert_eq!(PageParams::parse("?speculative=0").speculative, Some(0));
+        assert_eq!(PageParams::parse("?speculative=6").speculative, Some(6));
+        assert_eq!(PageParams::parse("?speculative=17").speculative, None, "over the cap");
         let bad = PageParams::parse("temperature=-1&max_tokens=0&top_p=2&prompt=%ZZ%4");
         assert_eq!((bad.temperature, bad.max_tokens, bad.top_p), (None, None, None));
         assert_eq!(bad.prompt.as_deref(), Some("%ZZ%4"));

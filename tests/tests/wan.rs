@@ -1,0 +1,264 @@
+//! The swarm on an emulated WAN (bench/wan): relay, servers and client each in a network
+//! namespace of their own, every link with a real delay and bandwidth cap. Needs root, as
+//! the emulator does.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use corolla_tests::{Proc, Swarm, Wan, bin, csv, fixture, golden_rows, temp_dir, wait_for_file_lines};
+
+fn f64_at(v: &serde_json::Value, what: &str) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("{what}: {v}"))
+}
+
+/// Measures TCP from inside the namespaces, independently of the emulator's own check: the
+/// connect time (one round trip) and the goodput of a 3-second bulk transfer.
+const TCP_PROBE: &str = r#"
+import socket, sys, time
+role, host = sys.argv[1], sys.argv[2]
+if role == "sink":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, 5001)); s.listen(8)
+    while True:
+        c, _ = s.accept()
+        first, total, marks = None, 0, []
+        while True:
+            b = c.recv(1 << 20)
+            if not b: break
+            now = time.time(); first = first or now; total += len(b); marks.append((now, total))
+        if total > 1000000:
+            # Skip the first 40% (slow start), report the rest's rate.
+            t1, n1 = next(m for m in marks if m[0] >= first + 0.4 * (now - first))
+            print((total - n1) * 8 / (now - t1) / 1e6, flush=True)
+            break
+else:
+    rtts = []
+    for _ in range(5):
+        t = time.time(); c = socket.create_connection((host, 5001)); rtts.append((time.time() - t) * 1e3); c.close()
+    print(sorted(rtts)[2], flush=True)
+    c = socket.create_connection((host, 5001)); end = time.time() + 3; buf = b"x" * 65536
+    while time.time() < end: c.sendall(buf)
+    c.close()
+"#;
+
+/// The emulator's links do what was asked: its self-check (UDP echo and a paced UDP flood)
+/// and an independent TCP measurement agree with the asked RTT and bandwidth, including a
+/// link set apart from the others.
+#[test]
+fn the_emulator_measures_what_it_was_asked() {
+    let wan = Wan::start(
+        "wan-check",
+        3,
+        &["--rtt-ms", "40", "--mbit", "50", "--link", "0-2=120,20"],
+    );
+    let check = &wan.ready["check"];
+    assert_eq!(check["ok"], true, "{}", wan.log());
+    let rtts = check["rtt"].as_array().expect("rtt");
+    assert_eq!(rtts.len(), 3, "every pair: {check}");
+    for r in rtts {
+        let pair = (r["from"].as_u64(), r["to"].as_u64());
+        let asked = if pair == (Some(0), Some(2)) { 120.0 } else { 40.0 };
+        assert_eq!(f64_at(&r["asked_ms"], "asked"), asked, "{r}");
+        let measured = f64_at(&r["median_ms"], "median");
+        assert!((measured - asked).abs() <= asked * 0.05, "{r}");
+    }
+    for r in check["rate"].as_array().expect("rate") {
+        let asked = if r["from"] == 2 { 20.0 } else { 50.0 };
+        let measured = f64_at(&r["measured_mbit"], "rate");
+        assert!((measured / asked - 1.0).abs() <= 0.05, "{r}");
+    }
+
+    let dir = temp_dir("wan-check-tcp");
+    let script = dir.join("tcp_probe.py");
+    std::fs::write(&script, TCP_PROBE).expect("write the probe");
+    let sink = Proc::spawn(
+        "tcp-sink",
+        wan.command(1, "python3").arg(&script).args(["sink", wan.addr(1)]),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = wan
+        .command(0, "python3")
+        .arg(&script)
+        .args(["source", wan.addr(1)])
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let connect_ms: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("connect time");
+    assert!(
+        (connect_ms - 40.0).abs() <= 2.0,
+        "TCP connect took {connect_ms} ms over a 40 ms link"
+    );
+    let printed = wait_for_file_lines(sink.log_path(), 1, Duration::from_secs(10));
+    let goodput: f64 = printed[0]
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("sink printed {printed:?}"));
+    // TCP carries 1448 payload bytes in each 1500-byte packet of the cap.
+    let wire_share = 1448.0 / 1500.0;
+    assert!(
+        goodput > 50.0 * wire_share * 0.93 && goodput < 50.0 * 1.01,
+        "TCP goodput {goodput} Mbit/s over a 50 Mbit/s link"
+    );
+}
+
+/// `corolla generate` in the client's namespace, through the swarm.
+fn generate(swarm: &Swarm, model: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
+    let out = swarm
+        .client(bin("corolla"))
+        .env("COROLLA_LOG", "info")
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(args)
+        .args(["--json", "--initial-peers", &swarm.relay_addr])
+        .output()
+        .expect("corolla runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "corolla failed: {stderr}");
+    (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// At 50 ms RTT, three servers in a chain: the client-driven chain (`--no-push`), push, and
+/// push with speculative decoding all give the golden tokens. A decode token costs what each
+/// path's round trips say: at least 2n one-way delays without push, at least n + 1 with it,
+/// and below 2n (which only servers passing outputs to each other can do).
+#[test]
+fn push_over_a_50ms_wan_gives_the_golden_tokens_in_n_plus_1_delays() {
+    let model = fixture("llama");
+    let wan = Wan::start("wan-golden", 5, &["--rtt-ms", "50", "--mbit", "100"]);
+    let mut swarm = Swarm::start_on("wan-golden", wan);
+    for blocks in ["0:2", "2:3", "3:4"] {
+        swarm.server(&model, blocks, &[]);
+    }
+    let (hops, one_way) = (3.0, 25.0);
+    let (inputs, generated) = golden_rows("llama");
+    for (row, prompt) in inputs.iter().enumerate() {
+        let new = (generated[row].len() - prompt.len()).to_string();
+        let expected = &generated[row][prompt.len()..];
+        let prompt = csv(prompt);
+        for mode in ["client", "push", "push+spec"] {
+            let mut args = vec!["--token-ids", &prompt, "--max-new-tokens", &new, "--ignore-eos"];
+            match mode {
+                "client" => args.push("--no-push"),
+                "push+spec" => args.extend(["--speculative", "4"]),
+                _ => {}
+            }
+            let (out, log) = generate(&swarm, &model, &args);
+            assert_eq!(ids(&out["token_ids"]), expected, "row {row} {mode}: {log}");
+            if mode == "push+spec" {
+                continue;
+            }
+            // The median token: the first decode step also links the route and opens pushes.
+            let token_ms: Vec<f64> = out["timing"]["token_ms"]
+                .as_array()
+                .expect("token_ms")
+                .iter()
+                .skip(1)
+                .map(|t| f64_at(t, "token_ms"))
+                .collect();
+            let ms = median(token_ms);
+            let client_floor = 2.0 * hops * one_way;
+            if mode == "client" {
+                assert!(
+                    ms >= client_floor * 0.95,
+                    "row {row}: {ms} ms a token without push, under {client_floor}"
+                );
+            } else {
+                let push_floor = (hops + 1.0) * one_way;
+                assert!(
+                    ms >= push_floor * 0.95 && ms < client_floor * 0.95,
+                    "row {row}: {ms} ms a token with push: expected {push_floor}..{client_floor}: {log}"
+                );
+            }
+        }
+    }
+}
+
+/// At 50 ms RTT with push, the middle server of a three-server route dies by kill -9
+/// mid-generation; the client takes over from the hop that did not answer, fails over to
+/// another server of those blocks and the tokens are the undisturbed ones.
+#[test]
+fn kill9_of_a_middle_server_with_push_gives_the_undisturbed_tokens() {
+    let model = fixture("llama");
+    let wan = Wan::start("wan-failover", 6, &["--rtt-ms", "50", "--mbit", "100"]);
+    let mut swarm = Swarm::start_on("wan-failover", wan);
+    swarm.server(&model, "0:2", &[]);
+    let a = swarm.server(&model, "2:3", &[]);
+    let b = swarm.server(&model, "2:3", &[]);
+    swarm.server(&model, "3:4", &[]);
+    let args = ["--token-ids", "1,2,3,4,5", "--max-new-tokens", "30", "--ignore-eos"];
+    let undisturbed = {
+        let out = Command::new(bin("corolla"))
+            .arg("generate")
+            .arg("--model")
+            .arg(&model)
+            .args(args)
+            .arg("--json")
+            .output()
+            .expect("corolla runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        ids(&v["token_ids"])
+    };
+    let log = swarm.dir.join("client.log");
+    let mut client = swarm
+        .client(bin("corolla"))
+        .env("COROLLA_LOG", "info,swarm=debug")
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(args)
+        .args(["--initial-peers", &swarm.relay_addr])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("corolla runs");
+    let mut stdout = client.stdout.take().expect("piped");
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while seen.iter().filter(|&&c| c == b' ').count() < 5 {
+        assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
+        seen.push(byte[0]);
+    }
+    let route = std::fs::read_to_string(&log).expect("client log");
+    assert!(route.contains("route linked for pushes"), "tokens go by push: {route}");
+    let route_line = route
+        .lines()
+        .find(|l| l.contains("session route"))
+        .expect("route logged");
+    let victim = [&a, &b]
+        .into_iter()
+        .position(|peer| route_line.contains(peer.as_str()))
+        .expect("the route uses one of the 2:3 servers");
+    swarm.servers[victim + 1].0.kill9();
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("read");
+    let status = client.wait().expect("exits");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    seen.extend(rest);
+    let tokens: Vec<u32> = String::from_utf8(seen)
+        .expect("utf-8")
+        .split_whitespace()
+        .map(|t| t.parse().expect("token id"))
+        .collect();
+    assert_eq!(tokens, undisturbed);
+    assert!(log.contains("re-routing"), "the client must have failed over: {log}");
+}
