@@ -637,6 +637,15 @@ impl RemoteChain {
             let at = (i > 0).then_some(position);
             let (out, pushed) = match self.hops[i].session.output(at, &shape).await {
                 Ok(answer) => answer,
+                // Busy, or wants smaller pieces: the step did not run there, and the
+                // client-driven path asks again or splits, as for any step.
+                Err(e) if !matches!(refusal(&e), Refusal::Other) => {
+                    return Pushed::Stalled {
+                        at: i,
+                        input,
+                        failure: None,
+                    };
+                }
                 Err(e) => {
                     return Pushed::Stalled {
                         at: i,

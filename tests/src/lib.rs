@@ -319,6 +319,78 @@ impl Swarm {
         }
     }
 
+    /// `corolla generate --json` through this swarm: its output and its log.
+    pub fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String) {
+        let out = self
+            .client(bin("corolla"))
+            .env("COROLLA_LOG", "info")
+            .arg("generate")
+            .arg("--model")
+            .arg(model)
+            .args(args)
+            .args(["--json", "--initial-peers", &self.relay_addr])
+            .output()
+            .expect("corolla runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "corolla failed: {stderr}");
+        (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
+    }
+
+    /// `corolla generate` through this swarm (token ids streamed, no tokenizer), killing with
+    /// SIGKILL, once `after` tokens came, the server `victim` picks from the client's
+    /// `session route` log line. Returns every token and the client's log, after checking that
+    /// the client exited well and failed over.
+    pub fn generate_through_a_kill(
+        &mut self,
+        model: &Path,
+        args: &[&str],
+        after: usize,
+        victim: impl FnOnce(&[(Proc, String)], &str) -> usize,
+    ) -> (Vec<u32>, String) {
+        use std::io::Read;
+        let log = self.dir.join("client.log");
+        let mut client = self
+            .client(bin("corolla"))
+            .env("COROLLA_LOG", "info,swarm=debug")
+            .arg("generate")
+            .arg("--model")
+            .arg(model)
+            .args(args)
+            .args(["--initial-peers", &self.relay_addr])
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("corolla runs");
+        let mut stdout = client.stdout.take().expect("piped");
+        // Without a tokenizer, tokens stream as "id id id ...".
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while seen.iter().filter(|&&c| c == b' ').count() < after {
+            assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
+            seen.push(byte[0]);
+        }
+        let route = fs::read_to_string(&log).expect("client log");
+        let route_line = route
+            .lines()
+            .find(|l| l.contains("session route"))
+            .expect("route logged");
+        let i = victim(&self.servers, route_line);
+        self.servers[i].0.kill9();
+        let mut rest = Vec::new();
+        stdout.read_to_end(&mut rest).expect("read");
+        let status = client.wait().expect("exits");
+        let log = fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{log}");
+        assert!(log.contains("re-routing"), "the client must have failed over: {log}");
+        seen.extend(rest);
+        let tokens = String::from_utf8(seen)
+            .expect("utf-8")
+            .split_whitespace()
+            .map(|t| t.parse().expect("token id"))
+            .collect();
+        (tokens, log)
+    }
+
     /// Starts a server (on 127.0.0.1 TCP unless `extra` has `--listen`), waits until it is
     /// announced, and returns its peer id.
     pub fn server(&mut self, model: &Path, blocks: &str, extra: &[&str]) -> String {

@@ -470,16 +470,26 @@ async fn linked_session(
     (st, r)
 }
 
-async fn push(from: &node::Client, server: PeerId, token: u64, position: u64, hidden: WireTensor) -> libp2p::Stream {
-    let mut p = from.open_stream(server, PUSH_PROTOCOL).await.expect("push stream");
+/// Sends one push; the write may fail when the server has already dropped the stream (as it
+/// does for a peer no session expects).
+async fn push(
+    from: &node::Client,
+    server: PeerId,
+    token: u64,
+    position: u64,
+    hidden: WireTensor,
+) -> (Option<libp2p::Stream>, Result<(), wire::WireError>) {
+    let Ok(mut p) = from.open_stream(server, PUSH_PROTOCOL).await else {
+        return (None, Ok(()));
+    };
     let step = swarm::protocol::PushStep {
         token,
         position,
         start_from: None,
         hidden,
     };
-    wire::write_frame(&mut p, &step, MAX).await.expect("write push");
-    p
+    let written = wire::write_frame(&mut p, &step, MAX).await;
+    (Some(p), written)
 }
 
 /// Server-to-server push among hostile peers: a session takes pushes only from the peer its
@@ -510,7 +520,8 @@ async fn pushes_come_only_from_and_go_only_to_the_peers_the_client_named() {
     // The client's own step comes next on its stream: nothing was computed before it.
     assert_eq!(step(&mut s, 1, ramp(3, 0.1), None).await.expect("prefix"), first);
     // The named peer's push at the session's position runs, answered on the client's stream.
-    let _stream = push(&named, server, 77, 3, ramp(1, -0.2)).await;
+    let (_stream, written) = push(&named, server, 77, 3, ramp(1, -0.2)).await;
+    written.expect("the named peer's push goes through");
     let r: SessionResponse = tokio::time::timeout(Duration::from_secs(20), wire::read_frame(&mut s, MAX))
         .await
         .expect("in time")

@@ -8,28 +8,6 @@ use std::time::Duration;
 
 use corolla_tests::{Proc, STARTUP, Swarm, bin, csv, fixture, golden_rows, wait_for_file_lines};
 
-/// `corolla generate` through a test swarm.
-trait Generate {
-    fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String);
-}
-
-impl Generate for Swarm {
-    fn generate(&self, model: &Path, args: &[&str]) -> (serde_json::Value, String) {
-        let out = Command::new(bin("corolla"))
-            .env("COROLLA_LOG", "info")
-            .arg("generate")
-            .arg("--model")
-            .arg(model)
-            .args(args)
-            .args(["--json", "--initial-peers", &self.relay_addr])
-            .output()
-            .expect("corolla runs");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "corolla failed: {stderr}");
-        (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
-    }
-}
-
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .expect("array")
@@ -153,58 +131,17 @@ fn failover_after_kill9(name: &str, extra: &[&str]) {
     let a = swarm.server(&model, "0:4", &[]);
     let b = swarm.server(&model, "0:4", &[]);
     swarm.server(&model, "0:2", &[]);
-    let prompt = "1,2,3,4,5";
-    let args = ["--token-ids", prompt, "--max-new-tokens", "240", "--ignore-eos"];
+    let mut args = vec!["--token-ids", "1,2,3,4,5", "--max-new-tokens", "240", "--ignore-eos"];
     let undisturbed = local(&model, &args);
-
-    let log = swarm.dir.join("client.log");
-    let mut client = Command::new(bin("corolla"))
-        .env("COROLLA_LOG", "info")
-        .arg("generate")
-        .arg("--model")
-        .arg(&model)
-        .args(args)
-        .args(extra)
-        .args(["--initial-peers", &swarm.relay_addr])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("corolla runs");
-    let mut stdout = client.stdout.take().expect("piped");
-    // Without a tokenizer, tokens stream as "id id id ...": wait for the first few.
-    let mut seen = Vec::new();
-    let mut byte = [0u8; 1];
-    while seen.iter().filter(|&&c| c == b' ').count() < 3 {
-        assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
-        seen.push(byte[0]);
-    }
-    let route = std::fs::read_to_string(&log).expect("client log");
-    let route_line = route
-        .lines()
-        .find(|l| l.contains("session route"))
-        .expect("route logged");
-    let victim = [&a, &b]
-        .into_iter()
-        .position(|peer| route_line.contains(peer.as_str()))
-        .or_else(|| swarm.servers.iter().position(|(_, p)| route_line.contains(p.as_str())))
-        .expect("the route uses one of the servers");
-    swarm.servers[victim].0.kill9();
-    let mut rest = Vec::new();
-    stdout.read_to_end(&mut rest).expect("read");
-    assert!(
-        client.wait().expect("exits").success(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    seen.extend(rest);
-    let tokens: Vec<u32> = String::from_utf8(seen)
-        .expect("utf-8")
-        .split_whitespace()
-        .map(|t| t.parse().expect("token id"))
-        .collect();
+    args.extend(extra);
+    let (tokens, _) = swarm.generate_through_a_kill(&model, &args, 3, |servers, route| {
+        [&a, &b]
+            .into_iter()
+            .position(|peer| route.contains(peer.as_str()))
+            .or_else(|| servers.iter().position(|(_, p)| route.contains(p.as_str())))
+            .expect("the route uses one of the servers")
+    });
     assert_eq!(tokens, ids(&undisturbed["token_ids"]));
-    let log = std::fs::read_to_string(&log).expect("client log");
-    assert!(log.contains("re-routing"), "the client must have failed over: {log}");
 }
 
 /// A server reachable only through the relay (`/p2p-circuit`) serves a session.

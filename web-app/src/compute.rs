@@ -267,15 +267,6 @@ impl ClientModel {
         }
     }
 
-    /// # Shapes
-    /// - `hidden`: `[rows, seq, hidden]`, the last block's output; returns `[rows, vocab]`,
-    ///   the logits of the last position
-    pub async fn last_logits(&self, hidden: &HostTensor) -> Result<HostTensor, ComputeError> {
-        let mut out = self.tail_logits(hidden, 1).await?;
-        out.shape = vec![out.shape[0], out.shape[2]];
-        Ok(out)
-    }
-
     /// The logits of the last `n` positions (speculative decoding checks a draft's).
     ///
     /// # Shapes
