@@ -13,7 +13,7 @@
 # Needs root (network namespaces) and the release binaries:
 #   cargo build --release --workspace --bins
 # Environment: COROLLA_SMOLLM2_GGUF (else `corolla fetch`), K (draft length, 4), N_TOKENS (32),
-# MBIT (100).
+# MBIT (100); for the table, SERVERS_LIST ("1 2 4 8") and RTT_LIST ("0 25 100 200").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="${CARGO_TARGET_DIR:-target}/release"
@@ -139,8 +139,8 @@ if [ -n "$rtt" ]; then
 fi
 
 all=$(mktemp)
-for n in 1 2 4 8; do
-  for r in 0 25 100 200; do
+for n in ${SERVERS_LIST:-1 2 4 8}; do
+  for r in ${RTT_LIST:-0 25 100 200}; do
     echo "cell: $n servers, $r ms RTT" >&2
     cell "$r" "$n" >>"$all"
   done

@@ -613,11 +613,25 @@ pub fn golden_rows(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; a process started right after binds it).
+/// A TCP port on 127.0.0.1 that nothing holds now, for a process to listen on later.
+///
+/// It comes from below the kernel's ephemeral range (Linux: 32768-60999), from which every
+/// `tcp/0` listener and outgoing connection takes its port: a port freed by this function and
+/// handed to a server would otherwise race the server's own `tcp/0` listeners (seen in CI:
+/// the metrics port taken by the same server's libp2p listener). Each call of a process
+/// tries a different port, starting from one that depends on the process id.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    const LOW: usize = 20_000;
+    const SPAN: usize = 12_000;
+    let base = std::process::id() as usize * 97;
+    for _ in 0..SPAN {
+        let port = (LOW + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// How a [`TamperingProxy`] changes a response body in place (given the request path).
