@@ -118,13 +118,7 @@ impl HopSession {
     /// Sends `[batch, new, hidden]` states, returns the span's output for them. With
     /// `start_from`, the server first rolls its cache back to that many positions.
     pub async fn step(&mut self, hidden: &HostTensor, start_from: Option<usize>) -> Result<HostTensor, SessionError> {
-        self.step += 1;
-        let request = SessionRequest::Step {
-            step: self.step,
-            hidden: WireTensor::encode(hidden, self.reply_dtype),
-            start_from: start_from.map(|p| p as u64),
-            push: false,
-        };
+        let request = self.next_step(hidden, start_from, false);
         match self.exchange(&request).await? {
             SessionResponse::Output { step, hidden: out, .. } if step == self.step => self.decode(out, &hidden.shape),
             _ => Err(SessionError::Protocol { peer: self.peer }),
@@ -134,13 +128,7 @@ impl HopSession {
     /// Starts a step whose output the server also pushes to the next hop ([`Self::link`]);
     /// [`Self::output`] waits for the answer.
     pub async fn send_push(&mut self, hidden: &HostTensor, start_from: Option<usize>) -> Result<(), SessionError> {
-        self.step += 1;
-        let request = SessionRequest::Step {
-            step: self.step,
-            hidden: WireTensor::encode(hidden, self.reply_dtype),
-            start_from: start_from.map(|p| p as u64),
-            push: true,
-        };
+        let request = self.next_step(hidden, start_from, true);
         let (peer, timeout, max) = (self.peer, self.timeout, self.limits.max_frame_bytes);
         crate::rt::timeout(timeout, wire::write_frame(&mut self.stream, &request, max))
             .await
@@ -193,6 +181,17 @@ impl HopSession {
         match self.exchange(&request).await? {
             SessionResponse::Linked => Ok(()),
             _ => Err(SessionError::Protocol { peer: self.peer }),
+        }
+    }
+
+    /// The next `Step` of this session (numbered in order).
+    fn next_step(&mut self, hidden: &HostTensor, start_from: Option<usize>, push: bool) -> SessionRequest {
+        self.step += 1;
+        SessionRequest::Step {
+            step: self.step,
+            hidden: WireTensor::encode(hidden, self.reply_dtype),
+            start_from: start_from.map(|p| p as u64),
+            push,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use corolla_tests::{Proc, Swarm, Wan, bin, csv, fixture, golden_rows, temp_dir, wait_for_file_lines};
+use corolla_tests::{Proc, Swarm, Wan, bin, csv, fixture, golden_rows, temp_dir, token_ids, wait_for_file_lines};
 
 fn f64_at(v: &serde_json::Value, what: &str) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("{what}: {v}"))
@@ -104,14 +104,6 @@ fn the_emulator_measures_what_it_was_asked() {
     );
 }
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -143,7 +135,7 @@ fn push_over_a_50ms_wan_gives_the_golden_tokens_in_n_plus_1_delays() {
                 _ => {}
             }
             let (out, log) = swarm.generate(&model, &args);
-            assert_eq!(ids(&out["token_ids"]), expected, "row {row} {mode}: {log}");
+            assert_eq!(token_ids(&out), expected, "row {row} {mode}: {log}");
             if mode == "push+spec" {
                 continue;
             }
@@ -197,7 +189,7 @@ fn kill9_of_a_middle_server_with_push_gives_the_undisturbed_tokens() {
             .expect("corolla runs");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        ids(&v["token_ids"])
+        token_ids(&v)
     };
     let (tokens, log) = swarm.generate_through_a_kill(&model, &args, 5, |_, route| {
         let i = [&a, &b]

@@ -24,7 +24,7 @@ const MAX_PACKET: usize = 65_536;
 const MAX_HELD: usize = 200_000;
 
 /// Counters of one direction of one link.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkCounters {
     pub delivered: u64,
     pub bytes: u64,
@@ -135,16 +135,7 @@ impl Router {
             let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
             let c = &slot.counters;
             if c.delivered + c.lost + c.overflow > 0 {
-                out.push((
-                    k / n,
-                    k % n,
-                    LinkCounters {
-                        delivered: c.delivered,
-                        bytes: c.bytes,
-                        lost: c.lost,
-                        overflow: c.overflow,
-                    },
-                ));
+                out.push((k / n, k % n, c.clone()));
             }
         }
         out
