@@ -17,7 +17,8 @@ pub enum CorruptKind {
     Subtle,
 }
 
-/// `server --corrupt-outputs RATE --corrupt-kind KIND --delay-steps-ms MS --claim-throughput T`
+/// `server --corrupt-outputs RATE --corrupt-kind KIND --delay-steps-ms MS --claim-throughput T
+/// --drop-pushes`
 /// (feature `fault-injection` only).
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -39,6 +40,9 @@ pub struct FaultArgs {
     /// Move (rebalance) as if memory held one span only: unload the old blocks first.
     #[arg(long)]
     pub no_room_for_two_spans: bool,
+    /// Take pushed steps from other servers and never run them (their clients wait in vain).
+    #[arg(long)]
+    pub drop_pushes: bool,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -53,6 +57,7 @@ impl FaultArgs {
             delay: Duration::from_millis(self.delay_steps_ms),
             claim_throughput: self.claim_throughput,
             one_span: self.no_room_for_two_spans,
+            drop_pushes: self.drop_pushes,
             state: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(self.fault_seed | 1)),
         })
     }
@@ -66,6 +71,7 @@ pub struct Faults {
     delay: Duration,
     claim_throughput: Option<f64>,
     one_span: bool,
+    drop_pushes: bool,
     state: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -78,6 +84,11 @@ impl Faults {
     /// Whether a move must unload the old span first, whatever memory is free.
     pub fn one_span_only(&self) -> bool {
         self.one_span
+    }
+
+    /// Whether pushed steps are read and thrown away.
+    pub fn drops_pushes(&self) -> bool {
+        self.drop_pushes
     }
 
     /// Waits as long as a session step should be late.

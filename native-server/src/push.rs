@@ -124,6 +124,10 @@ where
                 "pushed to a session that does not take pushes from this peer",
             ));
         }
+        if ctx.faults.drops_pushes() {
+            tracing::debug!(%peer, "fault injection: dropped a pushed step");
+            continue;
+        }
         core.pushed(step, &mut memory).await;
     }
 }

@@ -576,17 +576,21 @@ where
     };
     let computing = std::time::Instant::now();
     let ran = compute::chunked(&ctx.batcher, peer, session, cache, step, ctx.cost.chunk_tokens()).await;
+    let compute_ms = computing.elapsed().as_secs_f64() * 1e3;
+    let dtype = opened.reply_dtype;
+    // The copy back waits for the device: what `compute_ms` only queued shows up here.
+    let reading = std::time::Instant::now();
+    let output = ran.output.map(|y| to_wire(y, dtype));
     tracing::debug!(
         %peer,
         new,
         past,
         bytes = memory.bytes(),
         memory_wait_ms = memory_wait.as_secs_f64() * 1e3,
-        compute_ms = computing.elapsed().as_secs_f64() * 1e3,
+        compute_ms,
+        read_back_ms = reading.elapsed().as_secs_f64() * 1e3,
         "step"
     );
-    let dtype = opened.reply_dtype;
-    let output = ran.output.map(|y| to_wire(y, dtype));
     let fatal = ran.partial || ran.cache.is_none();
     (ran.cache, output, fatal)
 }

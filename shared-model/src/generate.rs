@@ -273,18 +273,23 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
     let mut fed = 0;
     let mut step = 0;
     let mut first = true;
+    let device = embeddings.device();
     loop {
+        let mut phases = StepPhases::start::<B>(&device);
         let x = match prefix {
             Some(p) if first => crate::tuning::with_prompt(embeddings, embeddings.embed_raw(&input)?, p, &pad),
             _ => embeddings.forward(&input)?,
         };
         first = false;
+        phases.mark::<B>(&device, Phase::Embed);
         let hidden = blocks.step(x)?;
+        phases.mark::<B>(&device, Phase::Blocks);
         let t = hidden.dims()[1];
         fed += t;
         // Logits of the last real token and of every draft position after it.
         let k = drafts.iter().map(|d| d.tokens.len()).max().unwrap_or(0);
         let logits = to_host(head.forward(hidden.narrow(1, t - 1 - k, k + 1)));
+        phases.mark::<B>(&device, Phase::Head);
         let vocab = logits.shape[2];
         let row_logits = |row: usize| {
             let data = &logits.data;
@@ -328,6 +333,8 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
                 }
             }
         }
+        phases.mark::<B>(&device, Phase::Sample);
+        phases.report(step, t);
         if done.iter().all(|&d| d) {
             return Ok(out);
         }
@@ -366,5 +373,68 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
                 ids
             })
             .collect();
+    }
+}
+
+/// The parts of one generation step, for `RUST_LOG=shared_model::generate=debug`.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Embed,
+    Blocks,
+    Head,
+    Sample,
+}
+
+/// Where a step's time goes: host time between marks at debug level; at trace level each
+/// mark first waits for the device, so a phase's figure includes its own device work (and
+/// the step gets slower: the host no longer runs ahead of the device).
+struct StepPhases {
+    on: bool,
+    sync: bool,
+    last: std::time::Instant,
+    us: [u128; 4],
+}
+
+impl StepPhases {
+    fn start<B: Backend>(device: &B::Device) -> Self {
+        let on = tracing::enabled!(tracing::Level::DEBUG);
+        let sync = on && tracing::enabled!(tracing::Level::TRACE);
+        if sync {
+            B::sync(device).ok();
+        }
+        Self {
+            on,
+            sync,
+            last: std::time::Instant::now(),
+            us: [0; 4],
+        }
+    }
+
+    fn mark<B: Backend>(&mut self, device: &B::Device, phase: Phase) {
+        if !self.on {
+            return;
+        }
+        if self.sync {
+            B::sync(device).ok();
+        }
+        let now = std::time::Instant::now();
+        self.us[phase as usize] = now.duration_since(self.last).as_micros();
+        self.last = now;
+    }
+
+    fn report(&self, step: usize, positions: usize) {
+        if self.on {
+            let [embed, blocks, head, sample] = self.us;
+            tracing::debug!(
+                step,
+                positions,
+                synced = self.sync,
+                embed_us = embed as u64,
+                blocks_us = blocks as u64,
+                head_us = head as u64,
+                sample_us = sample as u64,
+                "generation step"
+            );
+        }
     }
 }

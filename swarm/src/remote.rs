@@ -85,6 +85,8 @@ struct ActiveHop {
     rollback: Option<usize>,
     /// This hop's name in pushes (its `Link` token).
     token: u64,
+    /// A pushed output came from this hop: the stream to it from the hop before is open.
+    push_seen: bool,
 }
 
 /// A session's chain of servers covering every block, driven asynchronously (the browser
@@ -108,9 +110,30 @@ pub struct RemoteChain {
     position: usize,
     /// The hops are linked for pushes as they stand (cleared when the route changes).
     linked: bool,
-    /// Linking failed: this session's outputs all come back through the client.
+    /// Linking failed, or pushed outputs kept not arriving: this session's outputs all come
+    /// back through the client.
     push_broken: bool,
+    /// Pushed outputs in a row that did not arrive within their deadline.
+    push_misses: u32,
 }
+
+/// A pushed output may take this many times what its hop is expected to take (its measured
+/// or claimed speed, and a round trip) before the client stops waiting for it and runs the
+/// step there itself; never less than [`PUSH_STALL_MIN`]. A late push costs a step's
+/// recomputation, not a wrong token: the server drops a push for a position it has passed.
+pub const PUSH_STALL_FACTOR: u32 = 4;
+
+/// Round trips a server may spend opening its push stream to the next (TCP or QUIC, Noise,
+/// Yamux, protocol negotiation), allowed on a hop's first pushed output.
+pub const PUSH_SETUP_ROUND_TRIPS: u32 = 6;
+
+/// The shortest wait for a pushed output.
+pub const PUSH_STALL_MIN: Duration = Duration::from_secs(1);
+
+/// Pushed outputs missed in a row after which a session stops pushing: a hop that accepts
+/// pushes and never runs them (or a pusher that says it pushed and did not) would otherwise
+/// cost a stall deadline on every token.
+pub const PUSH_MISSES_BEFORE_GIVING_UP: u32 = 3;
 
 pub mod speed;
 mod train;
@@ -136,6 +159,7 @@ impl RemoteChain {
             position: 0,
             linked: false,
             push_broken: false,
+            push_misses: 0,
         }
     }
 
@@ -365,6 +389,7 @@ impl RemoteChain {
                         chunk: self.chunk_limit(),
                         rollback: None,
                         token: push_token(),
+                        push_seen: false,
                     };
                     let mut outputs = Vec::with_capacity(pieces.len());
                     for piece in &pieces {
@@ -439,6 +464,7 @@ impl RemoteChain {
         self.position = 0;
         self.linked = false;
         self.push_broken = false;
+        self.push_misses = 0;
         // A swarm without a route now fails at once: the user hears of it.
         self.hops = self.connect(0, self.config.num_layers, &[], false).await?;
         tracing::info!(route = ?self.route(), "session route");
@@ -635,7 +661,32 @@ impl RemoteChain {
         let mut previous = Instant::now();
         for i in 0..self.hops.len() {
             let at = (i > 0).then_some(position);
-            let (out, pushed) = match self.hops[i].session.output(at, &shape).await {
+            let answer = if i == 0 {
+                self.hops[i].session.output(at, &shape).await
+            } else {
+                let deadline = self.push_deadline(i, shape.get(1).copied().unwrap_or(1));
+                match self.hops[i].session.output_within(at, &shape, deadline).await {
+                    // Only the wait for the output to start is cut short; a timeout of the
+                    // step itself is a failure as anywhere.
+                    Err(SessionError::Timeout { peer, timeout })
+                        if timeout == deadline && deadline < self.hops[i].session.timeout() =>
+                    {
+                        self.push_misses += 1;
+                        tracing::debug!(%peer, ?deadline, misses = self.push_misses, "a pushed output is late; the client runs the step there");
+                        if self.push_misses >= PUSH_MISSES_BEFORE_GIVING_UP {
+                            tracing::warn!(%peer, "pushed outputs keep not arriving; the client carries every output of this session");
+                            self.push_broken = true;
+                        }
+                        return Pushed::Stalled {
+                            at: i,
+                            input,
+                            failure: None,
+                        };
+                    }
+                    answer => answer,
+                }
+            };
+            let (out, pushed) = match answer {
                 Ok(answer) => answer,
                 // Busy, or wants smaller pieces: the step did not run there, and the
                 // client-driven path asks again or splits, as for any step.
@@ -676,6 +727,10 @@ impl RemoteChain {
                 };
             }
             input = out;
+            if i > 0 {
+                self.push_misses = 0;
+                self.hops[i].push_seen = true;
+            }
             if !pushed && i + 1 < self.hops.len() {
                 // The server could not reach the next one: the client carries the output on.
                 return Pushed::Stalled {
@@ -686,6 +741,35 @@ impl RemoteChain {
             }
         }
         Pushed::Done(input)
+    }
+
+    /// How long the client waits for hop `i`'s pushed output of `new` positions a row (see
+    /// [`PUSH_STALL_FACTOR`]): its blocks at the speed measured of its server (or claimed, up
+    /// to the swarm's cap), plus a round trip.
+    fn push_deadline(&self, i: usize, new: usize) -> Duration {
+        let hop = &self.hops[i];
+        let peer = hop.session.peer.to_string();
+        let per_block = self.speeds.measured_cost(&peer).or_else(|| {
+            let cap = speed::prior_cap(&self.servers);
+            self.servers
+                .iter()
+                .find(|s| s.peer_id == peer)
+                .map(|s| self.speeds.block_cost(s, cap))
+        });
+        let blocks = hop.session.end.saturating_sub(hop.session.start).max(1);
+        match per_block {
+            Some(cost) => {
+                let mut expected = Duration::from_secs_f64((cost * (blocks * new.max(1)) as f64).min(3600.0)) + hop.rtt;
+                if !hop.push_seen {
+                    // The hop before may still be dialling this one: a connection's handshakes
+                    // take a few round trips (the client knows its own, not theirs).
+                    let rtt = self.hops.iter().map(|h| h.rtt).max().unwrap_or_default();
+                    expected += rtt * PUSH_SETUP_ROUND_TRIPS;
+                }
+                (expected * PUSH_STALL_FACTOR).max(PUSH_STALL_MIN)
+            }
+            None => hop.session.timeout(),
+        }
     }
 
     /// Forgets every position from `len` on: each hop's history is cut there now, and its

@@ -49,6 +49,8 @@ pub struct HopSession {
     limits: Limits,
     reply_dtype: WireDtype,
     timeout: Duration,
+    /// A reply's length prefix, as far as it was read before a wait for it was cut short.
+    prefix: wire::PartialPrefix,
 }
 
 /// What the client asks of a session.
@@ -90,6 +92,7 @@ impl HopSession {
             limits: spec.limits,
             reply_dtype: spec.dtype,
             timeout: spec.timeout,
+            prefix: wire::PartialPrefix::default(),
         };
         let open = SessionRequest::Open {
             model: spec.model.clone(),
@@ -144,30 +147,58 @@ impl HopSession {
         position: Option<usize>,
         shape: &[usize],
     ) -> Result<(HostTensor, bool), SessionError> {
-        let (peer, timeout, max) = (self.peer, self.timeout, self.limits.max_frame_bytes);
+        self.output_within(position, shape, self.timeout).await
+    }
+
+    /// How long a step may take before the server counts as failed.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// [`Self::output`], waiting at most `timeout` (a pushed output is given less than the
+    /// session's step timeout: see [`crate::remote`]).
+    pub async fn output_within(
+        &mut self,
+        position: Option<usize>,
+        shape: &[usize],
+        timeout: Duration,
+    ) -> Result<(HostTensor, bool), SessionError> {
+        let peer = self.peer;
+        let wait = timeout.min(self.timeout);
         let want = self.step;
-        let read = async {
-            loop {
-                match wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await? {
-                    SessionResponse::Output { step, hidden, pushed } if position.is_none() && step == want => {
-                        return Ok((hidden, pushed));
-                    }
-                    SessionResponse::Pushed {
-                        position: at,
-                        hidden,
-                        pushed,
-                    } if position == Some(at as usize) => return Ok((hidden, pushed)),
-                    // A push the client has since sent itself.
-                    SessionResponse::Pushed { position: at, .. } if position.is_none_or(|p| (at as usize) < p) => {}
-                    SessionResponse::Error(error) => return Err(SessionError::Remote { peer, error }),
-                    _ => return Err(SessionError::Protocol { peer }),
+        loop {
+            // Only the wait for a reply to start may be cut short (the prefix read so far is
+            // kept); a reply that has started is read whole, within the step timeout.
+            let len = crate::rt::timeout(wait, self.reply_len())
+                .await
+                .map_err(|_| SessionError::Timeout { peer, timeout: wait })??;
+            let reply = crate::rt::timeout(self.timeout, wire::read_frame_body(&mut self.stream, len))
+                .await
+                .map_err(|_| SessionError::Timeout {
+                    peer,
+                    timeout: self.timeout,
+                })??;
+            let (out, pushed) = match reply {
+                SessionResponse::Output { step, hidden, pushed } if position.is_none() && step == want => {
+                    (hidden, pushed)
                 }
-            }
-        };
-        let (out, pushed) = crate::rt::timeout(timeout, read)
-            .await
-            .map_err(|_| SessionError::Timeout { peer, timeout })??;
-        Ok((self.decode(out, shape)?, pushed))
+                SessionResponse::Pushed {
+                    position: at,
+                    hidden,
+                    pushed,
+                } if position == Some(at as usize) => (hidden, pushed),
+                // A push the client has since sent itself.
+                SessionResponse::Pushed { position: at, .. } if position.is_none_or(|p| (at as usize) < p) => continue,
+                SessionResponse::Error(error) => return Err(SessionError::Remote { peer, error }),
+                _ => return Err(SessionError::Protocol { peer }),
+            };
+            return Ok((self.decode(out, shape)?, pushed));
+        }
+    }
+
+    /// The next reply's length, resuming a prefix that an abandoned wait began to read.
+    async fn reply_len(&mut self) -> Result<usize, WireError> {
+        wire::read_frame_len_resumable(&mut self.stream, &mut self.prefix, self.limits.max_frame_bytes).await
     }
 
     /// Names this session's neighbours for pushes: whose pushes it takes (`from`, the
@@ -212,7 +243,8 @@ impl HopSession {
         let io = async {
             wire::write_frame(&mut self.stream, request, max).await?;
             loop {
-                match wire::read_frame::<_, SessionResponse>(&mut self.stream, max).await? {
+                let len = self.reply_len().await?;
+                match wire::read_frame_body::<_, SessionResponse>(&mut self.stream, len).await? {
                     // The answer to a push the client has since sent itself.
                     SessionResponse::Pushed { .. } => {}
                     other => return Ok::<_, WireError>(other),

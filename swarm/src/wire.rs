@@ -385,18 +385,35 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 /// cost before reading it. [`WireError::Closed`] on a clean end of stream; a length above
 /// `max_frame_bytes` is [`WireError::FrameTooLarge`].
 pub async fn read_frame_len<R: AsyncRead + Unpin>(r: &mut R, max_frame_bytes: usize) -> Result<usize, WireError> {
-    let mut prefix = [0u8; PREFIX_BYTES];
-    let mut filled = 0;
-    while filled < PREFIX_BYTES {
-        match r.read(&mut prefix[filled..]).await {
-            Ok(0) if filled == 0 => return Err(WireError::Closed),
+    read_frame_len_resumable(r, &mut PartialPrefix::default(), max_frame_bytes).await
+}
+
+/// The bytes of a length prefix read so far (see [`read_frame_len_resumable`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PartialPrefix {
+    bytes: [u8; PREFIX_BYTES],
+    filled: usize,
+}
+
+/// [`read_frame_len`] that may be abandoned (a timeout dropping the future) and called again
+/// later without losing bytes: what it has read stays in `partial`, which it empties once the
+/// prefix is whole. So a reader may stop waiting for a frame to start and keep the stream.
+pub async fn read_frame_len_resumable<R: AsyncRead + Unpin>(
+    r: &mut R,
+    partial: &mut PartialPrefix,
+    max_frame_bytes: usize,
+) -> Result<usize, WireError> {
+    while partial.filled < PREFIX_BYTES {
+        match r.read(&mut partial.bytes[partial.filled..]).await {
+            Ok(0) if partial.filled == 0 => return Err(WireError::Closed),
             Ok(0) => return Err(unexpected_eof("frame length")),
-            Ok(n) => filled += n,
+            Ok(n) => partial.filled += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
     }
-    let declared = u32::from_le_bytes(prefix);
+    let declared = u32::from_le_bytes(partial.bytes);
+    *partial = PartialPrefix::default();
     let len = usize::try_from(declared).map_err(|_| WireError::FrameTooLarge {
         len: usize::MAX,
         max: max_frame_bytes,
@@ -1107,5 +1124,71 @@ mod tests {
             decode_all(&bytes);
             decode_all(&frame(&bytes));
         }
+    }
+
+    /// Gives at most one byte a read, and is not ready before every byte (a slow link).
+    struct Stutter<'a> {
+        data: &'a [u8],
+        ready: bool,
+    }
+
+    impl AsyncRead for Stutter<'_> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+            if !self.ready {
+                self.ready = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.ready = false;
+            match (self.data.split_first(), buf.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.data = rest;
+                    Poll::Ready(Ok(1))
+                }
+                _ => Poll::Ready(Ok(0)),
+            }
+        }
+    }
+
+    /// Polls a fresh length read once per round (then drops it, as a timeout does) until one
+    /// finishes; `resume` keeps the prefix read so far across rounds.
+    fn length_through_abandoned_waits(framed: &[u8], resume: bool) -> (Result<usize, WireError>, Vec<u8>) {
+        use std::future::Future;
+        let mut r = Stutter {
+            data: framed,
+            ready: false,
+        };
+        let mut partial = PartialPrefix::default();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..64 {
+            if !resume {
+                partial = PartialPrefix::default();
+            }
+            let mut read = Box::pin(read_frame_len_resumable(&mut r, &mut partial, MAX));
+            if let Poll::Ready(len) = read.as_mut().poll(&mut cx) {
+                drop(read);
+                return (len, r.data.to_vec());
+            }
+        }
+        panic!("neither a length nor an error after 64 rounds");
+    }
+
+    #[test]
+    fn a_length_read_abandoned_midway_resumes_where_it_stopped() {
+        let response = SessionResponse::Linked;
+        let body = to_cbor(&response).expect("encodes");
+        let framed = frame(&body);
+        let (len, rest) = length_through_abandoned_waits(&framed, true);
+        let len = len.expect("a length");
+        assert_eq!((len, rest.as_slice()), (body.len(), body.as_slice()));
+        let mut rest: &[u8] = &rest;
+        let back: SessionResponse = block_on(read_frame_body(&mut rest, len)).expect("decodes");
+        assert_eq!(back, response);
+        // Without resuming, each abandoned wait loses the byte it took: the stream runs out
+        // before a length is whole.
+        let (lost, _) = length_through_abandoned_waits(&framed, false);
+        assert!(matches!(lost, Err(WireError::Closed)), "{lost:?}");
     }
 }

@@ -391,3 +391,34 @@ fn a_server_nudging_a_few_elements_is_caught() {
         4,
     );
 }
+
+/// A server that takes pushed steps and never runs them (or a pusher that claims it pushed)
+/// costs the client a short wait per token, never a step timeout: it stops waiting for the
+/// pushed output after a few times the hop's expected time, runs the step there itself, and
+/// after a few such misses carries every output of the session. Tokens stay golden.
+#[test]
+fn a_server_that_drops_pushes_costs_no_step_timeout() {
+    let mut swarm = Swarm::start("drop-pushes");
+    let model = fixture("llama");
+    swarm.server(&model, "0:2", &[]);
+    swarm.start_server("server-faulty", &model, &["--blocks", "2:3", "--drop-pushes"], &[]);
+    swarm.server(&model, "3:4", &[]);
+    let (_, golden) = golden();
+    let started = std::time::Instant::now();
+    let json = generate(Some(&swarm.relay_addr), golden.len(), "info,swarm=debug", &[]);
+    let elapsed = started.elapsed();
+    let stderr = json["stderr"].as_str().unwrap_or_default().to_string();
+    assert_eq!(token_ids(&json), golden, "{stderr}");
+    assert!(stderr.contains("route linked for pushes"), "the route pushes: {stderr}");
+    assert!(
+        stderr.contains("a pushed output is late"),
+        "the dropped pushes were noticed: {stderr}"
+    );
+    assert!(
+        stderr.contains("pushed outputs keep not arriving"),
+        "the session stopped pushing: {stderr}"
+    );
+    assert!(!stderr.contains("banned server"), "nobody is banned for it: {stderr}");
+    // Liveness, not speed: one step timeout (60 s) alone would exceed this.
+    assert!(elapsed < Duration::from_secs(45), "took {elapsed:?}: {stderr}");
+}

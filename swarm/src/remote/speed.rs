@@ -101,6 +101,11 @@ impl SpeedBook {
         1.0 / claimed_block_speed(info).min(cap).max(1e-6)
     }
 
+    /// The measured seconds per token per block of `peer`, if any decode step was timed.
+    pub fn measured_cost(&self, peer: &str) -> Option<f64> {
+        self.lock().get(peer).map(|m| m.block_cost)
+    }
+
     /// Whether `info`'s server measured much slower than it claims (see the module docs).
     pub fn slower_than_claimed(&self, info: &ServerInfo) -> bool {
         let Some(m) = self.lock().get(&info.peer_id).copied() else {
