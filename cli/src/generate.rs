@@ -13,16 +13,13 @@ use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
 use std::path::Path;
 
-use crate::args::{BackendKind, GenerateArgs};
+use crate::args::GenerateArgs;
 use crate::backend::{OnBackend, dispatch};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     // A fingerprint joins the swarm first: the model's client part comes from its servers.
     let (mut files, joined) = match model_fingerprint(&args)? {
         Some(model) => {
-            if args.backend != BackendKind::Cpu {
-                bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
-            }
             let (runtime, client) = crate::remote::connect(&args.initial_peers, args.swarm_key.as_deref())?;
             let cache = crate::fetch::cache_dir(args.cache_dir.clone());
             let files = crate::bundle::fetch(runtime.handle(), &client, &model, &cache)?;
@@ -70,9 +67,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     if !args.initial_peers.is_empty() {
-        if args.backend != BackendKind::Cpu {
-            bail!("the swarm client runs its embeddings and head on the CPU for now (drop --backend)");
-        }
         let joined = match joined {
             Some(joined) => joined,
             None => crate::remote::Joined::for_checkpoint(&files, &args.initial_peers, args.swarm_key.as_deref())?,

@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use burn::prelude::Backend;
+use shared_model::ModelConfig;
 use shared_model::fingerprint::fingerprint;
 use shared_model::generate::{GenerateParams, generate_drafted};
 use shared_model::loader::ModelFiles;
 use shared_model::model::{Embeddings, LmHead};
 use shared_model::tuning::Prompts;
-use shared_model::{Cpu, ModelConfig};
 use swarm::node::{self, Client, NodeConfig};
 use swarm::protocol::Limits;
 use swarm::remote::{RemoteBlocks, RemoteConfig};
@@ -17,6 +18,7 @@ use swarm::routing::RouteMode;
 use swarm::wire::WireDtype;
 
 use crate::args::{GenerateArgs, RoutingArg, WireDtypeArg};
+use crate::backend::OnBackend;
 use crate::generate::emit;
 
 /// A swarm client node on its own runtime, connected to at least one initial peer.
@@ -136,7 +138,8 @@ fn config_for(
     }
 }
 
-/// Generates with the embeddings and head of `files` here and the blocks in `joined`'s swarm.
+/// Generates with the embeddings and head of `files` here, on `args.backend`, and the blocks
+/// in `joined`'s swarm.
 pub fn run(
     files: &ModelFiles,
     args: &GenerateArgs,
@@ -145,41 +148,75 @@ pub fn run(
     prompts: Option<Prompts>,
     joined: Joined,
 ) -> Result<()> {
-    let Joined {
-        runtime,
-        client,
-        model,
-        model_name,
-    } = joined;
-    let device = Default::default();
-    let embeddings = Embeddings::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
-    let head = LmHead::<Cpu>::load(&files.config, files.weights.as_ref(), &device)?;
-    let mut remote_config = config_for(model, model_name, &files.config, args.wire_dtype, args.routing);
-    remote_config.adapter = args.adapter.clone();
-    remote_config.verify_rate = args.verify;
-    remote_config.push = !args.no_push;
-    if let Some(seed) = args.verify_seed {
-        remote_config.verify_seed = seed;
-    }
-    remote_config.deep_prompts = prompts.as_ref().and_then(|p| p.deep.clone());
-    let prefix = prompts.map(|p| crate::generate::upload_prompt::<Cpu>(&p, &device));
-    let mut blocks = RemoteBlocks::<Cpu>::new(runtime.handle().clone(), client, remote_config, device.clone());
-    let report = blocks.verify_report();
-    let mut drafter = crate::generate::drafter::<Cpu>(files, args, &params, prompt_ids.len(), &device)?;
-    let result = emit(files, args, &prompt_ids, &params, Some(report), |params, on_token| {
-        Ok(generate_drafted(
-            &embeddings,
-            &head,
-            &mut blocks,
-            &[prompt_ids.clone()],
-            prefix.as_ref(),
+    crate::backend::dispatch(
+        args.backend,
+        SwarmJob {
+            files,
+            args,
+            prompt_ids,
             params,
-            drafter.as_mut(),
-            on_token,
-        )?)
-    });
-    drop(blocks);
-    // Let the session-closing messages go out.
-    runtime.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
-    result
+            prompts,
+            joined,
+        },
+    )
+}
+
+struct SwarmJob<'a> {
+    files: &'a ModelFiles,
+    args: &'a GenerateArgs,
+    prompt_ids: Vec<u32>,
+    params: GenerateParams,
+    prompts: Option<Prompts>,
+    joined: Joined,
+}
+
+impl OnBackend for SwarmJob<'_> {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let SwarmJob {
+            files,
+            args,
+            prompt_ids,
+            params,
+            prompts,
+            joined,
+        } = self;
+        let Joined {
+            runtime,
+            client,
+            model,
+            model_name,
+        } = joined;
+        let embeddings = Embeddings::<B>::load(&files.config, files.weights.as_ref(), &device)?;
+        let head = LmHead::<B>::load(&files.config, files.weights.as_ref(), &device)?;
+        let mut remote_config = config_for(model, model_name, &files.config, args.wire_dtype, args.routing);
+        remote_config.adapter = args.adapter.clone();
+        remote_config.verify_rate = args.verify;
+        remote_config.push = !args.no_push;
+        if let Some(seed) = args.verify_seed {
+            remote_config.verify_seed = seed;
+        }
+        remote_config.deep_prompts = prompts.as_ref().and_then(|p| p.deep.clone());
+        let prefix = prompts.map(|p| crate::generate::upload_prompt::<B>(&p, &device));
+        let mut blocks = RemoteBlocks::<B>::new(runtime.handle().clone(), client, remote_config, device.clone());
+        let report = blocks.verify_report();
+        let mut drafter = crate::generate::drafter::<B>(files, args, &params, prompt_ids.len(), &device)?;
+        let result = emit(files, args, &prompt_ids, &params, Some(report), |params, on_token| {
+            Ok(generate_drafted(
+                &embeddings,
+                &head,
+                &mut blocks,
+                &[prompt_ids.clone()],
+                prefix.as_ref(),
+                params,
+                drafter.as_mut(),
+                on_token,
+            )?)
+        });
+        drop(blocks);
+        // Let the session-closing messages go out.
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(100)).await });
+        result
+    }
 }

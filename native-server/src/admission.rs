@@ -265,12 +265,26 @@ impl Admission {
     /// Reserves `bytes` of request memory for `peer` (a frame about to be read), waiting at
     /// most `--queue-timeout`.
     pub async fn memory(self: &Arc<Self>, peer: PeerId, bytes: u64, what: &str) -> Result<MemoryGrant, ProtocolError> {
+        self.memory_within(peer, bytes, what, 0).await
+    }
+
+    /// As [`Admission::memory`], for a peer allowed `extra` requests beyond
+    /// `--max-requests-per-peer`: a server pushing for `extra` sessions whose clients linked it
+    /// here, whose pushes arrive together when its batch ends.
+    pub async fn memory_within(
+        self: &Arc<Self>,
+        peer: PeerId,
+        bytes: u64,
+        what: &str,
+        extra: u32,
+    ) -> Result<MemoryGrant, ProtocolError> {
         let ticket = {
             let mut ledger = self.lock();
             let entry = ledger.peers.entry(peer).or_default();
-            if entry.requests >= self.limits.max_requests_per_peer {
+            let most = self.limits.max_requests_per_peer.saturating_add(extra);
+            if entry.requests >= most {
                 return Err(busy(format!(
-                    "this peer has {} requests in flight (--max-requests-per-peer {})",
+                    "this peer has {} requests in flight (--max-requests-per-peer {}, and {extra} for the sessions it pushes for)",
                     entry.requests, self.limits.max_requests_per_peer
                 )));
             }

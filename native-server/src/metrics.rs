@@ -27,6 +27,8 @@ pub struct ServerMetrics {
     pub forward_seconds: Histogram,
     /// Session steps answered (with an output or an error).
     pub steps: Counter,
+    /// Steps that arrived pushed by the previous hop and were taken to run.
+    pub pushed_steps: Counter,
     /// Tokens (rows x positions) that went through the blocks.
     pub tokens: Counter,
     /// A session step, from its message read to its reply written (seconds).
@@ -81,6 +83,7 @@ impl ServerMetrics {
             queue_seconds: seconds(),
             forward_seconds: seconds(),
             steps: Counter::default(),
+            pushed_steps: Counter::default(),
             tokens: Counter::default(),
             step_seconds: seconds(),
             requests: Family::default(),
@@ -111,6 +114,11 @@ impl ServerMetrics {
             metrics.forward_seconds.clone(),
         );
         registry.register("steps", "Session steps answered", metrics.steps.clone());
+        registry.register(
+            "pushed_steps",
+            "Steps pushed by the previous server and taken to run",
+            metrics.pushed_steps.clone(),
+        );
         registry.register(
             "tokens",
             "Tokens (rows x positions) run through the blocks",

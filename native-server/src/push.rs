@@ -73,11 +73,17 @@ impl<B: Backend> Registry<B> {
     /// Whether some session takes pushes from `peer`: streams from anyone else are dropped
     /// unread.
     fn expects(&self, peer: &PeerId) -> bool {
+        self.linked(peer) > 0
+    }
+
+    /// How many sessions take pushes from `peer`.
+    fn linked(&self, peer: &PeerId) -> usize {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions
             .values()
             .filter_map(Weak::upgrade)
-            .any(|core| core.takes_pushes_from(peer))
+            .filter(|core| core.takes_pushes_from(peer))
+            .count()
     }
 }
 
@@ -95,6 +101,7 @@ where
     // A push stream lives as long as its sessions; it is not a pending stream after this.
     drop(ticket);
     if let Err(e) = run(&ctx, peer, &mut stream).await {
+        ctx.metrics.error(e.kind);
         tracing::debug!(%peer, error = %e, "push stream ended");
     }
 }
@@ -110,7 +117,14 @@ where
             Err(e) if e.is_closed() => return Ok(()),
             Err(e) => return Err(refuse(ErrorKind::Closed, e.to_string())),
         };
-        let mut memory = ctx.admission.memory(peer, ctx.cost.frame(len), "a pushed step").await?;
+        // The pushing server sends the bytes, so reading them is on its budget, which grows
+        // with the sessions that clients linked through it; running the step is work for the
+        // session's client (below).
+        let linked = u32::try_from(ctx.pushes.linked(&peer)).unwrap_or(u32::MAX);
+        let reading = ctx
+            .admission
+            .memory_within(peer, ctx.cost.frame(len), "a pushed step", linked)
+            .await?;
         let step: PushStep = io::read_body(stream, len, limits.open_timeout)
             .await
             .map_err(|e: IoError| refuse(ErrorKind::BadRequest, e.to_string()))?;
@@ -128,7 +142,25 @@ where
             tracing::debug!(%peer, "fault injection: dropped a pushed step");
             continue;
         }
-        core.pushed(step, &mut memory).await;
+        // One server may push for many clients' sessions at once: charged to it, they would
+        // share one peer's request and memory budgets and refuse each other. Each runs on its
+        // own client's, as the client's own step would.
+        let memory = ctx
+            .admission
+            .memory(core.client(), reading.bytes(), "a pushed step")
+            .await;
+        drop(reading);
+        match memory {
+            Ok(mut memory) => {
+                ctx.metrics.pushed_steps.inc();
+                core.pushed(step, &mut memory).await
+            }
+            Err(e) => {
+                // The client, missing the output, sends the step itself.
+                ctx.metrics.error(e.kind);
+                tracing::debug!(%peer, client = %core.client(), error = %e, "a pushed step refused on its client's budget");
+            }
+        }
     }
 }
 

@@ -114,6 +114,12 @@ enum Origin {
 }
 
 impl<B: Backend> Core<B> {
+    /// The peer that opened the session: its steps run on this peer's budgets, whoever
+    /// delivers them.
+    pub fn client(&self) -> PeerId {
+        self.peer
+    }
+
     pub fn takes_pushes_from(&self, peer: &PeerId) -> bool {
         *self.from.lock().unwrap_or_else(|p| p.into_inner()) == Some(*peer)
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use corolla_tests::{Swarm, bin, csv, fixture, free_port, golden_rows, sample, scrape, token_ids};
+use corolla_tests::{Swarm, bin, csv, fixture, free_port, golden_rows, sample, scrape, token_ids, try_sample};
 
 fn generate(model: &Path, args: &[String], peers: Option<&str>) -> serde_json::Value {
     let mut cmd = Command::new(bin("corolla"));
@@ -140,4 +140,66 @@ fn concurrent_sessions_are_batched_and_give_their_tokens() {
     for family in ["llama", "bloom", "mixtral"] {
         check(family);
     }
+}
+
+/// One server pushing for many clients' sessions (their steps batched, so their outputs go
+/// out together) is not one greedy peer to the next server: the next server takes every
+/// pushed step, though it allows each peer one request at a time, and runs it on its client's
+/// budget. Tokens stay golden and no client waits for a push that was refused.
+#[test]
+fn one_server_pushing_for_many_clients_is_not_one_greedy_peer() {
+    let model = fixture("llama");
+    let (inputs, generated) = golden_rows("llama");
+    let mut swarm = Swarm::start("push-many-clients");
+    swarm.server(&model, "0:2", &["--batch-wait-ms", "20"]);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    swarm.server(
+        &model,
+        "2:4",
+        &["--max-requests-per-peer", "1", "--metrics-listen", &metrics],
+    );
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let row = i % 2;
+            let prompt = inputs[row].clone();
+            let golden = generated[row][prompt.len()..].to_vec();
+            let (model, relay) = (model.clone(), swarm.relay_addr.clone());
+            std::thread::spawn(move || {
+                let out = Command::new(bin("corolla"))
+                    .env("COROLLA_LOG", "info,swarm=debug")
+                    .arg("generate")
+                    .arg("--model")
+                    .arg(&model)
+                    .args(["--token-ids", &csv(&prompt), "--ignore-eos", "--json"])
+                    .args(["--max-new-tokens", &golden.len().to_string()])
+                    .args(["--initial-peers", &relay])
+                    .output()
+                    .expect("corolla runs");
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "corolla failed: {stderr}");
+                let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+                (token_ids(&json), golden, stderr)
+            })
+        })
+        .collect();
+    for (i, thread) in threads.into_iter().enumerate() {
+        let (tokens, golden, stderr) = thread.join().expect("generation thread");
+        assert_eq!(tokens, golden, "run {i}: {stderr}");
+        assert!(stderr.contains("route linked for pushes"), "run {i} pushes: {stderr}");
+        assert!(
+            !stderr.contains("a pushed output is late"),
+            "run {i} waited for a refused push: {stderr}"
+        );
+    }
+    let text = scrape(port);
+    assert_eq!(
+        try_sample(&text, "corolla_server_errors_total{kind=\"busy\"}"),
+        None,
+        "{text}"
+    );
+    // Every decode step after the first reached the second server by push.
+    let pushed = sample(&text, "corolla_server_pushed_steps_total");
+    eprintln!("the second server took {pushed} pushed steps of 4 sessions");
+    assert!(pushed >= 4.0 * 4.0, "{pushed} pushed steps\n{text}");
 }

@@ -60,18 +60,33 @@ async fn client_node(bootstrap: &str, key: Option<SwarmKey>, identity: Option<Ke
     client
 }
 
-/// Dials `addr` over WebRTC-direct, which on loopback now and then fails its ICE/DTLS set-up:
-/// a few tries.
-async fn dial_webrtc(client: &Client, addr: &str) -> Result<(), String> {
-    let mut reached = Err("never tried".to_string());
+/// A node connected to `addr` over WebRTC-direct, which on loopback now and then fails its
+/// ICE/DTLS set-up: a few tries, each from a new node on a new UDP socket (the listener's ICE
+/// agent for a failed attempt's address discards a second dial from that address; CI saw
+/// ErrMismatchUsername and timeouts). `key` reads the swarm key anew for each node.
+async fn webrtc_node(addr: &str, key: impl Fn() -> Option<SwarmKey>) -> Result<Client, String> {
+    let mut failed = String::new();
     for _ in 0..3 {
-        reached = match tokio::time::timeout(Duration::from_secs(15), client.dial(addr.parse().expect("addr"))).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("timed out".into()),
+        let client = client_node(addr, key(), None).await;
+        // The dial goes out from the node's own UDP listener: wait until it listens.
+        let listening = tokio::time::timeout(Duration::from_secs(5), async {
+            while client.addresses().await.is_ok_and(|a| a.listen.is_empty()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if listening.is_err() {
+            failed = "the node never listened".into();
+            continue;
+        }
+        failed = match tokio::time::timeout(Duration::from_secs(15), client.dial(addr.parse().expect("addr"))).await {
+            Ok(Ok(())) => return Ok(client),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".into(),
         };
+        eprintln!("WebRTC dial of {addr} failed ({failed}); trying from a new node");
     }
-    reached
+    Err(failed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -152,8 +167,7 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
         .find(|a| a.contains("/webrtc-direct/"))
         .expect("the relay's WebRTC address")
         .clone();
-    let outsider = client_node(&webrtc, None, None).await;
-    dial_webrtc(&outsider, &webrtc).await.expect("WebRTC reaches the relay");
+    let outsider = webrtc_node(&webrtc, || None).await.expect("WebRTC reaches the relay");
     let models = dht::list_models(&outsider, Duration::from_secs(3))
         .await
         .unwrap_or_default();
@@ -182,8 +196,7 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
         .unwrap_or_else(|| panic!("the server's WebRTC address: {server_lines:?}"))
         .clone();
     let server0: PeerId = swarm.servers[0].1.parse().expect("peer id");
-    let outsider = client_node(&server_webrtc, None, None).await;
-    dial_webrtc(&outsider, &server_webrtc)
+    let outsider = webrtc_node(&server_webrtc, || None)
         .await
         .expect("WebRTC reaches the server");
     let info = outsider.info(server0).await;
@@ -205,8 +218,7 @@ async fn a_private_swarm_serves_only_the_peers_holding_its_key() {
             && server_log.contains("no proof of the swarm key in time"),
         "the server kept the outsider's WebRTC connection:\n{server_log}"
     );
-    let member = client_node(&server_webrtc, Some(SwarmKey::read(&key).expect("key")), None).await;
-    dial_webrtc(&member, &server_webrtc)
+    let member = webrtc_node(&server_webrtc, || Some(SwarmKey::read(&key).expect("key")))
         .await
         .expect("WebRTC reaches the server");
     let info = member
