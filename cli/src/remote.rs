@@ -174,20 +174,14 @@ impl OnBackend for SwarmJob<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let SwarmJob {
-            files,
-            args,
-            prompt_ids,
-            params,
-            prompts,
-            joined,
-        } = self;
+        let (files, args, prompt_ids, params, prompts) =
+            (self.files, self.args, self.prompt_ids, self.params, self.prompts);
         let Joined {
             runtime,
             client,
             model,
             model_name,
-        } = joined;
+        } = self.joined;
         let embeddings = Embeddings::<B>::load(&files.config, files.weights.as_ref(), &device)?;
         let head = LmHead::<B>::load(&files.config, files.weights.as_ref(), &device)?;
         let mut remote_config = config_for(model, model_name, &files.config, args.wire_dtype, args.routing);
