@@ -13,7 +13,8 @@
 # Needs root (network namespaces) and the release binaries:
 #   cargo build --release --workspace --bins
 # Environment: COROLLA_SMOLLM2_GGUF (else `corolla fetch`), K (draft length, 4), N_TOKENS (32),
-# MBIT (100); for the table, SERVERS_LIST ("1 2 4 8") and RTT_LIST ("0 25 100 200").
+# MBIT (100), SPEC_FLAGS (more flags for push+spec, e.g. --adaptive-drafts); for the table,
+# SERVERS_LIST ("1 2 4 8") and RTT_LIST ("0 25 100 200").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="${CARGO_TARGET_DIR:-target}/release"
@@ -105,7 +106,7 @@ PY
       local extra=()
       case "$mode" in
         client) extra=(--no-push) ;;
-        push+spec) extra=(--speculative "$K") ;;
+        push+spec) extra=(--speculative "$K" ${SPEC_FLAGS:-}) ;;
       esac
       ip netns exec "$client_ns" "$T/corolla" generate --model "$MODEL" --chat --prompt "$prompt" \
         --max-new-tokens "$N_TOKENS" --ignore-eos --json --initial-peers "$relay" "${extra[@]}" \

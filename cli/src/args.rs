@@ -199,6 +199,12 @@ pub struct GenerateArgs {
     /// this machine) instead of prompt lookup.
     #[arg(long, value_name = "MODEL", requires = "speculative")]
     pub draft: Option<PathBuf>,
+    /// Draft only while it pays: follow whichever of drafting and not drafting has given
+    /// more tokens a second lately, trying the other now and then (over a WAN drafts cost
+    /// nearly nothing; on a local CPU a wide step can cost more than its kept drafts give).
+    /// Seeded sampling then depends on timing; greedy output does not.
+    #[arg(long, requires = "speculative")]
+    pub adaptive_drafts: bool,
     /// Print one JSON object {"prompt_ids", "token_ids", "text"} instead of streaming text.
     #[arg(long)]
     pub json: bool,

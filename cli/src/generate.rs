@@ -8,7 +8,7 @@ use shared_model::generate::{GenerateParams, LocalBlocks, generate_drafted};
 use shared_model::layers::lora::LoraAdapter;
 use shared_model::loader::ModelFiles;
 use shared_model::sampling::SamplingParams;
-use shared_model::speculative::{Drafter, ModelDrafter, PromptLookup};
+use shared_model::speculative::{Drafter, Gated, ModelDrafter, PromptLookup};
 use shared_model::tokenizer::ChatMessage;
 use shared_model::tuning::Prompts;
 use std::path::Path;
@@ -312,6 +312,22 @@ impl OnBackend for Job<'_> {
 
 /// The drafts' source for `--speculative`: `--draft`'s model on `device`, else prompt lookup.
 pub fn drafter<B: Backend>(
+    files: &ModelFiles,
+    args: &GenerateArgs,
+    params: &GenerateParams,
+    prompt_len: usize,
+    device: &B::Device,
+) -> Result<Box<dyn Drafter>> {
+    let drafter = own_drafter::<B>(files, args, params, prompt_len, device)?;
+    Ok(if args.adaptive_drafts {
+        Box::new(Gated::new(drafter))
+    } else {
+        drafter
+    })
+}
+
+/// Prompt lookup, or the `--draft` model.
+fn own_drafter<B: Backend>(
     files: &ModelFiles,
     args: &GenerateArgs,
     params: &GenerateParams,

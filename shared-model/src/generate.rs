@@ -275,6 +275,7 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
     let mut first = true;
     let device = embeddings.device();
     loop {
+        let started = web_time::Instant::now();
         let mut phases = StepPhases::start::<B>(&device);
         let x = match prefix {
             Some(p) if first => crate::tuning::with_prompt(embeddings, embeddings.embed_raw(&input)?, p, &pad),
@@ -311,12 +312,14 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
             k
         };
         let mut kept = limit;
+        let mut emitted = 0;
         for &row in &active {
             let checked = speculative::check(&mut samplers[row], row_logits(row), &history[row], &drafts[row], limit);
             kept = kept.min(checked.tokens.len() - 1);
             for (i, &token) in checked.tokens.iter().enumerate() {
                 history[row].push(token);
                 out[row].push(token);
+                emitted += 1;
                 let stop = !params.ignore_eos && params.stop_ids.contains(&token);
                 let full = out[row].len() >= params.max_new_tokens;
                 let flow = on_token(TokenEvent {
@@ -335,6 +338,10 @@ pub fn generate_drafted<B: Backend, R: BlockRunner<B>>(
         }
         phases.mark::<B>(&device, Phase::Sample);
         phases.report(step, t);
+        // The prompt's step says nothing about drafting.
+        if step > 0 {
+            drafter.observe(k > 0, emitted, started.elapsed());
+        }
         if done.iter().all(|&d| d) {
             return Ok(out);
         }

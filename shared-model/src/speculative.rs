@@ -9,6 +9,8 @@
 //! as non-speculative sampling's, and greedy decoding (all of `p` on its argmax) emits the
 //! same tokens as without speculation.
 
+use std::time::Duration;
+
 use burn::prelude::Backend;
 
 use crate::ModelError;
@@ -40,6 +42,128 @@ pub trait Drafter {
     /// Up to `k` tokens likely to follow `history` (prompt and generated tokens) of batch row
     /// `row`; fewer, or none, when it has no guess.
     fn draft(&mut self, row: usize, history: &[u32], k: usize) -> Result<Draft, ModelError>;
+
+    /// What the step after the last drafts gave: whether it checked any drafts, the tokens
+    /// it emitted (over all rows) and its time from embedding to sampling.
+    fn observe(&mut self, _drafted: bool, _tokens: usize, _took: Duration) {}
+}
+
+impl<D: Drafter + ?Sized> Drafter for Box<D> {
+    fn draft(&mut self, row: usize, history: &[u32], k: usize) -> Result<Draft, ModelError> {
+        (**self).draft(row, history, k)
+    }
+
+    fn observe(&mut self, drafted: bool, tokens: usize, took: Duration) {
+        (**self).observe(drafted, tokens, took);
+    }
+}
+
+/// A drafter that drafts only while drafting pays: it compares the tokens per second of the
+/// steps that checked drafts with those of the steps that did not (decayed sums, so the
+/// recent steps count most) and follows the faster, trying the slower now and then (after 8
+/// steps, then 16, up to 64 while it keeps losing). Over a WAN a step is mostly waiting and
+/// checking drafts costs nothing; on a local CPU a step of five positions can cost 2.5x a step
+/// of one, and few kept drafts do not pay for it. Which steps draft never changes greedy
+/// output, nor the distribution of sampled tokens (it changes which seeded sample one gets).
+pub struct Gated<D> {
+    inner: D,
+    drafted: Rate,
+    plain: Rate,
+    /// Steps since the slower side was last tried, and how many between its trials.
+    since_trial: u32,
+    trial_every: u32,
+    /// Which side led at the last decision.
+    leader: Option<bool>,
+    /// Whether the step now running was meant to draft.
+    drafting: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Rate {
+    tokens: f64,
+    secs: f64,
+    steps: u32,
+}
+
+impl Rate {
+    /// Weight of the past at each new step of the same kind.
+    const DECAY: f64 = 0.8;
+
+    fn add(&mut self, tokens: usize, secs: f64) {
+        self.tokens = self.tokens * Self::DECAY + tokens as f64;
+        self.secs = self.secs * Self::DECAY + secs;
+        self.steps += 1;
+    }
+
+    fn per_sec(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.tokens / self.secs
+        } else {
+            f64::INFINITY
+        }
+    }
+}
+
+impl<D: Drafter> Gated<D> {
+    /// Steps of each kind measured before the two are compared.
+    const WARM_UP: u32 = 3;
+    const FIRST_TRIAL: u32 = 8;
+    const LAST_TRIAL: u32 = 64;
+
+    pub fn new(inner: D) -> Self {
+        Self {
+            inner,
+            drafted: Rate::default(),
+            plain: Rate::default(),
+            since_trial: 0,
+            trial_every: Self::FIRST_TRIAL,
+            leader: None,
+            drafting: true,
+        }
+    }
+
+    /// Whether the next step drafts.
+    fn decide(&mut self) -> bool {
+        if self.drafted.steps < Self::WARM_UP {
+            return true;
+        }
+        if self.plain.steps < Self::WARM_UP {
+            return false;
+        }
+        let leader = self.drafted.per_sec() >= self.plain.per_sec();
+        if self.leader != Some(leader) {
+            self.leader = Some(leader);
+            self.trial_every = Self::FIRST_TRIAL;
+            self.since_trial = 0;
+        }
+        self.since_trial += 1;
+        if self.since_trial < self.trial_every {
+            return leader;
+        }
+        self.since_trial = 0;
+        self.trial_every = (self.trial_every * 2).min(Self::LAST_TRIAL);
+        !leader
+    }
+}
+
+impl<D: Drafter> Drafter for Gated<D> {
+    fn draft(&mut self, row: usize, history: &[u32], k: usize) -> Result<Draft, ModelError> {
+        // One decision a step: row 0 is asked first.
+        if row == 0 {
+            self.drafting = self.decide();
+        }
+        if self.drafting {
+            self.inner.draft(row, history, k)
+        } else {
+            Ok(Draft::default())
+        }
+    }
+
+    fn observe(&mut self, drafted: bool, tokens: usize, took: Duration) {
+        let rate = if drafted { &mut self.drafted } else { &mut self.plain };
+        rate.add(tokens, took.as_secs_f64());
+        self.inner.observe(drafted, tokens, took);
+    }
 }
 
 /// Prompt lookup (Saxena 2023; HF's `prompt_lookup_num_tokens`): finds the latest earlier
@@ -286,6 +410,32 @@ pub fn check(
 mod tests {
     use super::*;
     use crate::sampling::SamplingParams;
+
+    /// Steps a gate over prompt lookup that always finds a draft, where a drafted step gives
+    /// `drafted` (tokens, ms) and a plain one `plain`; returns how many of `steps` drafted.
+    fn gated_steps(drafted: (usize, u64), plain: (usize, u64), steps: usize) -> usize {
+        let mut gate = Gated::new(PromptLookup::default());
+        let history = [7, 8, 9, 7, 8, 9, 7, 8];
+        let mut drafting = 0;
+        for _ in 0..steps {
+            let draft = gate.draft(0, &history, 4).expect("prompt lookup");
+            let (tokens, ms) = if draft.tokens.is_empty() { plain } else { drafted };
+            drafting += usize::from(!draft.tokens.is_empty());
+            gate.observe(!draft.tokens.is_empty(), tokens, Duration::from_millis(ms));
+        }
+        drafting
+    }
+
+    #[test]
+    fn the_gate_drafts_only_while_drafting_gives_more_tokens_a_second() {
+        // A local CPU: a wide step costs 2.5x and keeps one draft in five steps.
+        let local = gated_steps((6, 350), (5, 140), 200);
+        // A WAN: every step is ~300 ms of waiting, the width costs nothing.
+        let wan = gated_steps((6, 1510), (5, 1500), 200);
+        // Past the warm-up, only the trials of the slower side (8, 16, 32, 64, 64 steps apart).
+        assert!(local <= 3 + 6, "drafted {local} of 200 steps on the CPU");
+        assert!(wan >= 200 - 3 - 6, "drafted {wan} of 200 steps over the WAN");
+    }
 
     fn sampler(temperature: f32, seed: u64) -> Sampler {
         Sampler::new(SamplingParams {
