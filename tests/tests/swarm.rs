@@ -63,8 +63,9 @@ fn three_overlapping_servers_match_local_and_golden() {
 }
 
 /// Speculative decoding through the swarm (the servers roll their caches back to what was
-/// accepted) gives transformers' greedy tokens on every family, with prompt lookup and with a
-/// draft model; `--json` reports the steps and the acceptance.
+/// accepted) gives transformers' greedy tokens on every family, with prompt lookup (always, and
+/// with `--adaptive-drafts`) and with a draft model; `--json` reports the steps and the
+/// acceptance.
 #[test]
 fn speculative_decoding_through_the_swarm_matches_golden() {
     let (mut proposed, mut accepted) = (0.0, 0.0);
@@ -80,6 +81,9 @@ fn speculative_decoding_through_the_swarm_matches_golden() {
             let mut runs = vec![vec!["--speculative", "4"]];
             if row == 0 {
                 runs.push(vec!["--speculative", "3", "--draft", &model_arg]);
+            } else {
+                // Drafting only while it pays changes which steps draft, never the tokens.
+                runs.push(vec!["--speculative", "4", "--adaptive-drafts"]);
             }
             for extra in runs {
                 let ids_arg = csv(prompt);
