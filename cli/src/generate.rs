@@ -299,7 +299,7 @@ impl OnBackend for Job<'_> {
                     &model.embeddings,
                     &model.head,
                     &mut blocks,
-                    &[self.prompt_ids.clone()],
+                    std::slice::from_ref(&self.prompt_ids),
                     prefix.as_ref(),
                     params,
                     drafter.as_mut(),

@@ -201,7 +201,7 @@ impl OnBackend for SwarmJob<'_> {
                 &embeddings,
                 &head,
                 &mut blocks,
-                &[prompt_ids.clone()],
+                std::slice::from_ref(&prompt_ids),
                 prefix.as_ref(),
                 params,
                 drafter.as_mut(),
